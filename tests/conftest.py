@@ -1,0 +1,150 @@
+"""Shared fixtures: a tiny sentencepiece tokenizer trained here, and tiny random LLaMA checkpoints
+written in both layouts by code independent of llama.py (the layouts as ../shared/notes/llama-formats.md
+states them). Nothing is downloaded."""
+
+import io
+import json
+import os
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llama import ModelArgs  # noqa: E402
+
+WORDS = ("the a cat dog sat on mat one two three four five six seven eight nine ten plus minus is what "
+         "user assistant answer question reverse copy sort list add number red green blue hello world").split()
+
+
+def train_tokenizer(path, vocab_size=256, seed=0):
+    """train a small sentencepiece BPE model with LLaMA's special ids (unk 0, bos 1, eos 2, no pad)."""
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
+    lines += ["".join(rng.choice("0123456789+-=<>|:,.?! ") for _ in range(20)) for _ in range(500)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, num_threads=1, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=128)
+
+
+def random_state_dict(args: ModelArgs, seed=0, dtype=torch.float32):
+    """random weights with Meta key names (norm weights near 1 so they matter but stay sane)."""
+    g = torch.Generator().manual_seed(seed)
+    hd, f = args.dim // args.n_heads, args.ffn_dim
+
+    def w(*shape, scale=0.08):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    sd = {"tok_embeddings.weight": w(args.vocab_size, args.dim, scale=1.0),
+          "norm.weight": 1 + w(args.dim, scale=0.1), "output.weight": w(args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        sd |= {p + "attention.wq.weight": w(args.n_heads * hd, args.dim),
+               p + "attention.wk.weight": w(args.n_kv_heads * hd, args.dim),
+               p + "attention.wv.weight": w(args.n_kv_heads * hd, args.dim),
+               p + "attention.wo.weight": w(args.dim, args.n_heads * hd),
+               p + "feed_forward.w1.weight": w(f, args.dim), p + "feed_forward.w2.weight": w(args.dim, f),
+               p + "feed_forward.w3.weight": w(f, args.dim),
+               p + "attention_norm.weight": 1 + w(args.dim, scale=0.1),
+               p + "ffn_norm.weight": 1 + w(args.dim, scale=0.1)}
+    return sd
+
+
+def write_meta(sd, args: ModelArgs, folder, n_shards=1):
+    """Meta layout: params.json + consolidated.NN.pth, tensor-parallel shards (see llama-formats.md)."""
+    os.makedirs(folder, exist_ok=True)
+    split_dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+    shards = [{} for _ in range(n_shards)]
+    for k, t in sd.items():
+        d = split_dim.get(k.split(".")[-2]) if t.dim() == 2 else None
+        for i in range(n_shards):
+            shards[i][k] = t.chunk(n_shards, dim=d)[i].clone() if d is not None else t.clone()
+    for i in range(n_shards):
+        shards[i]["rope.freqs"] = torch.zeros(args.dim // args.n_heads // 2)  # present in real files, ignored
+        torch.save(shards[i], os.path.join(folder, f"consolidated.{i:02d}.pth"))
+    params = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads, "n_layers": args.n_layers,
+              "norm_eps": args.norm_eps, "vocab_size": -1, "n_kv_heads": args.n_kv_heads}
+    with open(os.path.join(folder, "params.json"), "w") as f:
+        json.dump(params, f)
+    return folder
+
+
+def to_hf(sd, args: ModelArgs):
+    """Meta names and RoPE row order -> Hugging Face names and "rotate_half" row order."""
+    hd = args.dim // args.n_heads
+
+    def perm(w, heads):
+        return w.view(heads, hd // 2, 2, w.shape[1]).transpose(1, 2).reshape(heads * hd, w.shape[1])
+
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    out = {}
+    for k, t in sd.items():
+        if k == "tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif k == "norm.weight":
+            out["model.norm.weight"] = t
+        elif k == "output.weight":
+            out["lm_head.weight"] = t
+        else:
+            _, i, mod, *rest = k.split(".")
+            sub = mod + "." + rest[0] if mod in ("attention", "feed_forward") else mod
+            if sub == "attention.wq":
+                t = perm(t, args.n_heads)
+            elif sub == "attention.wk":
+                t = perm(t, args.n_kv_heads)
+            out[f"model.layers.{i}.{names[sub]}.weight"] = t
+    return out
+
+
+def write_hf(sd, args: ModelArgs, folder, n_shards=2, tokenizer=None):
+    """Hugging Face layout: config.json + sharded safetensors + index (+ tokenizer.model)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    hf = to_hf(sd, args)
+    keys = list(hf)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: hf[k].contiguous() for k in keys[i::n_shards]}
+        save_file(part, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map |= {k: name for k in part}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    cfg = {"hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
+           "num_key_value_heads": args.n_kv_heads, "num_hidden_layers": args.n_layers, "vocab_size": args.vocab_size,
+           "rms_norm_eps": args.norm_eps, "rope_theta": 10000.0, "max_position_embeddings": args.max_seq_len,
+           "tie_word_embeddings": False, "model_type": "llama"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    if tokenizer:
+        with open(tokenizer, "rb") as src, open(os.path.join(folder, "tokenizer.model"), "wb") as dst:
+            dst.write(src.read())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """one set of tiny random weights saved as Meta (1 and 2 shards) and as Hugging Face (2 shards + index)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    args = ModelArgs(**TINY)
+    sd = random_state_dict(args)
+    tok = train_tokenizer(str(root / "tokenizer.model"))  # one level above the Meta folders, as Meta ships it
+    return types.SimpleNamespace(
+        args=args, sd=sd, tokenizer=tok,
+        meta1=write_meta(sd, args, str(root / "meta1")), meta2=write_meta(sd, args, str(root / "meta2"), n_shards=2),
+        hf=write_hf(sd, args, str(root / "hf"), tokenizer=tok), root=root)
