@@ -24,6 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label value that does not count in the loss
+# the seven projections of a block (Meta names; HF: q/k/v/o_proj, gate/down/up_proj): what SpIEL, LoRA and
+# quantization target by default. Embeddings, norms and the output head stay as they are.
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 class CheckpointError(Exception):

@@ -1,0 +1,554 @@
+"""
+SpIEL: sparse fine-tuning with a fixed budget of trainable deltas whose positions move during training.
+Ansell, Vulić, Sterz, Korhonen, Ponti 2024, "Scaling Sparse Fine-Tuning to Large Language Models",
+arXiv 2401.16405, section 3 (the update / drop / grow cycle, SpIEL-AG and SpIEL-MA).
+
+Each targeted weight W0 (out, in) of the frozen base gets `indices` (k flat row-major positions) and
+`values` (k trainable fp32 numbers): W = W0 + scatter(indices, values). Every `interval` optimizer steps,
+the deltas of smallest |value| are dropped and as many new positions are grown, chosen by
+- SpIEL-AG: accumulated gradients of k candidate positions over a short window (optimizer: AdamW), or
+- SpIEL-MA: the outer product of SM3's row and column accumulators (optimizer: SM3, sm3.py).
+../shared/notes/spiel-algorithm.md states the method and the decisions this file takes.
+"""
+
+import hashlib
+import json
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llama import PROJECTIONS, CheckpointError
+
+# -----------------------------------------------------------------------------
+# the sparse-delta linear layer
+
+
+def dense_weight(base: nn.Module, dtype) -> torch.Tensor:
+    """the frozen base weight (out, in) as a fresh or borrowed tensor; a quantized base dequantizes."""
+    return base.dequantize(dtype) if hasattr(base, "dequantize") else base.weight.to(dtype)
+
+
+class SparseDeltaFn(torch.autograd.Function):
+    """y = x (W0 + scatter(indices, values))^T. W0 gets no gradient; d(values) = (dy^T x)[indices].
+
+    The merged weight is built transiently in forward and again in backward (never saved), and the
+    dense weight gradient of this layer lives only inside its backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x, values)
+        return F.linear(x, layer.merged_weight(x.dtype, values))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values = ctx.saved_tensors
+        layer = ctx.layer
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ layer.merged_weight(dy.dtype, values)  # (..., in)
+        if ctx.needs_input_grad[1]:
+            g = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # dense dW: (out, in), transient
+            if layer.window is not None:  # SpIEL-AG: an accumulation window is open
+                accumulate_window(layer.window, g, layer.indices.numel())
+            dvalues = g.view(-1)[layer.indices].to(values.dtype)  # (k,)
+        return dx, dvalues, None
+
+
+class SparseDeltaLinear(nn.Module):
+    """a frozen base linear (nn.Linear or a quantized one) plus k trainable deltas at flat positions."""
+
+    def __init__(self, base: nn.Module, k: int, generator: Optional[torch.Generator] = None,
+                 indices: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        out_f, in_f = self.weight_shape = _shape(base)
+        n = out_f * in_f
+        if not 0 < k <= n:
+            raise ValueError(f"cannot place {k} deltas in a {out_f}x{in_f} matrix")
+        device = next(base.buffers()).device if hasattr(base, "dequantize") else base.weight.device
+        # initial positions: uniform without replacement (unless given); initial values: 0, so W = W0
+        init = random_positions(n, k, generator) if indices is None else indices
+        self.register_buffer("indices", init.to(device=device, dtype=torch.int32 if n < 2**31 else torch.int64))
+        self.values = nn.Parameter(torch.zeros(k, device=device))  # (k,) fp32
+        self.values.sparse_delta = self  # sm3.py finds the rows/cols of each value through this
+        self.window = None  # open SpIEL-AG accumulation window (dict of tensors) or None
+        self.merged = False
+
+    def merged_weight(self, dtype, values=None) -> torch.Tensor:
+        """W0 + scatter(indices, values) in `dtype`, a transient (out, in) tensor."""
+        w = dense_weight(self.base, dtype)
+        w = w.clone() if not hasattr(self.base, "dequantize") else w  # never write into the base
+        values = self.values if values is None else values
+        return w.view(-1).index_add_(0, self.indices, values.to(dtype)).view(self.weight_shape)
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        return SparseDeltaFn.apply(x, self.values, self)
+
+    def extra_repr(self):
+        out_f, in_f = self.weight_shape
+        return f"{out_f}x{in_f}, k={self.indices.numel()} ({self.indices.numel() / (out_f * in_f):.2%})"
+
+
+def random_positions(n: int, k: int, generator=None) -> torch.Tensor:
+    """k distinct positions in [0, n), uniformly, sorted. For k << n draw with replacement, deduplicate and
+    keep a random k of the distinct ones (a randperm of a 45M-entry 7B matrix would cost a second each)."""
+    if 4 * k > n:
+        return torch.randperm(n, generator=generator)[:k].sort().values
+    while True:
+        draw = torch.unique(torch.randint(n, (k + k // 8 + 64,), generator=generator))
+        if draw.numel() >= k:
+            return draw[torch.randperm(draw.numel(), generator=generator)[:k]].sort().values
+
+
+def delta_layers(model: nn.Module) -> dict:
+    """name -> SparseDeltaLinear, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+
+
+# -----------------------------------------------------------------------------
+# putting deltas into a model: the budget
+
+
+def target_linears(model: nn.Module, targets=PROJECTIONS) -> dict:
+    """name -> linear (full precision or quantized) whose attribute name is one of `targets`."""
+    found = {}
+    for name, m in model.named_modules():
+        if name.rpartition(".")[2] in targets and (isinstance(m, nn.Linear) or hasattr(m, "dequantize")):
+            found[name] = m
+    return found
+
+
+def lora_param_count(model: nn.Module, rank: int, targets=PROJECTIONS) -> int:
+    """how many parameters LoRA of this rank trains on the targets: rank * (in + out) per matrix."""
+    sizes = [_shape(m) for m in target_linears(model, targets).values()]
+    return sum(rank * (o + i) for o, i in sizes)
+
+
+def _shape(m):
+    return tuple(m.weight_shape) if hasattr(m, "weight_shape") else tuple(m.weight.shape)
+
+
+def split_budget(sizes: list, total: int) -> list:
+    """split `total` deltas across matrices in proportion to their sizes (largest remainder, exact sum)."""
+    n = sum(sizes)
+    raw = [total * s / n for s in sizes]
+    ks = [int(r) for r in raw]
+    for i in sorted(range(len(sizes)), key=lambda i: raw[i] - ks[i], reverse=True)[:total - sum(ks)]:
+        ks[i] += 1
+    return [min(max(k, 1), s) for k, s in zip(ks, sizes)]
+
+
+def add_sparse_deltas(model: nn.Module, density: Optional[float] = None, num_tunable: Optional[int] = None,
+                      lora_rank: Optional[int] = None, targets=PROJECTIONS, seed: int = 0, verbose=True) -> dict:
+    """Freeze the model and swap each targeted linear for a SparseDeltaLinear.
+
+    The budget is exactly one of: a density (fraction of the targeted weights), an absolute count, or
+    "as many as LoRA of rank r would train". Returns name -> layer.
+    """
+    if sum(x is not None for x in (density, num_tunable, lora_rank)) != 1:
+        raise ValueError("give exactly one of density, num_tunable, lora_rank")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    linears = target_linears(model, targets)
+    if not linears:
+        raise ValueError(f"no linear layer named one of {targets} in the model")
+    sizes = [_shape(m)[0] * _shape(m)[1] for m in linears.values()]
+    if density is not None:
+        if not 0 < density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        total = round(density * sum(sizes))
+    else:
+        total = num_tunable if num_tunable is not None else lora_param_count(model, lora_rank, targets)
+    if not 0 < total <= sum(sizes):
+        raise ValueError(f"a budget of {total} deltas does not fit {sum(sizes)} targeted weights")
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    for (name, base), k in zip(linears.items(), split_budget(sizes, total)):
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, SparseDeltaLinear(base, k, generator=g))
+    layers = delta_layers(model)
+    if verbose:
+        print(budget_summary(model))
+    return layers
+
+
+def budget_summary(model: nn.Module) -> str:
+    """trainable vs total parameters, and where the budget sits by projection type and by layer."""
+    layers = delta_layers(model)
+    k = sum(m.indices.numel() for m in layers.values())
+    targeted = sum(m.weight_shape[0] * m.weight_shape[1] for m in layers.values())
+    total = sum(_numel_base(m) for m in model.modules() if not list(m.children()) or hasattr(m, "dequantize"))
+    by_proj, by_layer = {}, {}
+    for name, m in layers.items():
+        proj, block = name.rpartition(".")[2], name.split(".")[1] if name.startswith("layers.") else "-"
+        by_proj[proj] = by_proj.get(proj, 0) + m.indices.numel()
+        by_layer[block] = by_layer.get(block, 0) + m.indices.numel()
+    lines = [f"sparse deltas: {k:,} trainable of {total:,} parameters ({k / total:.3%}); "
+             f"density {k / targeted:.3%} of the {targeted:,} targeted weights in {len(layers)} matrices",
+             "  by projection: " + ", ".join(f"{p} {n:,}" for p, n in by_proj.items())]
+    if len(by_layer) > 1:
+        lines.append("  by layer: " + ", ".join(f"{b}: {n:,}" for b, n in by_layer.items()))
+    return "\n".join(lines)
+
+
+def _numel_base(m):
+    if isinstance(m, SparseDeltaLinear):
+        return 0  # counted through its base
+    if hasattr(m, "weight_shape"):
+        return m.weight_shape[0] * m.weight_shape[1]
+    return sum(p.numel() for p in m.parameters(recurse=False))
+
+
+# -----------------------------------------------------------------------------
+# the schedule (counted in optimizer steps t = 1..T)
+
+
+class Schedule:
+    """when to reselect, what fraction to replace, and (SpIEL-AG) when the accumulation window is open.
+
+    First reselection at t = first (replaces all k), then every `interval` steps a fraction
+    rho0 * (1 - t/T) (linear) or rho0 * (1 + cos(pi t/T)) / 2 (cosine). The AG window holds the backward
+    passes of steps 1..first, then of steps r - first .. r before each later reselection r.
+    """
+
+    def __init__(self, total_steps: int, interval: int = 20, first: int = 5, rho0: float = 0.2, decay: str = "linear"):
+        if decay not in ("linear", "cosine"):
+            raise ValueError(f"unknown decay {decay!r}: use linear or cosine")
+        if not (interval > first >= 1):
+            raise ValueError(f"need interval > first >= 1, got interval {interval}, first {first}")
+        self.T, self.interval, self.first, self.rho0, self.decay = total_steps, interval, first, rho0, decay
+
+    def is_reselection(self, t: int) -> bool:
+        return t < self.T and (t == self.first or (t > self.first and (t - self.first) % self.interval == 0))
+
+    def fraction(self, t: int) -> float:
+        if t == self.first:
+            return 1.0
+        if self.decay == "linear":
+            return self.rho0 * (1 - t / self.T)
+        return self.rho0 * (1 + math.cos(math.pi * t / self.T)) / 2
+
+    def window_open(self, t: int) -> bool:
+        """is the backward pass of step t part of an accumulation window that ends in a reselection?"""
+        if t <= self.first:
+            return self.is_reselection(self.first)
+        r = t + (-(t - self.first)) % self.interval  # next reselection at or after t
+        return r - t <= self.first and self.is_reselection(r)
+
+
+# -----------------------------------------------------------------------------
+# SpIEL-AG: candidates and accumulated gradients
+
+
+def accumulate_window(window: dict, g: torch.Tensor, k: int):
+    """called from backward with the dense gradient g (out, in) of one micro-batch."""
+    flat = g.view(-1)
+    if window["candidates"] is None:  # first micro-batch of the window: the k largest |gradient|
+        window["candidates"] = flat.abs().topk(k, sorted=False).indices  # (k,)
+        window["grad_sum"] = torch.zeros(k, device=g.device)
+        window["sq_sum"] = torch.zeros(k, device=g.device)
+    gc = flat[window["candidates"]].float()  # accumulate in fp32
+    window["grad_sum"] += gc
+    window["sq_sum"] += gc * gc
+    window["count"] += 1
+
+
+def open_windows(layers: dict):
+    for layer in layers.values():
+        if layer.window is None:
+            layer.window = {"candidates": None, "grad_sum": None, "sq_sum": None, "count": 0}
+
+
+def close_windows(layers: dict):
+    for layer in layers.values():
+        layer.window = None
+
+
+# -----------------------------------------------------------------------------
+# drop and grow
+
+
+def drop_and_grow(layer: SparseDeltaLinear, n: int, cand: torch.Tensor, score: torch.Tensor):
+    """Drop the n smallest |values| and grow the n best-scoring eligible candidates (never a position that
+    stays active). A dropped position that is grown again simply stays (value and optimizer state kept).
+    If fewer than n candidates are eligible, fewer are dropped, so k stays constant.
+    Returns (slots whose position changed (m,), the candidates' positions in `cand` grown there (m,)).
+    """
+    idx, k = layer.indices.long(), layer.indices.numel()
+    order = layer.values.detach().abs().argsort(stable=True)  # slots, smallest |value| first
+    n = min(n, k)
+    while True:
+        drop_slots, keep = order[:n], idx[order[n:]]  # keep: positions that stay active
+        eligible = ~torch.isin(cand, keep)
+        if int(eligible.sum()) >= n:
+            break
+        n = int(eligible.sum())  # too few candidates: drop fewer (which may make fewer eligible: repeat)
+    if n == 0:
+        return order[:0], cand[:0]
+    s = score.masked_fill(~eligible, float("-inf"))
+    grown = s.topk(n).indices  # positions in cand (n,)
+    stays = torch.isin(cand[grown], idx[drop_slots])  # dropped and grown again: keeps its slot
+    freed = drop_slots[~torch.isin(idx[drop_slots], cand[grown])]
+    new = grown[~stays]
+    layer.indices[freed] = cand[new].to(layer.indices.dtype)
+    with torch.no_grad():
+        layer.values[freed] = 0.0  # grown deltas start at 0
+    return freed, new
+
+
+def ma_candidates(layer: SparseDeltaLinear, n: int, row: torch.Tensor, col: torch.Tensor, chunk_elems: int = 2**24):
+    """SpIEL-MA: the top n + k positions by row[i] * col[j], computed a block of rows at a time so the
+    (out, in) outer product never exists whole. Returns (positions, scores); drop_and_grow filters out
+    the positions that stay active (at most k of the best), so n eligible ones remain."""
+    out_f, in_f = layer.weight_shape
+    want = min(n + layer.indices.numel(), out_f * in_f)
+    rows_per = max(1, chunk_elems // in_f)
+    best_pos = torch.empty(0, dtype=torch.long, device=row.device)
+    best_score = torch.empty(0, device=row.device)
+    for r0 in range(0, out_f, rows_per):
+        block = row[r0:r0 + rows_per, None] * col[None, :]  # (rows, in)
+        s, p = block.view(-1).topk(min(want, block.numel()), sorted=False)
+        best_score, sel = torch.cat([best_score, s]).topk(min(want, best_score.numel() + s.numel()), sorted=False)
+        best_pos = torch.cat([best_pos, p + r0 * in_f])[sel]
+    return best_pos, best_score
+
+
+def reset_optimizer_slots(optimizer, param, slots, seed: Optional[dict] = None):
+    """fresh optimizer state for the grown slots of `param`: zeros, or (AG) the window's seed values."""
+    state = optimizer.state.get(param, {})
+    for key in ("exp_avg", "exp_avg_sq", "age", "momentum_buffer"):
+        if key in state:
+            state[key][slots] = seed[key].to(state[key].dtype) if seed and key in seed else 0
+
+
+class Selector:
+    """Runs the drop/grow schedule for every SparseDeltaLinear of a model (method "ag" or "ma")."""
+
+    def __init__(self, model: nn.Module, method: str, schedule: Schedule, grad_accum: int = 1,
+                 betas=(0.9, 0.999)):
+        if method not in ("ag", "ma"):
+            raise ValueError(f"unknown SpIEL method {method!r}: use ag or ma")
+        self.layers = delta_layers(model)
+        self.method, self.schedule, self.grad_accum, self.betas = method, schedule, grad_accum, betas
+
+    def begin_step(self, t: int):
+        """SpIEL-AG: open the accumulation window if step t's backward passes belong to one."""
+        if self.method == "ag" and self.schedule.window_open(t):
+            open_windows(self.layers)
+
+    @torch.no_grad()
+    def reselect(self, t: int, optimizer) -> dict:
+        """drop and regrow in every matrix; returns name -> number of positions that changed."""
+        frac = self.schedule.fraction(t)
+        changed = {}
+        for name, layer in self.layers.items():
+            n = int(layer.indices.numel() * frac)
+            if self.method == "ag":
+                w = layer.window
+                if w is None or w["candidates"] is None:
+                    raise RuntimeError(f"step {t}: {name} has no accumulated gradients (was the window open?)")
+                cand, score = w["candidates"], w["grad_sum"].abs()
+            else:
+                from sm3 import sm3_row_col
+                row, col = sm3_row_col(optimizer, layer.values)
+                cand, score = ma_candidates(layer, n, row, col)
+            slots, grown = drop_and_grow(layer, n, cand, score)
+            reset_optimizer_slots(optimizer, layer.values, slots,
+                                  self.ag_seed(layer.window, grown) if self.method == "ag" else None)
+            changed[name] = slots.numel()
+        close_windows(self.layers)
+        return changed
+
+    def ag_seed(self, w: dict, grown: torch.Tensor) -> dict:
+        """Adam state of grown deltas from the window: bias correction at the seeded age returns the window's
+        mean gradient and mean squared gradient (per optimizer step: micro-batch gradients times grad_accum)."""
+        b1, b2 = self.betas
+        age = w["count"] / self.grad_accum  # optimizer steps' worth of samples
+        mean = w["grad_sum"][grown] * self.grad_accum / w["count"]
+        mean_sq = w["sq_sum"][grown] * self.grad_accum ** 2 / w["count"]
+        return {"exp_avg": mean * (1 - b1 ** age), "exp_avg_sq": mean_sq * (1 - b2 ** age),
+                "age": torch.full_like(mean, age)}
+
+    def state_dict(self) -> dict:
+        """the open AG windows (plain tensors and ints: loadable with weights_only=True)."""
+        return {name: dict(layer.window) for name, layer in self.layers.items() if layer.window is not None}
+
+    def load_state_dict(self, sd: dict):
+        close_windows(self.layers)
+        for name, w in sd.items():
+            self.layers[name].window = dict(w)
+
+
+# -----------------------------------------------------------------------------
+# AdamW with a step count per element (SpIEL-AG's optimizer)
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose bias correction uses a per-element age, so a delta grown at
+    step t is corrected as a fresh parameter (or as one seeded with `age` steps of window statistics)."""
+
+    def __init__(self, params, lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    st["age"] = torch.zeros_like(p, dtype=torch.float32)
+                g = p.grad.float()
+                st["age"] += 1
+                st["exp_avg"].lerp_(g, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                m_hat = st["exp_avg"] / (1 - b1 ** st["age"])
+                v_hat = st["exp_avg_sq"] / (1 - b2 ** st["age"])
+                upd = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p.float()
+                p.sub_((group["lr"] * upd).to(p.dtype))
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # torch casts state to the param dtype; ours stays fp32
+            for k in ("exp_avg", "exp_avg_sq", "age"):
+                if k in st:
+                    st[k] = st[k].float()
+
+
+# -----------------------------------------------------------------------------
+# merge, unmerge, save, load
+
+
+@torch.no_grad()
+def merge_deltas(model: nn.Module):
+    """W0 += scatter(values) in place; forward then uses the base alone. Never into a quantized base."""
+    for name, layer in delta_layers(model).items():
+        if hasattr(layer.base, "dequantize"):
+            raise ValueError(f"{name}: refusing to merge into a quantized weight; load the base in full precision")
+        if not layer.merged:
+            w = layer.base.weight
+            w.view(-1).index_add_(0, layer.indices, layer.values.to(w.dtype))
+            layer.merged = True
+
+
+@torch.no_grad()
+def unmerge_deltas(model: nn.Module):
+    for layer in delta_layers(model).values():
+        if layer.merged:
+            w = layer.base.weight
+            w.view(-1).index_add_(0, layer.indices, -layer.values.to(w.dtype))
+            layer.merged = False
+
+
+def remove_deltas(model: nn.Module):
+    """put the base linears back in place of the wrappers (merged or not)."""
+    modules = dict(model.named_modules())
+    for name, layer in delta_layers(model).items():
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, layer.base)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """a short hash of weights SpIEL never touches (norms, a slice of the embedding), rounded to bf16 so the
+    same base loaded in another dtype or quantized gives the same answer."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
+            t = t[:64] if name == "tok_embeddings.weight" else t
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_delta(model: nn.Module, path: str, extra: Optional[dict] = None):
+    """a safetensors file: per matrix `<name>.indices` and `<name>.values`, plus metadata (JSON strings)."""
+    from safetensors.torch import save_file
+
+    layers = delta_layers(model)
+    if not layers:
+        raise ValueError("the model has no sparse deltas to save")
+    tensors = {}
+    for name, m in layers.items():
+        tensors[name + ".indices"] = m.indices.detach().cpu().contiguous()
+        tensors[name + ".values"] = m.values.detach().float().cpu().contiguous()
+    k = sum(m.indices.numel() for m in layers.values())
+    meta = {"format": "spiel-delta", "shapes": json.dumps({n: list(m.weight_shape) for n, m in layers.items()}),
+            "row_order": "meta",  # q/k rows in Meta's RoPE order (an HF checkpoint is permuted on load)
+            "base_fingerprint": base_fingerprint(model), "num_deltas": str(k),
+            "density": f"{k / sum(m.weight_shape[0] * m.weight_shape[1] for m in layers.values()):.6g}"}
+    meta.update({key: str(v) for key, v in (extra or {}).items()})
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written delta
+
+
+def read_delta(path: str):
+    """(tensors, metadata) of a delta file, checked for consistency; errors name the file."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: delta file not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+    if meta.get("format") != "spiel-delta":
+        raise CheckpointError(f"{path}: not a spiel delta file (metadata format is {meta.get('format')!r})")
+    try:
+        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad metadata ({e})") from None
+    for name, (o, i) in shapes.items():
+        idx, val = tensors.get(name + ".indices"), tensors.get(name + ".values")
+        if idx is None or val is None or idx.shape != val.shape or idx.dim() != 1:
+            raise CheckpointError(f"{path}: {name} needs 1-D .indices and .values of equal length")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= o * i):
+            raise CheckpointError(f"{path}: {name} has indices outside its {o}x{i} matrix")
+        if torch.unique(idx).numel() != idx.numel():
+            raise CheckpointError(f"{path}: {name} has repeated indices")
+    if len(tensors) != 2 * len(shapes):
+        raise CheckpointError(f"{path}: tensors and metadata disagree")
+    return tensors, meta, shapes
+
+
+def load_delta(model: nn.Module, path: str, check_base: bool = True) -> dict:
+    """Attach the deltas of `path` to a loaded base (wrapping its linears). A delta that does not fit the
+    model (names, shapes) or was trained on another base is an error naming the file."""
+    tensors, meta, shapes = read_delta(path)
+    modules = dict(model.named_modules())
+    for name, shape in shapes.items():
+        base = modules.get(name)
+        if base is None or not (isinstance(base, nn.Linear) or hasattr(base, "dequantize")):
+            raise CheckpointError(f"{path}: delta for {name}, which this model does not have (another model?)")
+        if _shape(base) != shape:
+            raise CheckpointError(f"{path}: {name} is {shape[0]}x{shape[1]} in the delta but "
+                                  f"{_shape(base)[0]}x{_shape(base)[1]} in this model (another model?)")
+    if check_base and meta.get("base_fingerprint") not in (None, base_fingerprint(model)):
+        raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta['base_fingerprint']} "
+                              f"!= {base_fingerprint(model)})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in shapes:
+        base = modules[name]
+        layer = SparseDeltaLinear(base, tensors[name + ".indices"].numel(), indices=tensors[name + ".indices"])
+        with torch.no_grad():
+            layer.values.copy_(tensors[name + ".values"])
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, layer)
+    return meta
