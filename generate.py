@@ -1,7 +1,9 @@
 """
-Sample from a LLaMA 2 checkpoint (Meta or Hugging Face layout), optionally with sparse deltas on top.
+Sample from a LLaMA 2 checkpoint (Meta or Hugging Face layout), optionally with sparse deltas (or LoRA)
+applied on the fly, without writing a merged copy.
 
     python generate.py --ckpt llama-2-7b --prompt "The capital of France is" --temperature 0
+    python generate.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --chat --prompt "Write a haiku"
 """
 
 import argparse
@@ -9,7 +11,9 @@ import sys
 
 import torch
 
+import data
 from llama import CheckpointError, Tokenizer, default_device, default_dtype, find_tokenizer, generate, load_model
+from merge import apply_finetune
 
 
 def main(argv=None):
@@ -21,14 +25,20 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=default_device())
+    ap.add_argument("--delta", action="append", default=[], help="sparse delta or LoRA file to apply (repeatable)")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template used for training")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the base quantized")
     args = ap.parse_args(argv)
 
-    model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device))
+    model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
+                       quantize=None if args.quantize == "none" else args.quantize)
     tok = Tokenizer(find_tokenizer(args.ckpt))
+    for path in args.delta:  # applied on the fly, nothing merged or written
+        apply_finetune(model, path)
+    ids = data.prompt_ids(tok, args.prompt) if args.chat else tok.encode(args.prompt)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    new = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_p,
-                   eos_id=tok.eos_id, generator=g)
-    print(args.prompt + tok.decode(new))
+    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos_id=tok.eos_id, generator=g)
+    print(args.prompt + ("\n" if args.chat else "") + tok.decode(new))
 
 
 if __name__ == "__main__":

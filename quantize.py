@@ -114,6 +114,20 @@ def dequantize_nf4(qstate, shape, dtype):
 # -----------------------------------------------------------------------------
 # the module: quantized weight in buffers, dense weight only inside forward
 
+class DequantLinearFn(torch.autograd.Function):
+    """y = x W^T with W dequantized on the fly, in forward and again in backward: left to autograd, F.linear
+    would keep each layer's dense W from forward to backward (for dx), a dense copy of the whole base."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.layer.dequantize(dy.dtype), None  # W0 is frozen: no gradient for it
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features, out_features, mode, device=None, group_size=None):
         super().__init__()
@@ -162,7 +176,7 @@ class QuantLinear(nn.Module):
         return dequantize_nf4(dict(self.named_buffers()), self.weight_shape, dtype)
 
     def forward(self, x):
-        return F.linear(x, self.dequantize(x.dtype))
+        return DequantLinearFn.apply(x, self)
 
     def nbytes(self):
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -43,7 +43,8 @@ class SparseDeltaFn(torch.autograd.Function):
     def forward(ctx, x, values, layer):
         ctx.layer = layer
         ctx.save_for_backward(x, values)
-        return F.linear(x, layer.merged_weight(x.dtype, values))
+        bias = getattr(layer.base, "bias", None)  # frozen, not an input of this Function: it gets no gradient
+        return F.linear(x, layer.merged_weight(x.dtype, values), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
@@ -145,7 +146,12 @@ def split_budget(sizes: list, total: int) -> list:
     ks = [int(r) for r in raw]
     for i in sorted(range(len(sizes)), key=lambda i: raw[i] - ks[i], reverse=True)[:total - sum(ks)]:
         ks[i] += 1
-    return [min(max(k, 1), s) for k, s in zip(ks, sizes)]
+    if total < len(sizes):
+        raise ValueError(f"a budget of {total} deltas cannot give each of {len(sizes)} matrices one")
+    ks = [min(max(k, 1), s) for k, s in zip(ks, sizes)]
+    while sum(ks) > total:  # the floor of 1 per matrix overshot a small budget: trim the largest shares
+        ks[max(range(len(ks)), key=ks.__getitem__)] -= 1
+    return ks
 
 
 def add_sparse_deltas(model: nn.Module, density: Optional[float] = None, num_tunable: Optional[int] = None,

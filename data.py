@@ -1,0 +1,175 @@
+"""
+Instruction data for fine-tuning: the two record formats, the chat template, loss masking and batching.
+
+Formats (one JSON object per line in .jsonl, or one JSON array in .json):
+  Alpaca:  {"instruction": "...", "input": "... (optional)", "output": "..."}   (or "prompt"/"completion")
+  chat:    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (multi-turn)
+
+Template: the Tulu format the SpIEL paper fine-tunes with (arXiv 2401.16405, section 4.1):
+  <s><|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}</s><|user|>\n{user}\n<|assistant|>\n{answer}</s>
+Only the assistant answers and the EOS after each answer count in the loss (label -100 elsewhere).
+Each turn's text (prompt and answer together) is tokenized once, and the first answer token is found
+from decoded prefix lengths, so the boundary never shifts the labels (a separate tokenization of the
+answer could merge or split the first piece differently).
+"""
+
+import json
+import os
+
+import torch
+
+from llama import IGNORE_INDEX
+
+
+class DataError(Exception):
+    """a data file that cannot be used; the message starts with file:line."""
+
+
+# -----------------------------------------------------------------------------
+# reading records
+
+
+def read_records(path: str) -> list:
+    """[(line number, record dict)] from a .jsonl file or a .json array."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        records = [(i + 1, r) for i, r in enumerate(items)]  # "line" is the record number here
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def to_turns(record) -> tuple:
+    """a record in either format -> (system text or None, [(user, assistant), ...]); ValueError if malformed."""
+    if not isinstance(record, dict):
+        raise ValueError("a record must be a JSON object")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                    m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError("each message needs a 'role' (system, user or assistant) and a string 'content'")
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        rest = msgs[1:] if system is not None else msgs
+        roles = [m["role"] for m in rest]
+        if len(rest) % 2 or roles != ["user", "assistant"] * (len(rest) // 2):
+            raise ValueError("messages must alternate user, assistant (after an optional system) and end with assistant")
+        return system, [(rest[i]["content"], rest[i + 1]["content"]) for i in range(0, len(rest), 2)]
+    if "instruction" in record:
+        ins, inp, out = record["instruction"], record.get("input", ""), record.get("output")
+        if not isinstance(ins, str) or not isinstance(inp, str) or not isinstance(out, str):
+            raise ValueError("Alpaca records need string 'instruction' and 'output' (and optional string 'input')")
+        return None, [(ins + ("\n\n" + inp if inp else ""), out)]
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str) or not isinstance(record.get("completion"), str):
+            raise ValueError("prompt/completion records need two strings")
+        return None, [(record["prompt"], record["completion"])]
+    raise ValueError("expected 'messages', 'instruction'/'output' or 'prompt'/'completion'")
+
+
+# -----------------------------------------------------------------------------
+# the chat template and loss masking
+
+
+def user_text(user: str, system=None) -> str:
+    head = f"<|system|>\n{system}\n" if system is not None else ""
+    return f"{head}<|user|>\n{user}\n<|assistant|>\n"
+
+
+def encode_turn(tok, prompt: str, answer: str) -> tuple:
+    """(ids, n_prompt): prompt + answer tokenized once; ids[n_prompt:] are the answer's tokens (a piece that
+    straddles the boundary counts as answer: the model has to produce it)."""
+    ids = tok.encode(prompt + answer, bos=False)
+    decoded = tok.decode(ids)
+    ans = tok.decode(tok.encode(answer, bos=False))  # the answer as this tokenizer writes it back
+    boundary = len(decoded) - len(ans) if decoded.endswith(ans) else len(tok.decode(tok.encode(prompt, bos=False)))
+    lo, hi = 0, len(ids)  # the most leading tokens whose text ends within the prompt
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.decode(ids[:mid])) <= boundary:
+            lo = mid
+        else:
+            hi = mid - 1
+    return ids, lo
+
+
+def encode_example(tok, system, turns, seq_len: int) -> tuple:
+    """-> (inputs (T,), targets (T,)) with targets[t] the token after inputs[t] or IGNORE_INDEX, T <= seq_len."""
+    ids, is_label = [tok.bos_id], [False]
+    for i, (user, answer) in enumerate(turns):
+        t_ids, n_prompt = encode_turn(tok, user_text(user, system if i == 0 else None), answer)
+        ids += t_ids + [tok.eos_id]  # the EOS is a label: the model must learn to stop
+        is_label += [False] * n_prompt + [True] * (len(t_ids) - n_prompt) + [True]
+    ids, is_label = ids[:seq_len + 1], is_label[:seq_len + 1]  # truncation
+    inputs = torch.tensor(ids[:-1])
+    targets = torch.tensor([t if lab else IGNORE_INDEX for t, lab in zip(ids[1:], is_label[1:])])
+    return inputs, targets
+
+
+def prompt_ids(tok, user: str, system=None) -> list:
+    """what generation starts from: the same template up to the assistant's answer."""
+    return [tok.bos_id] + tok.encode(user_text(user, system), bos=False)
+
+
+def load_examples(path: str, tok, seq_len: int) -> tuple:
+    """tokenized examples [(inputs, targets, record)] and the number dropped because truncation left no label."""
+    examples, dropped = [], 0
+    for lineno, rec in read_records(path):
+        try:
+            system, turns = to_turns(rec)
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
+        inputs, targets = encode_example(tok, system, turns, seq_len)
+        if (targets != IGNORE_INDEX).any():
+            examples.append((inputs, targets, (system, turns)))
+        else:
+            dropped += 1
+    if not examples:
+        raise DataError(f"{path}: no example keeps a label after truncation to {seq_len} tokens")
+    return examples, dropped
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def collate(examples, pad_id: int) -> tuple:
+    """right-pad to the longest example: inputs (B, T), targets (B, T). One example per row and causal
+    attention mean no token attends to another example or to padding; padding has no label."""
+    T = max(len(x) for x, _, _ in examples)
+    inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (x, y, _) in enumerate(examples):
+        inputs[i, :len(x)], targets[i, :len(y)] = x, y
+    return inputs, targets
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """the example order of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def split_train_val(examples: list, val_frac: float, seed: int) -> tuple:
+    if not val_frac:
+        return examples, []
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(len(examples) * val_frac)) if len(examples) > 1 else 0
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]

@@ -1,0 +1,440 @@
+"""
+How much GPU memory fine-tuning LLaMA 2 needs, estimated before you buy (or rent) the GPU.
+
+    python memory.py --preset 7B --method spiel-ag --quantize int8 --seq-len 2048 --grad-checkpoint
+    python memory.py --ckpt llama-2-13b --method spiel-ma --quantize nf4 --grad-checkpoint
+    python memory.py --table                    # 7B and 13B x 4 methods x 3 base precisions (the README's)
+    python memory.py --measure --json mem.json  # on a GPU: measure a 7B-shaped model and compare
+
+The arithmetic is SpIEL's (Ansell et al. 2024, arXiv 2401.16405, section 3 and its appendix on memory
+and speed): the frozen base, k sparse deltas (fp32 value + int32 index), their gradients, the optimizer
+state (AdamW with a per-element age for SpIEL-AG, SM3's row/column accumulators for SpIEL-MA), the AG
+accumulation window while it is open, activations and transients. Quantized bases are int8 (absmax per
+row) or NF4 with double quantization (QLoRA, Dettmers et al. 2023, arXiv 2305.14314, section 3).
+../shared/notes/spiel-algorithm.md (section 6) has the sanity bounds for 7B.
+
+Everything that is a tensor is counted from a real tensor: the model is built on the meta device (shapes
+and dtypes, no storage), quantized and given its trainable part exactly as train.py does, one optimizer
+step is taken on it (so the optimizer creates its real state) and an AG window is filled from a meta
+gradient. Only activations and transients, which exist inside forward and backward, come from a model
+of what autograd keeps (`saved_activations` below; tests/test_memory.py checks it against autograd).
+
+Peak = persistent + max(backward phase, optimizer-step phase), where
+  persistent     = weights + trainable part + gradients + optimizer state + AG window
+  backward phase = saved activations + max(logits, one block's backward + the largest weight transient)
+  optimizer step = the optimizer's temporaries for its largest tensor.
+GB here is 1e9 bytes. --measure checks the goal on one GPU: 7B, int8 base, 2048 tokens, batch 1, grad
+checkpointing: SpIEL-MA below 16 GB and SpIEL-AG below 20 GB of torch.cuda.max_memory_allocated.
+"""
+
+import argparse
+import gc
+import importlib.util
+import inspect
+import json
+import math
+import sys
+import time
+import weakref
+
+import torch
+import torch.nn as nn
+
+import spiel
+from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, checkpoint_layout, open_meta_shards,
+                   read_hf_args, read_meta_args)
+from quantize import quantize_model
+from sm3 import SM3
+
+GB = 1e9
+METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
+GOALS = {"spiel-ma": 16 * GB, "spiel-ag": 20 * GB}  # 7B, int8 base, seq 2048, batch 1, grad checkpointing
+# peak bytes per weight element of one dense (out, in) copy of a frozen projection, as quantize.py and
+# spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
+# (uint8), their int64 copy for the lookup and the fp32 lookup
+DEQUANT_BYTES = {None: None, "int8": 8, "nf4": 13}  # None: the compute dtype's size
+# temporaries of one optimizer step on its largest tensor, per element: spiel.AdamW (fp32 grad copy, m_hat,
+# v_hat, the update and its pieces) and SM3 on a sparse delta (int64 rows/cols/indices, nu, the update)
+STEP_BYTES = {"adamw": 24, "sm3": 40}
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# -----------------------------------------------------------------------------
+# the model as it will sit in memory: built on the meta device (shapes and dtypes, no storage)
+
+
+def trainable_part(model, method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentum=0.0, indices=None):
+    """give `model` its trainable part as train.py does, and the optimizer train.py uses with it.
+
+    On the meta device the deltas' positions are meta tensors too (`indices="meta"`): no random draws."""
+    if method in ("spiel-ag", "spiel-ma"):
+        if indices == "meta":  # add_sparse_deltas' budget, without its ~160M random draws at 7B
+            for p in model.parameters():
+                p.requires_grad_(False)
+            linears = spiel.target_linears(model)
+            sizes = [math.prod(spiel._shape(m)) for m in linears.values()]
+            total = round(density * sum(sizes)) if density else spiel.lora_param_count(model, lora_rank)
+            for (name, base), k in zip(linears.items(), spiel.split_budget(sizes, total)):
+                idx = torch.empty(k, dtype=torch.int32, device="meta")
+                model.set_submodule(name, spiel.SparseDeltaLinear(base, k, indices=idx))
+            layers = spiel.delta_layers(model)
+        else:
+            layers = spiel.add_sparse_deltas(model, density=density, lora_rank=None if density else lora_rank,
+                                             verbose=False)
+        values = [layer.values for layer in layers.values()]
+        return spiel.AdamW(values) if method == "spiel-ag" else SM3(values, momentum=sm3_momentum)
+    if method == "lora":
+        import lora  # the baseline; imported here so the SpIEL estimates never depend on it
+        lora.add_lora(model, lora_rank, dropout=lora_dropout, verbose=False)
+        return spiel.AdamW([p for p in model.parameters() if p.requires_grad])
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return spiel.AdamW(list(model.parameters()))
+    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, window_open=True, **budget):
+    """the model, its optimizer with real (meta) state after one step, and an AG window if open."""
+    if quantize and method == "full":
+        raise ValueError("full fine-tuning needs a full-precision base (no --quantize)")
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to(dtype)  # load_model's layout: weights in the compute dtype, quantized after, rope in fp32
+    model.reset_rope("meta")
+    if quantize:
+        quantize_model(model, quantize)
+    optimizer = trainable_part(model, method, indices="meta", **budget)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)  # autograd gives a gradient the dtype of its parameter
+    optimizer.step()  # creates the optimizer's state, exactly as on the first real step
+    if method == "spiel-ag" and window_open:
+        layers = spiel.delta_layers(model)
+        spiel.open_windows(layers)
+        for layer in layers.values():  # the first micro-batch of a window picks the candidates
+            g = torch.empty(layer.weight_shape, dtype=dtype, device="meta")
+            spiel.accumulate_window(layer.window, g, layer.indices.numel())
+    return model, optimizer
+
+
+def persistent_bytes(model, optimizer) -> dict:
+    """the tensors that live through a whole training step, by kind."""
+    deltas = {id(t) for m in spiel.delta_layers(model).values() for t in (m.values, m.indices)}
+    full = all(p.requires_grad for p in model.parameters())
+    out = {"base weights": 0, "other weights": 0, "trainable": 0}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in deltas or (t.requires_grad and not full):
+            out["trainable"] += nbytes(t)  # sparse deltas (values, indices) or LoRA's A and B
+        elif any(part in PROJECTIONS for part in name.split(".")):
+            out["base weights"] += nbytes(t)  # the seven projections: dense or quantized (+ scales)
+        else:
+            out["other weights"] += nbytes(t)  # embeddings, norms, output head, rope tables
+    out["gradients"] = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+    out["optimizer state"] = sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
+                                 if torch.is_tensor(v))
+    out["AG window"] = sum(nbytes(v) for m in spiel.delta_layers(model).values() if m.window
+                           for v in m.window.values() if torch.is_tensor(v))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# activations: what autograd keeps from forward to backward (a model, checked by tests/test_memory.py)
+
+
+def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank=64, lora_dropout=0.1,
+                      mask_bytes=1) -> dict:
+    """bytes that autograd saves, for one block whose input needs a gradient and for the head; `tokens` is
+    batch x sequence length, `elem` the compute dtype's size. Attention is SDPA's flash kernel: no T^2.
+    A dropout mask is bool on CUDA (mask_bytes=1); the CPU keeps it in the input's dtype."""
+    N, d, f, H, r = tokens, args.dim, args.ffn_dim, args.n_heads, lora_rank
+    dkv = args.n_kv_heads * args.head_dim
+    norm = 4 * N * d + 4 * N  # RMSNorm keeps the fp32 copy of its input and 1/rms (N, 1)
+    if method == "full":
+        norm += elem * N * d  # a trainable gain also keeps the normalised input
+    attn = elem * N * (2 * d + 2 * dkv) + 4 * N * H  # flash: q, k (rotated), v, the output, logsumexp fp32
+    ffn = 3 * elem * N * f  # SwiGLU: gate (for silu), silu(gate) and up (for the product)
+    # the projections' inputs (wo's is the attention output, already counted): with sparse deltas or full
+    # fine-tuning, the two normalised block inputs (shared by wq/wk/wv and w1/w3) and the SwiGLU product
+    inputs = elem * N * (2 * d + f)
+    if method == "lora":  # the frozen base keeps nothing; the low-rank path keeps its input and x A
+        shapes = [(d, d), (dkv, d), (dkv, d), (d, d), (f, d), (f, d), (d, f)]  # (out, in) per target
+        if lora_dropout > 0:  # each target drops out its own copy of the input, and keeps the mask
+            inputs = sum((elem + mask_bytes) * N * i for _, i in shapes)
+        inputs += 7 * elem * N * r  # x A (N, r) for the B matmul
+        if elem != 4:  # A and B cast to the compute dtype, kept for the input's gradient
+            inputs += sum(elem * r * (o + i) for o, i in shapes)
+    head = 4 * N * d + 4 * N  # the final norm
+    if method == "full":  # its gain, the output head's input, the embedding's token ids
+        head += 2 * elem * N * d + 8 * N
+    block = 2 * norm + attn + ffn + inputs
+    # the first block's input (the frozen embedding's output) needs no gradient: its first norm keeps nothing
+    return {"block": block, "first block": block if method == "full" else block - norm, "head": head}
+
+
+# -----------------------------------------------------------------------------
+# the estimate
+
+
+def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: int = 2048, batch_size: int = 1,
+             grad_checkpoint: bool = False, density=None, lora_rank: int = 64, lora_dropout: float = 0.1,
+             sm3_momentum: float = 0.0, window_open: bool = True, dtype=torch.bfloat16) -> dict:
+    """peak training memory in bytes, by kind (see the module docstring for how they add up to "total").
+
+    quantize: None, "int8" or "nf4" (the frozen projections). SpIEL's budget is `density` of the targeted
+    weights, else as many deltas as LoRA of rank `lora_rank` trains (the paper's: 64)."""
+    quantize = None if quantize in (None, "none", "bf16") else quantize
+    model, optimizer = meta_model(args, method, quantize, dtype, window_open, density=density, lora_rank=lora_rank,
+                                  lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
+    est = persistent_bytes(model, optimizer)
+    elem, N, L = torch.finfo(dtype).bits // 8, batch_size * seq_len, args.n_layers
+    act = saved_activations(args, method, N, elem, lora_rank, lora_dropout)
+    if grad_checkpoint:  # each block keeps only its input; its activations come back one block at a time
+        est["activations"] = L * elem * N * args.dim + act["head"]
+        block = act["block"]
+    else:
+        est["activations"] = act["first block"] + (L - 1) * act["block"] + act["head"]
+        block = 0
+    # the loss: the fp32 logits (train.py's `_, loss = model(...)` holds them), the log-softmax saved for
+    # backward, then its gradient and the logits' gradient, all (N, vocab) fp32; and the int64 targets
+    est["logits"] = 4 * 4 * N * args.vocab_size + 8 * N
+    # one block's backward: its (recomputed) activations and the activation gradients in flight (the
+    # SwiGLU's three (N, ffn) gradients and two (N, dim) ones)
+    est["block backward"] = block + 3 * elem * N * args.ffn_dim + 2 * elem * N * args.dim
+    # the largest dense (out, in) temporary: a dequantized / merged weight (forward, backward), or the dense
+    # weight gradient of a sparse delta (with its |.| when an AG window picks candidates)
+    largest = args.dim * max(args.dim, args.ffn_dim)  # w1, w2, w3: (ffn, dim) or (dim, ffn)
+    dequant = DEQUANT_BYTES[quantize] or elem
+    per_elem = {"spiel-ag": max(dequant, 2 * elem), "spiel-ma": max(dequant, elem),
+                "lora": DEQUANT_BYTES[quantize] or 0, "full": 0}[method]
+    est["weight transient"] = largest * per_elem
+    biggest = max(p.numel() for g in optimizer.param_groups for p in g["params"])
+    est["optimizer step"] = biggest * STEP_BYTES["sm3" if isinstance(optimizer, SM3) else "adamw"]
+    persistent = sum(est[k] for k in ("base weights", "other weights", "trainable", "gradients", "optimizer state",
+                                      "AG window"))
+    backward = est["activations"] + max(est["logits"], est["block backward"] + est["weight transient"])
+    est["total"] = persistent + max(backward, est["optimizer step"])
+    return est
+
+
+NOTES = {
+    "base weights": "the seven projections of every block (bf16, or int8/nf4 + scales)",
+    "other weights": "embeddings, norms, output head (compute dtype), rope tables",
+    "trainable": "deltas: fp32 values + int32 indices; LoRA: fp32 A and B; full: 0 (the weights)",
+    "gradients": "of the trainable tensors, in their dtype",
+    "optimizer state": "AdamW m, v, age (fp32); SM3 row + col accumulators (+ momentum)",
+    "AG window": "while open: int64 candidates + fp32 grad sum + fp32 square sum per delta",
+    "activations": "saved for backward: block inputs (checkpointing) or every block's tensors",
+    "logits": "fp32 logits, log-softmax and two gradients of their size (tokens x vocab)",
+    "block backward": "one block recomputed + activation gradients in flight",
+    "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight or dense grad",
+    "optimizer step": "temporaries of the step on the largest tensor (after backward)",
+}
+
+
+def fmt(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.2f} MB"
+
+
+def describe(est: dict, title: str) -> str:
+    unit, scale = ("GB", GB) if est["total"] >= 0.1 * GB else ("MB", 1e6)  # MB for the tiny test models
+    lines = [title, f"  {'':18s} {unit:>7s}"]
+    for k, v in est.items():
+        if k == "total":
+            continue
+        overlap = "  }" if k in ("logits", "block backward", "weight transient", "optimizer step") else "   "
+        lines.append(f"  {k:18s} {v / scale:7.2f}{overlap} {NOTES[k]}")
+    lines.append("  (the lines marked } are not all alive at once: peak = persistent + max(activations + max(logits,"
+                 "\n   block backward + weight transient), optimizer step))")
+    lines.append(f"  {'peak estimate':18s} {est['total'] / scale:7.2f}")
+    return "\n".join(lines)
+
+
+def table(seq_len=2048, batch_size=1) -> str:
+    """the README's table: peak GB for 7B and 13B, every method and base, grad checkpointing on."""
+    lines = ["| model | method | bf16 base | int8 base | nf4 base |", "|---|---|---:|---:|---:|"]
+    have_lora = importlib.util.find_spec("lora") is not None
+    for preset in ("7B", "13B"):
+        for method in METHODS if have_lora else [m for m in METHODS if m != "lora"]:
+            cells = []
+            for q in (None, "int8", "nf4"):
+                if method == "full" and q:
+                    cells.append("n/a")
+                    continue
+                cells.append(f"{estimate(PRESETS[preset], method, q, seq_len, batch_size, True)['total'] / GB:.1f} GB")
+            lines.append(f"| {preset} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the measurement (GPU): a random-weight model of the preset's shapes, a few steps of SpIEL-AG and -MA
+
+
+def random_model(args: ModelArgs, device, dtype, quantize=None, seed=0) -> Transformer:
+    """random weights of the preset's shapes made on `device` one tensor at a time (never a whole bf16 copy:
+    each projection is quantized right after it is drawn)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to(dtype)
+    if quantize:
+        quantize_model(model, quantize)
+    for module in model.modules():
+        if hasattr(module, "load_weight"):
+            module.load_weight(torch.randn(module.weight_shape, device=device, dtype=dtype) * 0.02)
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(module, RMSNorm):
+                t = torch.ones(p.shape, device=device, dtype=dtype)
+            else:
+                t = torch.randn(p.shape, device=device, dtype=dtype) * 0.02
+            setattr(module, name, nn.Parameter(t, requires_grad=False))
+    model.reset_rope(device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not left, f"tensors left on the meta device: {left[:3]}"
+    return model
+
+
+def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch_size=1, steps=8, lora_rank=64,
+            density=None, json_path=None, seed=0) -> dict:
+    """train SpIEL-AG, then SpIEL-MA, for `steps` steps on random tokens with grad checkpointing (schedule:
+    reselections at steps 2 and 6; AG's windows are open on steps 1-2 and 4-6) and report the peak of
+    torch.cuda.max_memory_allocated, tokens/s and the estimate side by side."""
+    cuda = str(device).startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --measure needs a CUDA GPU and this machine has none (the estimate itself, "
+                         "without --measure, runs anywhere)")
+    dtype = torch.bfloat16
+    seq_len = min(seq_len, args.max_seq_len)
+    t0 = time.time()
+    model = random_model(args, device, dtype, quantize, seed)
+    model.grad_checkpoint = True
+    model.train()
+    print(f"random {args.n_layers}-layer model (dim {args.dim}) on {device}, base {quantize or 'bf16'}, "
+          f"built in {time.time() - t0:.1f}s; {batch_size} x {seq_len} tokens per step, grad checkpointing")
+    report = {"device": torch.cuda.get_device_name() if cuda else str(device), "quantize": quantize,
+              "seq_len": seq_len, "batch_size": batch_size, "steps": steps, "grad_checkpoint": True, "runs": {}}
+    for method in ("spiel-ag", "spiel-ma"):
+        run = measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, density, seed)
+        alive = [weakref.ref(m) for m in spiel.delta_layers(model).values()]
+        spiel.remove_deltas(model)  # back to the bare base for the next method
+        gc.collect()
+        # nothing of this run may outlive it (it would count in the next run's peak)
+        assert all(r() is None for r in alive), "the deltas of the last run are still referenced"
+        if cuda:
+            torch.cuda.empty_cache()
+        est = estimate(args, method, quantize, seq_len, batch_size, True, density, lora_rank, dtype=dtype)
+        run.update(estimate=est["total"], estimate_breakdown=est, goal=GOALS[method],
+                   estimate_persistent={k: est[k] for k in run["live_persistent"]})
+        report["runs"][method] = run
+        peak = "n/a (cpu)" if run["peak_allocated"] is None else fmt(run["peak_allocated"])
+        print(f"{method}: peak allocated {peak}, estimate {fmt(est['total'])}, {run['tokens_per_s']:,.0f} tokens/s, "
+              f"loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.3f}, reselections {run['reselections']}")
+    if cuda:
+        for method, run in report["runs"].items():
+            ok = run["peak_allocated"] < run["goal"]
+            print(f"goal {method} < {run['goal'] / GB:.0f} GB: {'met' if ok else 'NOT met'} "
+                  f"({fmt(run['peak_allocated'])} measured, {fmt(run['estimate'])} estimated)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, density, seed) -> dict:
+    """`steps` training steps of one SpIEL method, as train.py runs them (one micro-batch per step)."""
+    optimizer = trainable_part(model, method, density=density, lora_rank=lora_rank)
+    schedule = spiel.Schedule(steps, interval=4, first=2)
+    selector = spiel.Selector(model, method[-2:], schedule)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.buffers()).device
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, changed, t_start = [], {}, time.time()
+    for t in range(1, steps + 1):
+        if t == 2:  # step 1 warms up (kernels, allocator): time the rest
+            if cuda:
+                torch.cuda.synchronize()
+            t_start = time.time()
+        selector.begin_step(t)  # AG: this step's gradients feed the accumulation window
+        tokens = torch.randint(model.args.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
+        logits, loss = model(tokens[:, :-1], tokens[:, 1:])  # (B, T, vocab) fp32, held as train.py holds it
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if schedule.is_reselection(t):  # drop and regrow
+            changed[t] = sum(selector.reselect(t, optimizer).values())
+        losses.append(loss.item())
+    if cuda:
+        torch.cuda.synchronize()
+    timed = max(steps - 1, 1)
+    return {"peak_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+            "peak_reserved": torch.cuda.max_memory_reserved() if cuda else None,
+            "tokens_per_s": timed * batch_size * seq_len / (time.time() - t_start), "losses": losses,
+            "reselections": changed,
+            "live_persistent": persistent_bytes(model, optimizer)}  # after the run: no gradients, windows closed
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def model_args(ckpt: str) -> ModelArgs:
+    """the shapes of a checkpoint (Meta or HF layout), read from its config; no weights are loaded."""
+    if checkpoint_layout(ckpt) == "hf":
+        return read_hf_args(ckpt)
+    args = read_meta_args(ckpt)
+    if args.vocab_size == -1:  # params.json leaves it to the tokenizer: the embedding's shape (mmap'ed)
+        args.vocab_size = open_meta_shards(ckpt)[1][0]["tok_embeddings.weight"].shape[0]
+    return args
+
+
+def main(argv=None):
+    defaults = {k: p.default for k, p in inspect.signature(estimate).parameters.items()}  # one source of defaults
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--preset", default="7B", choices=list(PRESETS), help="model shapes (ignored with --ckpt)")
+    a("--ckpt", help="read the shapes from this checkpoint folder instead of a preset")
+    a("--method", default=defaults["method"], choices=METHODS)
+    a("--quantize", choices=["none", "int8", "nf4"], help="how the frozen base is stored (default: none; "
+      "--measure: int8)")
+    a("--seq-len", type=int, default=defaults["seq_len"])
+    a("--batch-size", type=int, default=defaults["batch_size"], help="sequences per micro-batch")
+    a("--grad-checkpoint", action="store_true", help="recompute each block in backward (as train.py's flag)")
+    a("--density", type=float, default=defaults["density"], help="SpIEL budget as a fraction of the targeted "
+      "weights (default: as many deltas as LoRA of --lora-rank trains)")
+    a("--lora-rank", type=int, default=defaults["lora_rank"])
+    a("--lora-dropout", type=float, default=defaults["lora_dropout"])
+    a("--sm3-momentum", type=float, default=defaults["sm3_momentum"])
+    a("--table", action="store_true", help="print the markdown table of 7B/13B x methods x bases and exit")
+    a("--measure", action="store_true", help="GPU: measure SpIEL-AG and -MA on a random-weight model")
+    a("--json", help="--measure: write the results here")
+    a("--steps", type=int, default=8, help=argparse.SUPPRESS)
+    a("--device", default="cuda", help=argparse.SUPPRESS)  # --device cpu --preset tiny: the measure's test
+    args = ap.parse_args(argv)
+    quantize = None if args.quantize in (None, "none") else args.quantize
+    if args.table:
+        print(f"Peak GPU memory (estimate, GB = 1e9 bytes), seq {args.seq_len}, batch {args.batch_size}, "
+              f"grad checkpointing, SpIEL and LoRA at the paper's budget (LoRA rank 64):\n")
+        print(table(args.seq_len, args.batch_size))
+        return 0
+    margs = model_args(args.ckpt) if args.ckpt else PRESETS[args.preset]
+    if args.measure:
+        measure(margs, args.device, "int8" if args.quantize is None else quantize, args.seq_len, args.batch_size,
+                args.steps, args.lora_rank, args.density, args.json)
+        return 0
+    est = estimate(margs, args.method, quantize, args.seq_len, args.batch_size, args.grad_checkpoint, args.density,
+                   args.lora_rank, args.lora_dropout, args.sm3_momentum)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(margs).parameters())
+    print(describe(est, f"{args.ckpt or 'LLaMA 2 ' + args.preset} ({n / 1e9:.2f}B parameters): {args.method}, base "
+                        f"{args.quantize if quantize else 'bf16'}, {args.batch_size} x {args.seq_len} tokens, grad "
+                        f"checkpointing {'on' if args.grad_checkpoint else 'off'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

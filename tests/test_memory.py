@@ -1,0 +1,219 @@
+"""
+Tests for memory.py: the estimate against the bytes real tensors hold after a real training step on a tiny
+LLaMA (weights, deltas, gradients, optimizer state, the AG window; AdamW and SM3, with and without a
+quantized base), the activation model against what autograd actually saves, the 7B numbers of
+../shared/notes/spiel-algorithm.md section 6, and the --measure path run on the CPU. A few seconds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import memory  # noqa: E402
+import spiel  # noqa: E402
+from conftest import TINY, random_state_dict  # noqa: E402
+from llama import PRESETS, ModelArgs, Transformer, load_model  # noqa: E402
+from sm3 import SM3  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERSISTENT = ("base weights", "other weights", "trainable", "gradients", "optimizer state", "AG window")
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def real_step(model, method, density=0.05, lora_rank=4, sm3_momentum=0.0):
+    """set up `method` on a loaded model the way train.py does and take one step (AG: window open);
+    gradients are left in place, as at the peak. Returns the optimizer."""
+    if method.startswith("spiel"):
+        layers = spiel.add_sparse_deltas(model, density=density, verbose=False)
+        values = [m.values for m in layers.values()]
+        optimizer = spiel.AdamW(values) if method == "spiel-ag" else SM3(values, momentum=sm3_momentum)
+        selector = spiel.Selector(model, method[-2:], spiel.Schedule(10, interval=4, first=2))
+        selector.begin_step(1)
+    elif method == "lora":
+        import lora
+        lora.add_lora(model, lora_rank, verbose=False)
+        optimizer = spiel.AdamW([p for p in model.parameters() if p.requires_grad])
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        optimizer = spiel.AdamW(list(model.parameters()))
+    model.train()
+    tokens = torch.randint(model.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    optimizer.step()
+    return optimizer
+
+
+def real_bytes(model, optimizer) -> dict:
+    """what the tensors hold, counted independently of memory.py."""
+    windows = [v for m in spiel.delta_layers(model).values() if m.window for v in m.window.values() if torch.is_tensor(v)]
+    return {"model": nbytes(list(model.parameters()) + list(model.buffers())),
+            "gradients": nbytes(p.grad for p in model.parameters() if p.grad is not None),
+            "optimizer state": nbytes(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)),
+            "AG window": nbytes(windows)}
+
+
+CASES = [("spiel-ag", None, {}), ("spiel-ag", "int8", {}), ("spiel-ag", "nf4", {}),
+         ("spiel-ma", None, {}), ("spiel-ma", "int8", {"sm3_momentum": 0.9}), ("spiel-ma", "nf4", {}),
+         ("lora", None, {}), ("lora", "nf4", {}), ("full", None, {})]
+
+
+@pytest.mark.parametrize("method,quantize,extra", CASES)
+def test_estimate_matches_real_tensors_after_a_step(tiny, method, quantize, extra):
+    if method == "lora":
+        pytest.importorskip("lora")
+    model = load_model(tiny.meta1, dtype=torch.float32, quantize=quantize)
+    optimizer = real_step(model, method, **extra)
+    real = real_bytes(model, optimizer)
+    est = memory.estimate(model.args, method, quantize, seq_len=16, batch_size=2, density=0.05, lora_rank=4,
+                          dtype=torch.float32, **extra)
+    assert real["AG window"] > 0 if method == "spiel-ag" else real["AG window"] == 0
+    assert real["optimizer state"] > 0 and real["gradients"] > 0
+    model_est = est["base weights"] + est["other weights"] + est["trainable"]
+    # the counts come from tensors on both sides, so they agree to the byte; "a few percent" is the promise
+    for key, e in (("model", model_est), ("gradients", est["gradients"]),
+                   ("optimizer state", est["optimizer state"]), ("AG window", est["AG window"])):
+        assert e == pytest.approx(real[key], rel=0.02, abs=8), key
+    if quantize:  # and the quantized base is smaller than the same model in fp32
+        dense = memory.estimate(model.args, method, None, seq_len=16, batch_size=2, density=0.05, lora_rank=4,
+                                dtype=torch.float32, **extra)
+        assert est["base weights"] < dense["base weights"] / (3.5 if quantize == "int8" else 6)
+
+
+def test_7b_numbers_of_the_notes():
+    # ../shared/notes/spiel-algorithm.md section 6: LLaMA-2-7B at LoRA-rank-64's budget
+    k = 159_907_840
+    ag = memory.estimate(PRESETS["7B"], "spiel-ag", None, seq_len=16)
+    ma = memory.estimate(PRESETS["7B"], "spiel-ma", None, seq_len=16)
+    # the whole base in bf16: 6.74e9 parameters x 2 bytes (projections + embeddings, norms, head, rope tables)
+    assert ag["base weights"] + ag["other weights"] == pytest.approx(6.74e9 * 2, rel=0.01)
+    assert ag["trainable"] == 8 * k  # fp32 value + int32 index
+    assert ag["trainable"] + ag["gradients"] + ag["optimizer state"] == 24 * k  # 3.84 GB
+    assert ag["AG window"] == 16 * k  # int64 candidates + fp32 sums
+    d, f, L = 4096, 11008, 32
+    sm3_acc = 4 * L * (4 * (d + d) + 3 * (f + d))  # row + col accumulators of the 224 matrices, fp32
+    assert ma["trainable"] + ma["gradients"] + ma["optimizer state"] == 12 * k + sm3_acc  # 1.92 GB + 5.4 MB
+    assert ma["AG window"] == 0
+    int8 = memory.estimate(PRESETS["7B"], "spiel-ma", "int8", seq_len=16)
+    nf4 = memory.estimate(PRESETS["7B"], "spiel-ma", "nf4", seq_len=16)
+    assert 6.9e9 < int8["base weights"] + int8["other weights"] < 7.1e9  # "about 7 GB"
+    assert 3.7e9 < nf4["base weights"] + nf4["other weights"] < 4.0e9  # "about 3.8 GB"
+
+
+def test_estimate_orders_and_options():
+    tiny = ModelArgs(**TINY)
+    e = {m: memory.estimate(tiny, m, None, 64, 2, True, density=0.05, lora_rank=4, dtype=torch.float32)
+         for m in memory.METHODS}
+    assert e["spiel-ma"]["total"] < e["spiel-ag"]["total"] < e["full"]["total"]
+    no_ckpt = memory.estimate(tiny, "spiel-ag", None, 64, 2, False, density=0.05, dtype=torch.float32)
+    assert no_ckpt["activations"] > e["spiel-ag"]["activations"]
+    closed = memory.estimate(tiny, "spiel-ag", None, 64, 2, True, density=0.05, window_open=False, dtype=torch.float32)
+    assert closed["AG window"] == 0 and closed["total"] < e["spiel-ag"]["total"]
+    with pytest.raises(ValueError, match="full-precision"):
+        memory.estimate(tiny, "full", "int8")
+    with pytest.raises(ValueError, match="unknown method"):
+        memory.estimate(tiny, "adapters")
+
+
+# -----------------------------------------------------------------------------
+# the activation model against autograd's saved tensors
+
+
+def saved_bytes(model, run):
+    """bytes of the distinct storages autograd saves while `run()` runs, minus the model's own tensors."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,quantize,dropout", [("spiel-ag", None, 0.1), ("spiel-ag", "int8", 0.1),
+                                                     ("full", None, 0.1), ("lora", None, 0.1), ("lora", None, 0.0),
+                                                     ("lora", "int8", 0.1)])
+def test_saved_activations_match_autograd(method, quantize, dropout, dtype):
+    if method == "lora":
+        pytest.importorskip("lora")
+    args = ModelArgs(**(TINY | {"n_layers": 3}))  # grouped-query attention, as TINY
+    model = Transformer(args)
+    model.load_state_dict(random_state_dict(args))
+    model.to(dtype)
+    model.reset_rope("cpu")
+    if quantize:
+        import quantize as q
+        q.quantize_model(model, quantize)
+    memory.trainable_part(model, method, density=0.05, lora_rank=4, lora_dropout=dropout)
+    model.train()
+    B, T = 2, 16
+    tokens = torch.randint(args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # two tensors, as a data loader gives them
+    elem = torch.finfo(dtype).bits // 8
+    act = memory.saved_activations(args, method, B * T, elem, lora_rank=4, lora_dropout=dropout, mask_bytes=elem)
+    # one block whose input needs a gradient (the second): exactly the model's count
+    h = model.layers[0](model.tok_embeddings(x), model.rope_cos[:T], model.rope_sin[:T])
+    got, _ = saved_bytes(model, lambda: model.layers[1](h, model.rope_cos[:T], model.rope_sin[:T]))
+    assert got == act["block"]
+    # the whole forward and the loss (LoRA's first block differs in details: within 5%)
+    got, _ = saved_bytes(model, lambda: model(x, y))
+    want = act["first block"] + (args.n_layers - 1) * act["block"] + act["head"] + 4 * B * T * args.vocab_size + 8 * B * T
+    assert got == pytest.approx(want, rel=0.05 if method == "lora" else 0, abs=16)  # + the loss's 4-byte weight sum
+
+
+# -----------------------------------------------------------------------------
+# the command line and --measure (on the CPU, a tiny preset)
+
+
+def test_cli_breakdown_and_ckpt_shapes(tiny):
+    for path in (tiny.meta1, tiny.hf):
+        a = memory.model_args(path)
+        assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim) == \
+               (tiny.args.dim, tiny.args.n_layers, tiny.args.n_heads, tiny.args.n_kv_heads, tiny.args.vocab_size,
+                tiny.args.ffn_dim)
+    out = subprocess.run([sys.executable, "memory.py", "--ckpt", tiny.meta1, "--method", "spiel-ma", "--quantize",
+                          "nf4", "--seq-len", "64", "--density", "0.05", "--grad-checkpoint"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "peak estimate" in out.stdout and "optimizer state" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_measure_refuses_without_a_gpu():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        memory.measure(PRESETS["tiny"], device="cuda")
+
+
+def test_measure_runs_end_to_end_on_cpu(tmp_path):
+    out_json = tmp_path / "mem.json"
+    out = subprocess.run([sys.executable, "memory.py", "--measure", "--device", "cpu", "--preset", "tiny",
+                          "--seq-len", "32", "--batch-size", "2", "--density", "0.05", "--json", str(out_json)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out_json.read_text())
+    assert set(report["runs"]) == {"spiel-ag", "spiel-ma"}
+    for method, run in report["runs"].items():
+        assert run["peak_allocated"] is None  # CPU: no allocator statistics
+        assert len(run["losses"]) == 8 and all(map(lambda x: x == x and abs(x) < 100, run["losses"]))
+        assert list(run["reselections"]) == ["2", "6"] and run["reselections"]["2"] > 0
+        assert run["tokens_per_s"] > 0 and run["estimate"] > 0
+        # after the run (no gradients, windows closed) the live tensors are what the estimate says
+        for key in ("base weights", "other weights", "trainable", "optimizer state"):
+            assert run["live_persistent"][key] == run["estimate_persistent"][key], (method, key)
+        assert run["live_persistent"]["gradients"] == 0 and run["live_persistent"]["AG window"] == 0

@@ -1,0 +1,178 @@
+"""train.py, merge.py, generate.py end to end on a tiny model: every method learns, exact resume, loss
+masking and normalisation, merging, and bad input."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+from conftest import WORDS
+from llama import IGNORE_INDEX, Tokenizer, load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    """a copy task in both formats over the tiny tokenizer's words."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+
+    def rec(i):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+        if i % 2:
+            return {"instruction": "copy", "input": words, "output": words}
+        return {"messages": [{"role": "user", "content": "copy " + words}, {"role": "assistant", "content": words}]}
+
+    return write_jsonl(d / "train.jsonl", [rec(i) for i in range(160)]), write_jsonl(d / "val.jsonl", [rec(i) for i in range(16)])
+
+
+def run(tiny, task, out, *extra):
+    argv = ["--ckpt", tiny.hf, "--data", task[0], "--val-data", task[1], "--seq-len", "48", "--batch-size", "4",
+            "--grad-accum", "2", "--device", "cpu", "--dtype", "float32", "--out", str(out), "--lr", "1e-2",
+            "--weight-decay", "0", "--warmup", "2", "--density", "0.1", "--first-reselect", "2",
+            "--reselect-every", "5", "--eval-every", "0", "--save-every", "1000", *extra]
+    return train.main(argv)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", ["spiel-ag", "spiel-ma", "lora", "full"])
+def test_each_method_lowers_validation_loss(tiny, task, tmp_path, method):
+    lr = {"spiel-ma": "1e-1", "full": "3e-3"}.get(method, "3e-2")
+    assert run(tiny, task, tmp_path / method, "--method", method, "--max-steps", "24", "--eval-every", "24",
+               "--lr", lr, "--lora-rank", "4") == 0
+    evals = [r["val_loss"] for r in read_log(tmp_path / method) if r.get("event") == "eval"]
+    assert len(evals) == 2 and evals[1] < 0.9 * evals[0], evals
+    artifact = {"lora": "lora.safetensors", "full": "model/config.json"}.get(method, "delta.safetensors")
+    assert os.path.exists(tmp_path / method / artifact)
+    if method.startswith("spiel"):
+        assert any(r.get("event") == "reselect" for r in read_log(tmp_path / method))
+
+
+@pytest.mark.parametrize("method", ["spiel-ag", "spiel-ma", "lora"])
+def test_resume_is_bit_identical(tiny, task, tmp_path, method):
+    """12 steps in one run == 6 steps, stop (inside an open AG window: steps 5..7), resume for 6 more."""
+    common = ("--method", method, "--max-steps", "12", "--lora-rank", "4")
+    assert run(tiny, task, tmp_path / "full_run", *common) == 0
+    assert run(tiny, task, tmp_path / "split", *common, "--stop-at-step", "6") == 0
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["step"] == 6
+    if method == "spiel-ag":
+        assert state["selector"] and all(w["count"] == 2 * 2 for w in state["selector"].values())  # 2 steps x 2 micro
+    assert train.main(["--out", str(tmp_path / "split"), "--resume"]) == 0
+    name = "lora.safetensors" if method == "lora" else "delta.safetensors"
+    a, b = load_file(tmp_path / "full_run" / name), load_file(tmp_path / "split" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "full_run") == losses(tmp_path / "split")
+
+
+def test_loss_does_not_depend_on_the_micro_batch_split(tiny, task, tmp_path):
+    """one step as 1 x 8 examples or as 8 x 1: the same per-token loss and gradient norm."""
+    for name, bs, acc in (("a", "8", "1"), ("b", "1", "8")):
+        assert run(tiny, task, tmp_path / name, "--max-steps", "1", "--batch-size", bs, "--grad-accum", acc) == 0
+    a, b = (read_log(tmp_path / n)[-2] for n in "ab")  # the step record (the last one is the end summary)
+    assert a["step"] == b["step"] == 1
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_only_answer_tokens_and_eos_are_labels(tiny):
+    tok = Tokenizer(tiny.tokenizer)
+    system, turns = data.to_turns({"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "copy the cat"},
+        {"role": "assistant", "content": "the cat"}, {"role": "user", "content": "copy a dog"},
+        {"role": "assistant", "content": "a dog"}]})
+    inputs, targets = data.encode_example(tok, system, turns, seq_len=200)
+    labels = targets[targets != IGNORE_INDEX].tolist()
+    # the labels are exactly each answer's tokens followed by EOS, in order
+    want = tok.encode("the cat", bos=False) + [tok.eos_id] + tok.encode("a dog", bos=False) + [tok.eos_id]
+    assert labels == want
+    # and each label sits right after its prompt: the text before the first label ends with the template
+    first = int((targets != IGNORE_INDEX).nonzero()[0])
+    assert tok.decode(inputs[:first + 1].tolist()).endswith("<|assistant|>\n") or \
+        tok.decode(inputs[:first + 1].tolist()).rstrip().endswith("<|assistant|>")
+    # truncation that cuts every answer away leaves no label (such examples are dropped by load_examples)
+    _, t = data.encode_example(tok, system, turns, seq_len=5)
+    assert (t == IGNORE_INDEX).all()
+
+
+def test_merge_gives_the_same_logits_as_the_unmerged_delta(tiny, task, tmp_path):
+    import merge
+    import spiel
+    assert run(tiny, task, tmp_path / "r", "--method", "spiel-ag", "--max-steps", "8") == 0
+    delta = str(tmp_path / "r" / "delta.safetensors")
+    merge.main(["--ckpt", tiny.hf, "--delta", delta, "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    merged = load_model(str(tmp_path / "merged"), dtype=torch.float32)
+    live = load_model(tiny.hf, dtype=torch.float32)
+    spiel.load_delta(live, delta)
+    x = torch.randint(0, 256, (2, 20))
+    torch.testing.assert_close(merged(x)[0], live(x)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(merged(x)[0], load_model(tiny.hf, dtype=torch.float32)(x)[0])  # the delta did something
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def one_line_error(p, needle):
+    assert p.returncode != 0, p.stdout
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in p.stderr and needle in err[0], p.stderr
+
+
+def test_bad_input_gives_one_line_errors(tiny, task, tmp_path):
+    base = ["train.py", "--ckpt", tiny.hf, "--device", "cpu", "--max-steps", "1", "--out", str(tmp_path / "o")]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    one_line_error(cli(*base, "--data", str(broken)), f"{broken}:2: invalid JSON")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    one_line_error(cli(*base, "--data", str(empty)), f"{empty}: no records")
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"instruction": "a"}\n')
+    one_line_error(cli(*base, "--data", str(missing)), f"{missing}:1: Alpaca records need")
+    p = cli(*base, "--data", task[0], "--method", "spiel-xx")
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+    one_line_error(cli(*base, "--data", task[0], "--ckpt", str(tmp_path / "nowhere")), "checkpoint folder not found")
+
+
+def test_a_delta_for_another_model_is_refused(tiny, task, tmp_path):
+    from conftest import random_state_dict, write_hf
+    assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
+    delta = str(tmp_path / "r" / "delta.safetensors")
+    other = write_hf(random_state_dict(tiny.args, seed=1), tiny.args, str(tmp_path / "other"), tokenizer=tiny.tokenizer)
+    one_line_error(cli("merge.py", "--ckpt", other, "--delta", delta, "--out", str(tmp_path / "m")), "another base")
+    one_line_error(cli("generate.py", "--ckpt", other, "--delta", delta, "--prompt", "x"), "another base")
+    assert not os.path.exists(tmp_path / "m")
+    ok = cli("generate.py", "--ckpt", tiny.hf, "--delta", delta, "--chat", "--prompt", "copy the cat",
+             "--max-new-tokens", "4", "--temperature", "0")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_an_existing_run_is_never_overwritten_and_nan_stops(tiny, task, tmp_path):
+    assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        run(tiny, task, tmp_path / "r", "--max-steps", "2")
+    before = (tmp_path / "r" / "delta.safetensors").read_bytes()
+    assert run(tiny, task, tmp_path / "nan", "--max-steps", "4", "--lr", "1e30", "--save-every", "1",
+               "--grad-clip", "0") == 1  # diverges: stops with a message, exit 1
+    assert (tmp_path / "r" / "delta.safetensors").read_bytes() == before
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)  # the last good checkpoint is intact
+    assert all(torch.isfinite(t).all() for k, t in state["trainable"].items() if k.endswith(".values"))
