@@ -23,6 +23,7 @@ Peak = persistent + max(backward phase, optimizer-step phase), where
   persistent     = weights + trainable part + gradients + optimizer state + AG window
   backward phase = saved activations + max(logits, one block's backward + the largest weight transient)
   optimizer step = the optimizer's temporaries for its largest tensor.
+It is an upper bound by design: the gradients, counted as persistent, only fill up during backward.
 GB here is 1e9 bytes. --measure checks the goal on one GPU: 7B, int8 base, 2048 tokens, batch 1, grad
 checkpointing: SpIEL-MA below 16 GB and SpIEL-AG below 20 GB of torch.cuda.max_memory_allocated.
 """
@@ -41,8 +42,8 @@ import torch
 import torch.nn as nn
 
 import spiel
-from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, checkpoint_layout, open_meta_shards,
-                   read_hf_args, read_meta_args)
+from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, checkpoint_layout, default_dtype,
+                   open_meta_shards, read_hf_args, read_meta_args)
 from quantize import quantize_model
 from sm3 import SM3
 
@@ -306,35 +307,43 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --measure needs a CUDA GPU and this machine has none (the estimate itself, "
                          "without --measure, runs anywhere)")
-    dtype = torch.bfloat16
+    dtype = default_dtype(device)  # bf16 on the GPU, as train.py; fp32 on the CPU (its bf16 matmuls crawl)
     seq_len = min(seq_len, args.max_seq_len)
     t0 = time.time()
     model = random_model(args, device, dtype, quantize, seed)
     model.grad_checkpoint = True
     model.train()
-    print(f"random {args.n_layers}-layer model (dim {args.dim}) on {device}, base {quantize or 'bf16'}, "
+    print(f"random {args.n_layers}-layer model (dim {args.dim}) on {device}, {dtype}, base {quantize or 'dense'}, "
           f"built in {time.time() - t0:.1f}s; {batch_size} x {seq_len} tokens per step, grad checkpointing")
-    report = {"device": torch.cuda.get_device_name() if cuda else str(device), "quantize": quantize,
+    report = {"device": torch.cuda.get_device_name() if cuda else str(device), "dtype": str(dtype), "quantize": quantize,
               "seq_len": seq_len, "batch_size": batch_size, "steps": steps, "grad_checkpoint": True, "runs": {}}
     for method in ("spiel-ag", "spiel-ma"):
-        run = measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, density, seed)
+        est = estimate(args, method, quantize, seq_len, batch_size, True, density, lora_rank, dtype=dtype)
+        try:
+            run = measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, density, seed)
+        except torch.cuda.OutOfMemoryError as e:  # still report (and try the other method)
+            run = {"oom": str(e).splitlines()[0], "peak_allocated": torch.cuda.max_memory_allocated()}
         alive = [weakref.ref(m) for m in spiel.delta_layers(model).values()]
         spiel.remove_deltas(model)  # back to the bare base for the next method
         gc.collect()
-        # nothing of this run may outlive it (it would count in the next run's peak)
-        assert all(r() is None for r in alive), "the deltas of the last run are still referenced"
         if cuda:
             torch.cuda.empty_cache()
-        est = estimate(args, method, quantize, seq_len, batch_size, True, density, lora_rank, dtype=dtype)
-        run.update(estimate=est["total"], estimate_breakdown=est, goal=GOALS[method],
-                   estimate_persistent={k: est[k] for k in run["live_persistent"]})
+        run.update(estimate=est["total"], estimate_breakdown=est, goal=GOALS[method])
         report["runs"][method] = run
+        if "oom" in run:
+            print(f"{method}: out of memory at {fmt(run['peak_allocated'])} (estimate {fmt(est['total'])})")
+            continue
+        # nothing of this run may outlive it (it would count in the next run's peak)
+        assert all(r() is None for r in alive), "the deltas of the last run are still referenced"
+        run["estimate_persistent"] = {k: est[k] for k in run["live_persistent"]}
         peak = "n/a (cpu)" if run["peak_allocated"] is None else fmt(run["peak_allocated"])
         print(f"{method}: peak allocated {peak}, estimate {fmt(est['total'])}, {run['tokens_per_s']:,.0f} tokens/s, "
               f"loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.3f}, reselections {run['reselections']}")
+        if run["layer_caches"]:
+            print(f"  note: the delta layers also hold {fmt(run['layer_caches'])} of cached tensors (not estimated)")
     if cuda:
         for method, run in report["runs"].items():
-            ok = run["peak_allocated"] < run["goal"]
+            ok = "oom" not in run and run["peak_allocated"] < run["goal"]
             print(f"goal {method} < {run['goal'] / GB:.0f} GB: {'met' if ok else 'NOT met'} "
                   f"({fmt(run['peak_allocated'])} measured, {fmt(run['estimate'])} estimated)")
     if json_path:
@@ -375,7 +384,21 @@ def measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, dens
             "peak_reserved": torch.cuda.max_memory_reserved() if cuda else None,
             "tokens_per_s": timed * batch_size * seq_len / (time.time() - t_start), "losses": losses,
             "reselections": changed,
-            "live_persistent": persistent_bytes(model, optimizer)}  # after the run: no gradients, windows closed
+            "live_persistent": persistent_bytes(model, optimizer),  # after the run: no gradients, windows closed
+            "layer_caches": layer_caches(model)}
+
+
+def layer_caches(model) -> int:
+    """bytes the delta layers hold in plain attributes (caches, e.g. a sparse pattern): not estimated, so a
+    measurement above the estimate by about this much says where the difference is."""
+    tensors = {}
+    for layer in spiel.delta_layers(model).values():
+        for name, v in vars(layer).items():
+            if name not in ("_parameters", "_buffers", "_modules", "window"):
+                for t in (v if isinstance(v, (tuple, list)) else [v]):
+                    if torch.is_tensor(t):
+                        tensors[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(tensors.values())
 
 
 # -----------------------------------------------------------------------------

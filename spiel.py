@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -54,11 +55,68 @@ class SparseDeltaFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = dy @ layer.merged_weight(dy.dtype, values)  # (..., in)
         if ctx.needs_input_grad[1]:
-            g = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # dense dW: (out, in), transient
-            if layer.window is not None:  # SpIEL-AG: an accumulation window is open
-                accumulate_window(layer.window, g, layer.indices.numel())
-            dvalues = g.view(-1)[layer.indices].to(values.dtype)  # (k,)
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
+            if layer.window is None and choose_grad_path(layer, dy2, x2) == "sparse":
+                dvalues = sampled_grad(layer, dy2, x2)  # only the k active entries are computed
+            else:
+                g = dy2.T @ x2  # dense dW: (out, in), transient
+                if layer.window is not None:  # SpIEL-AG: an accumulation window is open
+                    accumulate_window(layer.window, g, layer.indices.numel())
+                dvalues = g.view(-1)[layer.indices]  # (k,)
+            dvalues = dvalues.to(values.dtype)
         return dx, dvalues, None
+
+
+# -----------------------------------------------------------------------------
+# the gradient of the values: dense dW then gather, or a sampled dense-dense matmul (SDDMM)
+
+
+def sampled_grad(layer, dy, x):
+    """d(values) = (dy^T x) at the active (row, col) only: each entry is dy[:, row] . x[:, col] over the N
+    tokens, k * N multiply-adds instead of out * in * N (torch.sparse.sampled_addmm). dy (N, out), x (N, in).
+    The layer keeps its indices sorted (see sort_slots), so they already list the entries row by row."""
+    if dy.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
+        dy, x = dy.float(), x.float()
+    idx = layer.indices.long()
+    order = None if bool((idx[1:] > idx[:-1]).all()) else idx.argsort()  # sorted unless changed by hand
+    if order is not None:
+        idx = idx[order]
+    out_f, in_f = layer.weight_shape
+    crow = torch.zeros(out_f + 1, dtype=torch.long, device=idx.device)
+    crow[1:] = torch.bincount(idx // in_f, minlength=out_f).cumsum(0)  # CSR row pointers (out + 1,)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, idx % in_f, torch.zeros(idx.numel(), dtype=dy.dtype, device=dy.device),
+                                          layer.weight_shape, check_invariants=False)
+    # row-contiguous dy^T (out, N) and column-contiguous x (N, in): each dot product reads contiguous memory
+    g = torch.sparse.sampled_addmm(pattern, dy.T.contiguous(), x.T.contiguous().T, beta=0.0).values()  # (k,)
+    if order is not None:
+        g = torch.empty_like(g).index_copy_(0, order, g)  # back to slot order
+    return g
+
+
+# "auto" takes the sparse path below this density. Each sampled entry costs about as much as SPARSE_COST dense
+# multiply-adds, so sparse wins when density < 1 / SPARSE_COST. Measured with bench.py (docs/bench.md); a fixed
+# rule rather than a per-run timing, so a run (and its resume) is deterministic. On CUDA it is unmeasured
+# here: auto keeps the authors' dense path there; force --grad-path sparse to try the other.
+SPARSE_DENSITY_MAX = {"cpu": 0.08, "cuda": 0.0}
+
+
+def choose_grad_path(layer, dy, x) -> str:
+    """"dense" or "sparse" for this layer's value gradient: forced by layer.grad_path, or (auto) by density."""
+    if layer.grad_path != "auto":
+        return layer.grad_path
+    density = layer.indices.numel() / (layer.weight_shape[0] * layer.weight_shape[1])
+    return "sparse" if density < SPARSE_DENSITY_MAX.get(dy.device.type, 0.0) else "dense"
+
+
+def set_grad_path(model: nn.Module, path: str):
+    """force the value-gradient path of every sparse-delta layer: "auto", "dense" or "sparse". AG windows
+    always use the dense gradient (they need the candidates' gradients too)."""
+    if path not in ("auto", "dense", "sparse"):
+        raise ValueError(f"unknown gradient path {path!r}: use auto, dense or sparse")
+    for layer in delta_layers(model).values():
+        layer.grad_path = path
 
 
 class SparseDeltaLinear(nn.Module):
@@ -82,6 +140,7 @@ class SparseDeltaLinear(nn.Module):
         self.values.sparse_delta = self  # sm3.py finds the rows/cols of each value through this
         self.window = None  # open SpIEL-AG accumulation window (dict of tensors) or None
         self.merged = False
+        self.grad_path = "auto"  # how d(values) is computed: "dense", "sparse" or "auto" (see choose_grad_path)
 
     def merged_weight(self, dtype, values=None) -> torch.Tensor:
         """W0 + scatter(indices, values) in `dtype`, a transient (out, in) tensor."""
@@ -337,6 +396,18 @@ def reset_optimizer_slots(optimizer, param, slots, seed: Optional[dict] = None):
             state[key][slots] = seed[key].to(state[key].dtype) if seed and key in seed else 0
 
 
+@torch.no_grad()
+def sort_slots(layer: SparseDeltaLinear, optimizer=None):
+    """reorder the k slots so the indices ascend (row by row), moving values and per-element optimizer state
+    along; the sparse gradient path reads the active entries in this order without an extra index array."""
+    perm = layer.indices.argsort()
+    layer.indices.copy_(layer.indices[perm])
+    layer.values.copy_(layer.values[perm])
+    for t in (optimizer.state.get(layer.values, {}).values() if optimizer is not None else ()):
+        if isinstance(t, torch.Tensor) and t.shape == layer.values.shape:
+            t.copy_(t[perm])
+
+
 class Selector:
     """Runs the drop/grow schedule for every SparseDeltaLinear of a model (method "ag" or "ma")."""
 
@@ -371,6 +442,7 @@ class Selector:
             slots, grown = drop_and_grow(layer, n, cand, score)
             reset_optimizer_slots(optimizer, layer.values, slots,
                                   self.ag_seed(layer.window, grown) if self.method == "ag" else None)
+            sort_slots(layer, optimizer)
             changed[name] = slots.numel()
         close_windows(self.layers)
         return changed
@@ -441,13 +513,13 @@ class AdamW(torch.optim.Optimizer):
 
 @torch.no_grad()
 def merge_deltas(model: nn.Module):
-    """W0 += scatter(values) in place; forward then uses the base alone. Never into a quantized base."""
+    """W0 += scatter(values) in place; forward then uses the base alone. Never into a quantized base.
+    Each matrix is summed in fp32 and rounded once to its dtype (a bf16 base loses nothing more)."""
     for name, layer in delta_layers(model).items():
         if hasattr(layer.base, "dequantize"):
             raise ValueError(f"{name}: refusing to merge into a quantized weight; load the base in full precision")
         if not layer.merged:
-            w = layer.base.weight
-            w.view(-1).index_add_(0, layer.indices, layer.values.to(w.dtype))
+            _add_scattered(layer.base.weight, layer.indices, layer.values)
             layer.merged = True
 
 
@@ -455,9 +527,15 @@ def merge_deltas(model: nn.Module):
 def unmerge_deltas(model: nn.Module):
     for layer in delta_layers(model).values():
         if layer.merged:
-            w = layer.base.weight
-            w.view(-1).index_add_(0, layer.indices, -layer.values.to(w.dtype))
+            _add_scattered(layer.base.weight, layer.indices, -layer.values)
             layer.merged = False
+
+
+def _add_scattered(w, indices, values):
+    w32 = w.float()  # the weight itself if it is fp32, else an fp32 copy
+    w32.view(-1).index_add_(0, indices, values.float())
+    if w32 is not w:
+        w.copy_(w32)
 
 
 def remove_deltas(model: nn.Module):
@@ -552,9 +630,11 @@ def load_delta(model: nn.Module, path: str, check_base: bool = True) -> dict:
         p.requires_grad_(False)
     for name in shapes:
         base = modules[name]
-        layer = SparseDeltaLinear(base, tensors[name + ".indices"].numel(), indices=tensors[name + ".indices"])
+        idx, val = tensors[name + ".indices"], tensors[name + ".values"]
+        order = idx.argsort()  # slots sorted by position (see sort_slots)
+        layer = SparseDeltaLinear(base, idx.numel(), indices=idx[order])
         with torch.no_grad():
-            layer.values.copy_(tensors[name + ".values"])
+            layer.values.copy_(val[order])
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent] if parent else model, attr, layer)
     return meta

@@ -24,16 +24,16 @@ import torch
 
 import data
 import spiel
-from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, default_device, default_dtype, find_tokenizer,
+from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, checkpoint_layout, default_device, default_dtype, find_tokenizer,
                    generate, load_model, save_hf)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # `python train.py` with no arguments runs exactly this (a tiny base pre-trained on some string tasks by
-# demo.py, fine-tuned on other ones); it takes about two minutes on 2 CPU cores.
+# demo.py, fine-tuned on another one); it takes under a minute on 2 CPU cores.
 DEMO_ARGS = ["--ckpt", os.path.join(HERE, "demo", "base"), "--data", os.path.join(HERE, "demo", "train.jsonl"),
              "--val-data", os.path.join(HERE, "demo", "val.jsonl"), "--method", "spiel-ag", "--density", "0.05",
              "--lr", "3e-3", "--weight-decay", "0", "--seq-len", "96", "--batch-size", "16", "--grad-accum", "1",
-             "--max-steps", "300", "--reselect-every", "20", "--eval-every", "100", "--exact-match", "100",
+             "--max-steps", "600", "--reselect-every", "20", "--eval-every", "100", "--exact-match", "100",
              "--device", "cpu"]
 # learning rates by method when --lr is not given (the paper's settings for LLaMA 2, section 4.2 and the notes)
 DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
@@ -64,6 +64,8 @@ def get_args(argv):
                                                      "also the AG accumulation window length")
     a("--reselect-rate", type=float, default=0.2, help="fraction replaced at a reselection, decaying to 0")
     a("--reselect-decay", default="linear", choices=["linear", "cosine"])
+    a("--grad-path", default="auto", choices=["auto", "dense", "sparse"],
+      help="SpIEL value gradient: dense dW then gather, or only the active entries (auto: the faster, measured)")
     a("--sm3-momentum", type=float, default=0.0, help="SpIEL-MA: SM3 momentum (0 keeps SM3's memory small)")
     # optimization
     a("--lr", type=float, help=f"peak learning rate (default by method: {DEFAULT_LR})")
@@ -89,7 +91,7 @@ def get_args(argv):
                                                  "before and after training (single-turn data)")
     a("--stop-at-step", type=int, help="stop after this step as if interrupted (resumable)")
     args = ap.parse_args(argv)
-    if args.ckpt is None or args.data is None:
+    if not args.resume and (args.ckpt is None or args.data is None):
         ap.error("--ckpt and --data are required (run with no arguments at all for the demo)")
     return args
 
@@ -122,6 +124,7 @@ def main(argv):
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     # --- data ---------------------------------------------------------------------------------------------
+    checkpoint_layout(args.ckpt)  # a missing or unrecognised folder is reported before anything else
     tok = Tokenizer(find_tokenizer(args.ckpt))
     train_set, dropped = data.load_examples(args.data, tok, args.seq_len)
     if args.val_data:
@@ -151,6 +154,7 @@ def main(argv):
     selector = None
     if spiel_method:
         layers = spiel.add_sparse_deltas(model, **budget, seed=args.seed)
+        spiel.set_grad_path(model, args.grad_path)
         params = [layer.values for layer in layers.values()]
         if spiel_method == "ag":
             optimizer = spiel.AdamW(params, lr=lr, weight_decay=wd)
@@ -365,7 +369,7 @@ def main(argv):
         log({"event": "exact_match", "step": total_steps, "exact_match": em})
     artifact = {"lora": "lora.safetensors", "full": "model/"}.get(args.method, "delta.safetensors")
     print(f"saved {os.path.join(args.out, artifact)}; sample with: python generate.py --ckpt {args.ckpt} "
-          + (f"--delta {os.path.join(args.out, artifact)} " if args.method != "full" else "") + '--prompt "..."')
+          + (f"--delta {os.path.join(args.out, artifact)} " if args.method != "full" else "") + '--chat --prompt "..."')
     if demo:
         print("to fine-tune LLaMA 2 7B the same way on one GPU:\n  python train.py --ckpt llama-2-7b "
               "--data your.jsonl --quantize int8 --grad-checkpoint   (see README.md)")

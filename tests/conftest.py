@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llama import ModelArgs  # noqa: E402
 
+torch.set_num_threads(1)  # tiny models gain nothing from a second thread; CI's 2 cores run one test at a time
+
 WORDS = ("the a cat dog sat on mat one two three four five six seven eight nine ten plus minus is what "
          "user assistant answer question reverse copy sort list add number red green blue hello world").split()
 

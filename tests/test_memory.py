@@ -204,7 +204,8 @@ def test_measure_runs_end_to_end_on_cpu(tmp_path):
     out_json = tmp_path / "mem.json"
     out = subprocess.run([sys.executable, "memory.py", "--measure", "--device", "cpu", "--preset", "tiny",
                           "--seq-len", "32", "--batch-size", "2", "--density", "0.05", "--json", str(out_json)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})  # tiny matmuls: threads only contend
     assert out.returncode == 0, out.stderr
     report = json.loads(out_json.read_text())
     assert set(report["runs"]) == {"spiel-ag", "spiel-ma"}

@@ -31,6 +31,15 @@ from spiel import (Schedule, Selector, SparseDeltaFn, SparseDeltaLinear, accumul
 # helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """tiny matrices: one intra-op thread is as fast, and does not stall when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_model(seed=0, **changes):
     """a TINY LLaMA with conftest's random weights (seed picks the base)."""
     args = ModelArgs(**(TINY | changes))
@@ -76,6 +85,13 @@ def train(model, method, opt, schedule, steps, batch_fn, grad_accum=1, reselect=
                 reselect(sel, t)  # a test's checks around sel.reselect
         losses.append(total)
     return losses
+
+
+def slots_of(indices, positions):
+    """the slots of `indices` that hold `positions` (each must be there)."""
+    hit = indices.long()[None, :] == positions.long()[:, None]  # (m, k)
+    assert bool(hit.any(1).all()), "a position is not in the indices"
+    return hit.int().argmax(1)
 
 
 def dense_scatter(idx, values, shape):
@@ -300,6 +316,7 @@ def test_reselection_invariants(method):
     stats = {"reselections": 0, "moved": 0}
 
     def checked(sel, t):
+        # reselect may reorder the slots (the positions are what count), so compare position by position
         frac = schedule.fraction(t)
         before = snapshot(layers, opt)
         changed = sel.reselect(t, opt)
@@ -312,44 +329,42 @@ def test_reselection_invariants(method):
             idx = m.indices.long()
             assert idx.numel() == k and m.values.numel() == k  # k constant
             assert torch.unique(idx).numel() == k and 0 <= int(idx.min()) and int(idx.max()) < out_f * in_f
-            moved = (idx != s["idx"]).nonzero().squeeze(1)  # slots whose position changed
-            assert moved.numel() <= n and changed[name] == moved.numel()
-            stats["moved"] += moved.numel()
-            # a grown position was not active before (a dropped position regrown keeps its own slot)
-            assert not torch.isin(idx[moved], s["idx"]).any()
+            was_active = torch.isin(idx, s["idx"])
+            grown, kept = idx[~was_active], idx[was_active]  # positions new to the active set / still there
+            dropped = s["idx"][~torch.isin(s["idx"], idx)]
+            assert grown.numel() == dropped.numel() <= n and changed[name] == grown.numel()
+            stats["moved"] += grown.numel()
             # dropped = smallest |value|: every removed value ranks among the n smallest before reselect
-            # (a kept slot may be smaller only if it was dropped and regrown at the same position)
+            # (a kept value may be smaller only if it was dropped and regrown at the same position)
             a = s["val"].abs()
-            for slot in moved.tolist():
-                assert int((a < a[slot]).sum()) < n
-            # the same, said as "removed <= min of kept", once the <= n - m dropped-and-regrown slots are skipped
-            regrown = n - moved.numel()
-            if moved.numel() and regrown < k - moved.numel():
-                kept = torch.ones(k, dtype=torch.bool)
-                kept[moved] = False
-                assert a[moved].max() <= a[kept].kthvalue(regrown + 1).values
-            # grown deltas start at exactly 0; untouched slots keep value and state
-            assert torch.all(m.values[moved] == 0)
-            still = torch.ones(k, dtype=torch.bool)
-            still[moved] = False
-            assert torch.equal(m.values.detach()[still], s["val"][still])
+            a_dropped, a_kept = a[slots_of(s["idx"], dropped)], a[slots_of(s["idx"], kept)]
+            for v in a_dropped.tolist():
+                assert int((a < v).sum()) < n
+            # the same, said as "removed <= min of kept", once the <= n - m dropped-and-regrown are skipped
+            regrown = n - dropped.numel()
+            if dropped.numel() and regrown < kept.numel():
+                assert a_dropped.max() <= a_kept.kthvalue(regrown + 1).values
+            # grown deltas start at exactly 0; kept positions keep their value and optimizer state
+            new_slots, old_slots = slots_of(idx, grown), slots_of(s["idx"], kept)
+            kept_slots = slots_of(idx, kept)
+            assert torch.all(m.values[new_slots] == 0)
+            assert torch.equal(m.values.detach()[kept_slots], s["val"][old_slots])
             st = opt.state[m.values]
             for key, old in s["state"].items():
-                assert torch.equal(st[key][still], old[still]), key
+                assert torch.equal(st[key][kept_slots], old[old_slots]), key
             if method == "ma":  # momentum of a grown delta restarts at 0
-                assert torch.all(st["momentum_buffer"][moved] == 0)
+                assert torch.all(st["momentum_buffer"][new_slots] == 0)
             else:  # AG: the window held every micro-batch of steps 1..first, later of r - first .. r
                 w = s["window"]
                 assert w["count"] == (schedule.first if t == schedule.first else schedule.first + 1) * grad_accum
                 # grown deltas' Adam state is seeded from the window (the formula written out here)
-                j = (w["candidates"][None, :] == idx[moved][:, None]).int().argmax(1)  # (m,) into candidates
-                assert torch.equal(w["candidates"][j], idx[moved])
+                j = slots_of(w["candidates"], grown)  # (m,) into the candidates
                 age = w["count"] / grad_accum
                 mean = w["grad_sum"][j] * grad_accum / w["count"]
                 mean_sq = w["sq_sum"][j] * grad_accum ** 2 / w["count"]
-                torch.testing.assert_close(st["exp_avg"][moved], mean * (1 - b1 ** age), rtol=1e-6, atol=0)
-                torch.testing.assert_close(st["exp_avg_sq"][moved], mean_sq * (1 - b2 ** age), rtol=1e-6, atol=0)
-                assert torch.all(st["age"][moved] == age)
+                torch.testing.assert_close(st["exp_avg"][new_slots], mean * (1 - b1 ** age), rtol=1e-6, atol=0)
+                torch.testing.assert_close(st["exp_avg_sq"][new_slots], mean_sq * (1 - b2 ** age), rtol=1e-6, atol=0)
+                assert torch.all(st["age"][new_slots] == age)
         assert all(m.window is None for m in layers.values())  # windows close at reselection
 
     g = torch.Generator().manual_seed(1)
@@ -389,28 +404,30 @@ def test_ag_grows_top_accumulated_gradients_and_seeds_adam():
     assert int(6 * schedule.fraction(t)) == 3  # drop the 3 smallest |values|: positions 14, 3, 10
     grad_accum, b1, b2 = 2, 0.9, 0.999
     # candidates as accumulate_window leaves them: position 7 stays active (best score, not eligible),
-    # 18 and 2 are grown into freed slots, 3 was dropped and is regrown (keeps its slot), 5 and 11 lose
+    # 18 and 2 are grown, 3 was dropped and is regrown (keeps its value and state), 5 and 11 lose
     cand = torch.tensor([7, 2, 11, 3, 18, 5])
     grad_sum = torch.tensor([9.0, -4.0, 0.5, 3.0, -6.0, 1.0])
     sq_sum = torch.tensor([30.0, 9.0, 1.0, 5.0, 20.0, 2.0])
     layer.window = {"candidates": cand, "grad_sum": grad_sum.clone(), "sq_sum": sq_sum.clone(), "count": 4}
     st = opt.state[layer.values]
+    old_idx = layer.indices.long().clone()
     old_state = {k: st[k].clone() for k in ("exp_avg", "exp_avg_sq", "age")}
 
     sel = Selector(model, "ag", schedule, grad_accum=grad_accum)
     changed = sel.reselect(t, opt)
-    idx = layer.indices.long()
+    idx = layer.indices.long()  # reselect may reorder the slots: compare by position
     assert set(idx.tolist()) == {0, 7, 19, 18, 2, 3}
     assert changed == {"0": 2} and layer.window is None
-    assert idx[[0, 1, 2, 5]].tolist() == [0, 3, 7, 19]  # kept, and the regrown position 3 keeps slot 1
-    assert sorted(idx[[3, 4]].tolist()) == [2, 18]
-    assert layer.values.detach().tolist() == pytest.approx([0.5, -0.01, 2.0, 0.0, 0.0, -1.0])
-    for key in old_state:  # slots whose position did not change keep their Adam state
-        assert torch.equal(st[key][[0, 1, 2, 5]], old_state[key][[0, 1, 2, 5]])
+    values = dict(zip(idx.tolist(), layer.values.detach().tolist()))
+    assert values == pytest.approx({0: 0.5, 3: -0.01, 7: 2.0, 19: -1.0, 2: 0.0, 18: 0.0})
+    kept = torch.tensor([0, 3, 7, 19])
+    for key in old_state:  # positions still active (3 included) keep their Adam state
+        assert torch.equal(st[key][slots_of(idx, kept)], old_state[key][slots_of(old_idx, kept)])
 
     # seeded state, written out: mean = sum * accum / count, m = mean (1 - b1^age), age = count / accum
     age = 4 / grad_accum
-    for slot in (3, 4):
+    new_slots = slots_of(idx, torch.tensor([2, 18])).tolist()
+    for slot in new_slots:
         j = cand.tolist().index(int(idx[slot]))
         mean, mean_sq = grad_sum[j] * grad_accum / 4, sq_sum[j] * grad_accum ** 2 / 4
         assert float(st["age"][slot]) == age
@@ -419,7 +436,7 @@ def test_ag_grows_top_accumulated_gradients_and_seeds_adam():
 
     # one AdamW step with a zero gradient: bias correction at age + 1 (per element) moves the new deltas
     # by -lr * m_hat / (sqrt(v_hat) + eps), m_hat = b1 m / (1 - b1^(age+1)), v_hat = b2 v / (1 - b2^(age+1))
-    seeded = {s: (float(st["exp_avg"][s]), float(st["exp_avg_sq"][s])) for s in (3, 4)}
+    seeded = {s: (float(st["exp_avg"][s]), float(st["exp_avg_sq"][s])) for s in new_slots}
     layer.values.grad = torch.zeros(6)
     opt.step()
     lr, eps = 1e-3, 1e-6
@@ -437,7 +454,8 @@ def test_ag_too_few_eligible_candidates_drops_fewer():
                     "sq_sum": torch.ones(4), "count": 2}
     changed = Selector(nn.Sequential(layer), "ag", schedule).reselect(25, opt)
     assert changed == {"0": 1}
-    assert layer.indices.long().tolist() == [0, 3, 7, 10, 12, 19]
+    assert sorted(layer.indices.long().tolist()) == [0, 3, 7, 10, 12, 19]
+    assert float(layer.values.detach()[slots_of(layer.indices, torch.tensor([12]))]) == 0.0
 
 
 def test_accumulate_window_direct():
@@ -484,8 +502,9 @@ def test_ma_grows_top_outer_product(t):
     opt = SM3([layer.values], lr=0.1, momentum=0.9)
     layer(torch.randn(3, in_f)).square().sum().backward()
     opt.step()
+    vals = torch.randn(k)
     with torch.no_grad():
-        layer.values.copy_(torch.randn(k))
+        layer.values.copy_(vals)
     schedule = Schedule(100, interval=20, first=5, rho0=0.8)
     n = int(k * schedule.fraction(t))
     assert n == (8 if t == 5 else 4)
@@ -504,10 +523,12 @@ def test_ma_grows_top_outer_product(t):
     expected = set(keep.tolist()) | set(score.topk(n).indices.tolist())
     new = layer.indices.long()
     assert set(new.tolist()) == expected and new.numel() == k
-    moved = new != idx
-    assert torch.all(layer.values[moved] == 0)
-    assert torch.all(st["momentum_buffer"][moved] == 0) and torch.equal(st["momentum_buffer"][~moved], mom[~moved])
-    assert int(moved.sum()) > 0
+    grown, still = new[~torch.isin(new, idx)], new[torch.isin(new, idx)]  # by position (slots may reorder)
+    assert grown.numel() > 0
+    assert torch.all(layer.values[slots_of(new, grown)] == 0)
+    assert torch.all(st["momentum_buffer"][slots_of(new, grown)] == 0)
+    assert torch.equal(st["momentum_buffer"][slots_of(new, still)], mom[slots_of(idx, still)])
+    assert torch.equal(layer.values.detach()[slots_of(new, still)], vals[slots_of(idx, still)])
 
 
 def test_ma_candidates_chunked_equals_unchunked():
@@ -614,3 +635,63 @@ def test_random_positions_uniform():
     for _ in range(200):  # the sparse path (k << n): deciles should get 10% each
         counts += torch.bincount(random_positions(10_000, 100, g) // 1000, minlength=10)
     assert counts.sum() == 20_000 and (counts - 2000).abs().max() < 200, counts
+
+
+# --- the two gradient paths (dense dW then gather, or sampled dense-dense matmul at the active entries) ---
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_and_sparse_gradient_paths_agree(bias):
+    torch.manual_seed(3)
+    base = torch.nn.Linear(24, 17, bias=bias).double()
+    layer = spiel.SparseDeltaLinear(base, 60)
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(60, dtype=torch.float64))
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for path in ("dense", "sparse"):
+        spiel.set_grad_path(torch.nn.Sequential(layer), path)
+        layer.values.grad, x.grad = None, None
+        (layer(x) ** 2).sum().backward()
+        grads[path] = (layer.values.grad.clone(), x.grad.clone())
+    torch.testing.assert_close(grads["dense"][0], grads["sparse"][0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grads["dense"][1], grads["sparse"][1], atol=1e-12, rtol=1e-12)
+    # slots out of position order (as after a hand edit): the sparse path still maps gradients to slots
+    perm = torch.randperm(60)
+    layer.indices.copy_(layer.indices[perm])
+    with torch.no_grad():
+        layer.values.copy_(layer.values[perm])
+    layer.values.grad = None
+    (layer(x) ** 2).sum().backward()
+    torch.testing.assert_close(layer.values.grad, grads["dense"][0][perm], atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: spiel.SparseDeltaFn.apply(x.detach(), v, layer),
+                                    (layer.values.detach().double().requires_grad_(),))
+
+
+def test_grad_path_choice_is_forced_or_follows_density(monkeypatch):
+    layer = spiel.SparseDeltaLinear(torch.nn.Linear(10, 10), 5)  # density 5%
+    x = torch.randn(3, 10)
+    assert spiel.choose_grad_path(layer, x, x) == "sparse"  # below the CPU threshold
+    monkeypatch.setitem(spiel.SPARSE_DENSITY_MAX, "cpu", 0.01)
+    assert spiel.choose_grad_path(layer, x, x) == "dense"
+    layer.grad_path = "sparse"
+    assert spiel.choose_grad_path(layer, x, x) == "sparse"
+    calls = []
+    monkeypatch.setattr(spiel, "sampled_grad", lambda *a: calls.append(1) or torch.zeros(5))
+    layer(x.requires_grad_()).sum().backward()
+    assert calls == [1]  # the forced path really ran
+    layer.window = {"candidates": None, "grad_sum": None, "sq_sum": None, "count": 0}
+    layer(x).sum().backward()
+    assert calls == [1] and layer.window["count"] == 1  # an open AG window always takes the dense path
+    with pytest.raises(ValueError):
+        spiel.set_grad_path(torch.nn.Sequential(layer), "fast")
+
+
+def test_sparse_path_in_bf16():
+    layer = spiel.SparseDeltaLinear(torch.nn.Linear(16, 8).to(torch.bfloat16), 12)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    for path in ("dense", "sparse"):
+        layer.grad_path, layer.values.grad = path, None
+        layer(x).float().sum().backward()
+        assert layer.values.grad.dtype == torch.float32
+        grads = layer.values.grad.clone() if path == "dense" else grads
+    torch.testing.assert_close(layer.values.grad, grads, atol=0.05, rtol=0.02)
