@@ -38,13 +38,14 @@ def default_device() -> str:
 
 
 def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU that has it (compute capability >= 8.0); fp32 on the CPU (bf16 matmuls are slow there)."""
+    """bf16 on a GPU that has it (compute capability >= 8.0); fp32 otherwise. fp16 is not used for training:
+    it needs loss scaling, which would also scale SpIEL-AG's accumulated gradients, and it overflows."""
     if str(device).startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        print("warning: this GPU has no bf16; using fp16 weights (training keeps deltas and optimizer in fp32)")
-        return torch.float16
-    return torch.float32
+        print("warning: this GPU has no bf16 (compute capability < 8.0); computing in fp32 "
+              "(--quantize int8 or nf4 keeps the stored base small)")
+    return torch.float32  # on the CPU bf16 matmuls are slow
 
 
 # -----------------------------------------------------------------------------

@@ -71,23 +71,34 @@ class SparseDeltaFn(torch.autograd.Function):
 # the gradient of the values: dense dW then gather, or a sampled dense-dense matmul (SDDMM)
 
 
+def row_pointers(layer):
+    """CSR row pointers (out + 1,) of the active positions and whether the slots are in position order,
+    cached until the indices change (drop/grow writes them in place, which bumps their version). Small:
+    out + 1 integers per matrix."""
+    key = (layer.indices.data_ptr(), layer.indices._version)
+    if layer._rows is None or layer._rows[0] != key:
+        idx = layer.indices.long()
+        in_order = bool((idx[1:] > idx[:-1]).all())  # kept so by sort_slots; a hand edit may break it
+        crow = torch.zeros(layer.weight_shape[0] + 1, dtype=torch.long, device=idx.device)
+        crow[1:] = torch.bincount(idx // layer.weight_shape[1], minlength=layer.weight_shape[0]).cumsum(0)
+        layer._rows = (key, crow, in_order)
+    return layer._rows[1:]
+
+
 def sampled_grad(layer, dy, x):
     """d(values) = (dy^T x) at the active (row, col) only: each entry is dy[:, row] . x[:, col] over the N
-    tokens, k * N multiply-adds instead of out * in * N (torch.sparse.sampled_addmm). dy (N, out), x (N, in).
-    The layer keeps its indices sorted (see sort_slots), so they already list the entries row by row."""
+    tokens, k * N multiply-adds instead of out * in * N (torch.sparse.sampled_addmm). dy (N, out), x (N, in)."""
     if dy.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
         dy, x = dy.float(), x.float()
+    crow, in_order = row_pointers(layer)
     idx = layer.indices.long()
-    order = None if bool((idx[1:] > idx[:-1]).all()) else idx.argsort()  # sorted unless changed by hand
+    order = None if in_order else idx.argsort()
     if order is not None:
         idx = idx[order]
-    out_f, in_f = layer.weight_shape
-    crow = torch.zeros(out_f + 1, dtype=torch.long, device=idx.device)
-    crow[1:] = torch.bincount(idx // in_f, minlength=out_f).cumsum(0)  # CSR row pointers (out + 1,)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
         warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, idx % in_f, torch.zeros(idx.numel(), dtype=dy.dtype, device=dy.device),
-                                          layer.weight_shape, check_invariants=False)
+        pattern = torch.sparse_csr_tensor(crow, idx % layer.weight_shape[1], torch.zeros(idx.numel(), dtype=dy.dtype,
+                                          device=dy.device), layer.weight_shape, check_invariants=False)
     # row-contiguous dy^T (out, N) and column-contiguous x (N, in): each dot product reads contiguous memory
     g = torch.sparse.sampled_addmm(pattern, dy.T.contiguous(), x.T.contiguous().T, beta=0.0).values()  # (k,)
     if order is not None:
@@ -141,6 +152,7 @@ class SparseDeltaLinear(nn.Module):
         self.window = None  # open SpIEL-AG accumulation window (dict of tensors) or None
         self.merged = False
         self.grad_path = "auto"  # how d(values) is computed: "dense", "sparse" or "auto" (see choose_grad_path)
+        self._rows = None  # cached CSR row pointers for the sparse path (see row_pointers)
 
     def merged_weight(self, dtype, values=None) -> torch.Tensor:
         """W0 + scatter(indices, values) in `dtype`, a transient (out, in) tensor."""

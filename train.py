@@ -78,7 +78,8 @@ def get_args(argv):
     a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     # system
     a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base quantized")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], help="base and compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    a("--dtype", choices=["float32", "bfloat16"], help="base and compute dtype (default: bf16 on a GPU that has "
+      "it, else fp32); deltas and optimizer state are always fp32")
     a("--device", default=default_device())
     a("--grad-checkpoint", action="store_true", help="recompute each block in backward (less activation memory)")
     a("--seed", type=int, default=0)
