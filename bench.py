@@ -18,8 +18,11 @@ cycle (steps first+1 .. first+cycle: plain steps, the AG accumulation window and
 closes it), since the window and the drop-and-grow are part of what SpIEL costs; the others over --steps
 steps after --warmup. "frozen" is the floor: no weight gets a gradient, only the activations do.
 
-Quality: train.main() on the demo (train.DEMO_ARGS) once per method and seed, at the same budget
-(`--density`; train.py matches LoRA's rank to it), reading each run's log.jsonl.
+Quality: train.main() on the demo (train.DEMO_ARGS) once per method and seed, at exactly the same budget
+(LoRA rank --rank; SpIEL with as many deltas, --match-lora-rank), reading each run's log.jsonl.
+
+Gradient paths (--grad-paths): the two ways spiel.py computes d(values), timed alone per matrix shape and
+density (the table in docs/bench.md, and where spiel.SPARSE_DENSITY_MAX comes from).
 """
 
 import argparse
@@ -224,6 +227,48 @@ def speed(a) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# gradient paths: dense dW then gather vs the sampled product at the active entries, one matrix at a time
+
+
+def grad_paths(a) -> dict:
+    """ms per d(values) call for each path, by matrix shape and density (the shapes of the cpu preset)."""
+    shape = SHAPES[a.shape]
+    tokens, dim, ffn = shape["seq"] * shape["batch"], shape["model"].dim, shape["model"].ffn_dim
+    device, dtype = a.device, getattr(torch, a.dtype or shape["dtype"])
+    g = torch.Generator().manual_seed(a.seed)
+    rows = []
+    for out_f, in_f in ((dim, dim), (ffn, dim), (dim, ffn)):
+        dy = torch.randn(tokens, out_f, generator=g).to(device, dtype)
+        x = torch.randn(tokens, in_f, generator=g).to(device, dtype)
+        for density in (0.01, 0.02, 0.04, 0.08, 0.16):
+            k = int(density * out_f * in_f)
+            layer = spiel.SparseDeltaLinear(torch.nn.Linear(in_f, out_f, bias=False, device=device), k, generator=g)
+            times = {}
+            for path, fn in (("dense", lambda: (dy.T @ x).view(-1)[layer.indices]),
+                             ("sparse", lambda: spiel.sampled_grad(layer, dy, x))):
+                fn()  # warm-up
+                ts = []
+                for _ in range(5):
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    fn()
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    ts.append((time.perf_counter() - t) * 1e3)
+                times[path] = statistics.median(ts)
+            rows.append({"shape": [out_f, in_f], "density": density, **times})
+    print(f"d(values) ms, dense / sparse ({tokens} tokens, {dtype}, {device}):")
+    print("| matrix (out x in) | " + " | ".join(f"{d:.0%}" for d in (0.01, 0.02, 0.04, 0.08, 0.16)) + " |")
+    print("| --- " * 6 + "|")
+    for i in range(0, len(rows), 5):
+        r = rows[i:i + 5]
+        print(f"| {r[0]['shape'][0]} x {r[0]['shape'][1]} | " +
+              " | ".join(f"{x['dense']:.1f} / {x['sparse']:.1f}" for x in r) + " |")
+    return {"mode": "grad_paths", "tokens": tokens, "rows": rows}
+
+
+# -----------------------------------------------------------------------------
 # quality: train.py on the demo task, 4 methods x seeds
 
 
@@ -263,7 +308,10 @@ def mean_std(xs):
 def quality(a) -> dict:
     runs_dir = a.runs_dir or os.path.join("runs", f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
     base = train.DEMO_ARGS
-    for flag in ("ckpt", "data", "val_data", "density", "steps"):
+    if "--density" in base:  # the budget is a LoRA rank here, so both sides train exactly the same count
+        i = base.index("--density")
+        base = base[:i] + base[i + 2:]
+    for flag in ("ckpt", "data", "val_data", "steps"):
         if getattr(a, flag) is not None:
             base = set_flag(base, "--max-steps" if flag == "steps" else "--" + flag.replace("_", "-"), getattr(a, flag))
     for flag in ("--ckpt", "--data"):
@@ -276,6 +324,8 @@ def quality(a) -> dict:
             out = os.path.join(runs_dir, f"{method}-seed{seed}")
             argv = set_flag(set_flag(set_flag(set_flag(base, "--method", method), "--seed", seed), "--out", out),
                             "--lr", QUALITY_LR[method])
+            if method != "full":  # SpIEL: as many deltas as LoRA of this rank trains; LoRA: this rank
+                argv = set_flag(argv, "--lora-rank" if method == "lora" else "--match-lora-rank", a.rank)
             print(f"\n=== {method}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
             code = train.main(argv)
             runs.append(read_run(out) if code == 0 else {"out": out, "error": f"train.py returned {code}"})
@@ -285,7 +335,7 @@ def quality(a) -> dict:
                            "val_loss_mean": vl[0], "val_loss_std": vl[1], "exact_match_mean": em[0],
                            "exact_match_std": em[1], "trainable": ok[0]["trainable"] if ok else None}
     fmt = lambda m, s, p: "-" if m is None else f"{m:.{p}f} ± {s:.{p}f}"  # noqa: E731
-    per_run = ("--method", "--lr")
+    per_run = ("--method", "--lr", "--lora-rank", "--match-lora-rank")
     shared = [x for i, x in enumerate(base) if x not in per_run and base[i - 1] not in per_run]
     print(f"\nquality: {len(a.seeds)} seed(s) of python train.py {' '.join(shared)}, --method and --lr as below")
     print(f"{'method':<10}{'lr':>8}{'val loss':>18}{'exact match':>18}{'trainable':>12}")
@@ -344,11 +394,13 @@ def main(argv=None):
     a("--json-out", help=argparse.SUPPRESS)
     # quality
     a("--quality", action="store_true", help="fine-tune on the demo task instead of timing")
+    a("--grad-paths", action="store_true", help="time the dense and sparse value gradient per matrix and density")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--ckpt", help="default: the demo's (demo/base)")
     a("--data", help="default: the demo's (demo/train.jsonl)")
     a("--val-data", help="default: the demo's (demo/val.jsonl)")
-    a("--density", type=float, help="SpIEL budget, LoRA's rank matched to it (default: the demo's)")
+    a("--rank", type=int, default=4, help="the matched budget: LoRA rank, and SpIEL with as many deltas (on the "
+                                          "demo, rank 4 = 37,376 parameters, 5.1%% of the targeted weights)")
     a("--runs-dir", help="where the runs go (default runs/bench-quality-<time>)")
     a("--plot", help="draw the train/validation loss curves (seed 0) to this image (needs matplotlib)")
     args = ap.parse_args(argv)
@@ -361,9 +413,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"torch.set_num_threads({args.threads})")
     t0 = time.time()
-    res = quality(args) if args.quality else speed(args)
+    res = quality(args) if args.quality else grad_paths(args) if args.grad_paths else speed(args)
     res["seconds"] = time.time() - t0
-    path = args.json or ("bench-quality.json" if args.quality else "bench.json")
+    path = args.json or ("bench-quality.json" if args.quality else "bench-grad-paths.json" if args.grad_paths
+                         else "bench.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {path} ({res['seconds']:.0f}s)")

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama import PROJECTIONS, CheckpointError
-from spiel import _shape, base_fingerprint, lora_param_count, target_linears
+from spiel import matrix_shape, base_fingerprint, lora_param_count, target_linears
 
 
 class LoRALinear(nn.Module):
@@ -32,7 +32,7 @@ class LoRALinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        out_f, in_f = self.weight_shape = _shape(base)
+        out_f, in_f = self.weight_shape = matrix_shape(base)
         device = next(base.buffers()).device if hasattr(base, "dequantize") else base.weight.device
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         # A as in the paper's code (kaiming-uniform, a = sqrt(5)), B = 0; both fp32 whatever the base dtype
@@ -179,9 +179,9 @@ def load_lora(model: nn.Module, path: str, check_base: bool = True) -> dict:
         if base is None or not (isinstance(base, nn.Linear) or hasattr(base, "dequantize")):
             raise CheckpointError(f"{path}: LoRA for {name}, which this model does not have as a plain linear "
                                   f"(another model, or LoRA already added?)")
-        if _shape(base) != (o, i):
+        if matrix_shape(base) != (o, i):
             raise CheckpointError(f"{path}: {name} is {o}x{i} in the file but "
-                                  f"{_shape(base)[0]}x{_shape(base)[1]} in this model (another model?)")
+                                  f"{matrix_shape(base)[0]}x{matrix_shape(base)[1]} in this model (another model?)")
     if len(tensors) != 2 * len(shapes):
         raise CheckpointError(f"{path}: tensors and metadata disagree")
     if check_base and meta.get("base_fingerprint") not in (None, base_fingerprint(model)):

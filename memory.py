@@ -76,7 +76,7 @@ def trainable_part(model, method, density=None, lora_rank=64, lora_dropout=0.1, 
             for p in model.parameters():
                 p.requires_grad_(False)
             linears = spiel.target_linears(model)
-            sizes = [math.prod(spiel._shape(m)) for m in linears.values()]
+            sizes = [math.prod(spiel.matrix_shape(m)) for m in linears.values()]
             total = round(density * sum(sizes)) if density else spiel.lora_param_count(model, lora_rank)
             for (name, base), k in zip(linears.items(), spiel.split_budget(sizes, total)):
                 idx = torch.empty(k, dtype=torch.int32, device="meta")

@@ -139,7 +139,7 @@ class SparseDeltaLinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        out_f, in_f = self.weight_shape = _shape(base)
+        out_f, in_f = self.weight_shape = matrix_shape(base)
         n = out_f * in_f
         if not 0 < k <= n:
             raise ValueError(f"cannot place {k} deltas in a {out_f}x{in_f} matrix")
@@ -202,11 +202,12 @@ def target_linears(model: nn.Module, targets=PROJECTIONS) -> dict:
 
 def lora_param_count(model: nn.Module, rank: int, targets=PROJECTIONS) -> int:
     """how many parameters LoRA of this rank trains on the targets: rank * (in + out) per matrix."""
-    sizes = [_shape(m) for m in target_linears(model, targets).values()]
+    sizes = [matrix_shape(m) for m in target_linears(model, targets).values()]
     return sum(rank * (o + i) for o, i in sizes)
 
 
-def _shape(m):
+def matrix_shape(m) -> tuple:
+    """(out, in) of a linear layer, full precision or quantized."""
     return tuple(m.weight_shape) if hasattr(m, "weight_shape") else tuple(m.weight.shape)
 
 
@@ -239,7 +240,7 @@ def add_sparse_deltas(model: nn.Module, density: Optional[float] = None, num_tun
     linears = target_linears(model, targets)
     if not linears:
         raise ValueError(f"no linear layer named one of {targets} in the model")
-    sizes = [_shape(m)[0] * _shape(m)[1] for m in linears.values()]
+    sizes = [matrix_shape(m)[0] * matrix_shape(m)[1] for m in linears.values()]
     if density is not None:
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
@@ -632,9 +633,9 @@ def load_delta(model: nn.Module, path: str, check_base: bool = True) -> dict:
         base = modules.get(name)
         if base is None or not (isinstance(base, nn.Linear) or hasattr(base, "dequantize")):
             raise CheckpointError(f"{path}: delta for {name}, which this model does not have (another model?)")
-        if _shape(base) != shape:
+        if matrix_shape(base) != shape:
             raise CheckpointError(f"{path}: {name} is {shape[0]}x{shape[1]} in the delta but "
-                                  f"{_shape(base)[0]}x{_shape(base)[1]} in this model (another model?)")
+                                  f"{matrix_shape(base)[0]}x{matrix_shape(base)[1]} in this model (another model?)")
     if check_base and meta.get("base_fingerprint") not in (None, base_fingerprint(model)):
         raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta['base_fingerprint']} "
                               f"!= {base_fingerprint(model)})")

@@ -169,7 +169,7 @@ def main(argv):
         import lora
         rank = args.lora_rank
         if args.density is not None or args.num_tunable is not None:  # match SpIEL's budget
-            n_targeted = sum(math.prod(spiel._shape(m)) for m in spiel.target_linears(model).values())
+            n_targeted = sum(math.prod(spiel.matrix_shape(m)) for m in spiel.target_linears(model).values())
             rank = lora.rank_for_budget(model, args.num_tunable or round(args.density * n_targeted))
         layers = lora.add_lora(model, rank, args.lora_alpha, args.lora_dropout, seed=args.seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -180,7 +180,8 @@ def main(argv):
             p.requires_grad_(True)
         optimizer = spiel.AdamW(params, lr=lr, weight_decay=wd)
     n_trainable = sum(p.numel() for p in params)
-    assert n_trainable > 0 and all(p.requires_grad for p in params), "nothing to train"
+    if n_trainable == 0 or not all(p.requires_grad for p in params):
+        raise SystemExit("error: nothing to train (check the budget and the method)")
     print(f"trainable: {n_trainable:,} parameters ({args.method}), {n_trainable / n_base:.3%} of the base's "
           f"{n_base:,}; lr {lr:g}, weight decay {wd:g}")
 

@@ -54,7 +54,7 @@ def test_quality_runs_every_method_through_train_py(tiny, tmp_path, capsys):
     val_data = write_jsonl(tmp_path / "val.jsonl", [rec() for _ in range(4)])
     out = tmp_path / "q.json"
     assert bench.main(["--quality", "--ckpt", tiny.hf, "--data", train_data, "--val-data", val_data, "--seeds", "0",
-                       "--steps", "3", "--density", "0.1", "--runs-dir", str(tmp_path / "runs"), "--json", str(out),
+                       "--steps", "3", "--rank", "2", "--runs-dir", str(tmp_path / "runs"), "--json", str(out),
                        "--plot", str(tmp_path / "curves.png")]) == 0
     res = json.loads(out.read_text())
     assert res["mode"] == "quality" and "--max-steps" in res["train_args"]
@@ -67,10 +67,10 @@ def test_quality_runs_every_method_through_train_py(tiny, tmp_path, capsys):
         assert 0 <= r["exact_match_mean"] <= 1 and run["exact_match_before"] is not None
         assert [s for s, _ in run["val_curve"]] == [0, 3] and len(run["train_curve"]) == 3
         assert r["lr"] == bench.QUALITY_LR[m]
-    # matched budget: SpIEL gets density x targeted deltas, LoRA the largest rank that fits in it
+    # matched budget: LoRA rank 2, SpIEL exactly as many deltas
     k = methods["spiel-ag"]["trainable"]
-    assert k == methods["spiel-ma"]["trainable"] > 0
-    assert 0 < methods["lora"]["trainable"] <= k < methods["full"]["trainable"]
+    assert k == methods["spiel-ma"]["trainable"] == methods["lora"]["trainable"] > 0
+    assert k < methods["full"]["trainable"]
     printed = capsys.readouterr().out
     assert "exact match" in printed and "±" in printed
     if importlib.util.find_spec("matplotlib"):
