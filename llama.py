@@ -12,11 +12,10 @@ See ../shared/notes/llama-formats.md for both layouts.
 
 import glob
 import json
-import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch

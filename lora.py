@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama import PROJECTIONS, CheckpointError
-from spiel import matrix_shape, base_fingerprint, lora_param_count, target_linears
+from spiel import base_fingerprint, check_fits, lora_param_count, matrix_shape, read_finetune, target_linears
 
 
 class LoRALinear(nn.Module):
@@ -153,40 +153,16 @@ def save_lora(model: nn.Module, path: str, extra: Optional[dict] = None):
 def load_lora(model: nn.Module, path: str, check_base: bool = True) -> dict:
     """Wrap the linears of a loaded base with the LoRA weights of `path`; returns the metadata. A file
     that does not fit the model (names, shapes) or was trained on another base is an error naming it."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: LoRA file not found")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
-    if meta.get("format") != "spiel-lora":
-        raise CheckpointError(f"{path}: not a spiel LoRA file (metadata format is {meta.get('format')!r})")
+    tensors, meta, shapes = read_finetune(path, "spiel-lora", "LoRA")
     try:
         rank, alpha, dropout = int(meta["rank"]), float(meta["alpha"]), float(meta.get("dropout", 0.0))
-        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: bad metadata ({e})") from None
-    modules = dict(model.named_modules())
     for name, (o, i) in shapes.items():
         A, B = tensors.get(name + ".A"), tensors.get(name + ".B")
         if A is None or B is None or A.shape != (rank, i) or B.shape != (o, rank):
             raise CheckpointError(f"{path}: {name} needs .A ({rank}, {i}) and .B ({o}, {rank})")
-        base = modules.get(name)
-        if base is None or not (isinstance(base, nn.Linear) or hasattr(base, "dequantize")):
-            raise CheckpointError(f"{path}: LoRA for {name}, which this model does not have as a plain linear "
-                                  f"(another model, or LoRA already added?)")
-        if matrix_shape(base) != (o, i):
-            raise CheckpointError(f"{path}: {name} is {o}x{i} in the file but "
-                                  f"{matrix_shape(base)[0]}x{matrix_shape(base)[1]} in this model (another model?)")
-    if len(tensors) != 2 * len(shapes):
-        raise CheckpointError(f"{path}: tensors and metadata disagree")
-    if check_base and meta.get("base_fingerprint") not in (None, base_fingerprint(model)):
-        raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta['base_fingerprint']} "
-                              f"!= {base_fingerprint(model)})")
+    modules = check_fits(model, path, shapes, meta, check_base, "LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in shapes:

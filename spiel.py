@@ -593,24 +593,51 @@ def save_delta(model: nn.Module, path: str, extra: Optional[dict] = None):
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written delta
 
 
-def read_delta(path: str):
-    """(tensors, metadata) of a delta file, checked for consistency; errors name the file."""
+def read_finetune(path: str, fmt: str, what: str):
+    """(tensors, metadata, shapes) of a spiel safetensors file of format `fmt` ("spiel-delta" or
+    "spiel-lora"); errors name the file."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: delta file not found")
+        raise CheckpointError(f"{path}: {what} file not found")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
-    if meta.get("format") != "spiel-delta":
-        raise CheckpointError(f"{path}: not a spiel delta file (metadata format is {meta.get('format')!r})")
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path}: not a spiel {what} file (metadata format is {meta.get('format')!r})")
     try:
         shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: bad metadata ({e})") from None
+    if len(tensors) != 2 * len(shapes):
+        raise CheckpointError(f"{path}: tensors and metadata disagree")
+    return tensors, meta, shapes
+
+
+def check_fits(model: nn.Module, path: str, shapes: dict, meta: dict, check_base: bool, what: str) -> dict:
+    """the model's modules, once every matrix of the file is a plain linear of the right shape in the model
+    and (check_base) the file was trained on this base; errors name the file."""
+    modules = dict(model.named_modules())
+    for name, (o, i) in shapes.items():
+        base = modules.get(name)
+        if base is None or not (isinstance(base, nn.Linear) or hasattr(base, "dequantize")):
+            raise CheckpointError(f"{path}: {what} for {name}, which this model does not have as a plain linear "
+                                  f"(another model, or a fine-tune already added?)")
+        if matrix_shape(base) != (o, i):
+            raise CheckpointError(f"{path}: {name} is {o}x{i} in the file but "
+                                  f"{matrix_shape(base)[0]}x{matrix_shape(base)[1]} in this model (another model?)")
+    if check_base and meta.get("base_fingerprint") not in (None, base_fingerprint(model)):
+        raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta['base_fingerprint']} "
+                              f"!= {base_fingerprint(model)})")
+    return modules
+
+
+def read_delta(path: str):
+    """(tensors, metadata, shapes) of a delta file, its indices checked; errors name the file."""
+    tensors, meta, shapes = read_finetune(path, "spiel-delta", "delta")
     for name, (o, i) in shapes.items():
         idx, val = tensors.get(name + ".indices"), tensors.get(name + ".values")
         if idx is None or val is None or idx.shape != val.shape or idx.dim() != 1:
@@ -619,8 +646,6 @@ def read_delta(path: str):
             raise CheckpointError(f"{path}: {name} has indices outside its {o}x{i} matrix")
         if torch.unique(idx).numel() != idx.numel():
             raise CheckpointError(f"{path}: {name} has repeated indices")
-    if len(tensors) != 2 * len(shapes):
-        raise CheckpointError(f"{path}: tensors and metadata disagree")
     return tensors, meta, shapes
 
 
@@ -628,17 +653,7 @@ def load_delta(model: nn.Module, path: str, check_base: bool = True) -> dict:
     """Attach the deltas of `path` to a loaded base (wrapping its linears). A delta that does not fit the
     model (names, shapes) or was trained on another base is an error naming the file."""
     tensors, meta, shapes = read_delta(path)
-    modules = dict(model.named_modules())
-    for name, shape in shapes.items():
-        base = modules.get(name)
-        if base is None or not (isinstance(base, nn.Linear) or hasattr(base, "dequantize")):
-            raise CheckpointError(f"{path}: delta for {name}, which this model does not have (another model?)")
-        if matrix_shape(base) != shape:
-            raise CheckpointError(f"{path}: {name} is {shape[0]}x{shape[1]} in the delta but "
-                                  f"{matrix_shape(base)[0]}x{matrix_shape(base)[1]} in this model (another model?)")
-    if check_base and meta.get("base_fingerprint") not in (None, base_fingerprint(model)):
-        raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta['base_fingerprint']} "
-                              f"!= {base_fingerprint(model)})")
+    modules = check_fits(model, path, shapes, meta, check_base, "delta")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in shapes:

@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, random_state_dict, write_hf, write_meta
-from llama import (IGNORE_INDEX, CheckpointError, ModelArgs, Tokenizer, Transformer, find_tokenizer, generate,
-                   load_model, save_hf)
+from conftest import write_meta
+from llama import IGNORE_INDEX, CheckpointError, Tokenizer, find_tokenizer, generate, load_model, save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
