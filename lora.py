@@ -36,8 +36,9 @@ class LoRALinear(nn.Module):
         device = next(base.buffers()).device if hasattr(base, "dequantize") else base.weight.device
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         # A as in the paper's code (kaiming-uniform, a = sqrt(5)), B = 0; both fp32 whatever the base dtype
-        self.A = nn.Parameter(torch.empty(rank, in_f, device=device))  # (r, in)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
+        a = torch.empty(rank, in_f)  # drawn on the CPU (the generator is a CPU one), so CPU and GPU runs agree
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.A = nn.Parameter(a.to(device))  # (r, in)
         self.B = nn.Parameter(torch.zeros(out_f, rank, device=device))  # (out, r)
         self.dropout = nn.Dropout(dropout)  # on the input of the low-rank path only
         self.merged = False

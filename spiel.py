@@ -401,10 +401,13 @@ def ma_candidates(layer: SparseDeltaLinear, n: int, row: torch.Tensor, col: torc
     return best_pos, best_score
 
 
+PER_SLOT_STATE = ("exp_avg", "exp_avg_sq", "age", "momentum_buffer")  # optimizer state with one entry per delta
+
+
 def reset_optimizer_slots(optimizer, param, slots, seed: Optional[dict] = None):
     """fresh optimizer state for the grown slots of `param`: zeros, or (AG) the window's seed values."""
     state = optimizer.state.get(param, {})
-    for key in ("exp_avg", "exp_avg_sq", "age", "momentum_buffer"):
+    for key in PER_SLOT_STATE:
         if key in state:
             state[key][slots] = seed[key].to(state[key].dtype) if seed and key in seed else 0
 
@@ -416,20 +419,20 @@ def sort_slots(layer: SparseDeltaLinear, optimizer=None):
     perm = layer.indices.argsort()
     layer.indices.copy_(layer.indices[perm])
     layer.values.copy_(layer.values[perm])
-    for t in (optimizer.state.get(layer.values, {}).values() if optimizer is not None else ()):
-        if isinstance(t, torch.Tensor) and t.shape == layer.values.shape:
-            t.copy_(t[perm])
+    state = optimizer.state.get(layer.values, {}) if optimizer is not None else {}
+    for key in PER_SLOT_STATE:  # by name: SM3's row/col accumulators are per matrix row/column, not per slot
+        if key in state:
+            state[key].copy_(state[key][perm])
 
 
 class Selector:
     """Runs the drop/grow schedule for every SparseDeltaLinear of a model (method "ag" or "ma")."""
 
-    def __init__(self, model: nn.Module, method: str, schedule: Schedule, grad_accum: int = 1,
-                 betas=(0.9, 0.999)):
+    def __init__(self, model: nn.Module, method: str, schedule: Schedule, grad_accum: int = 1):
         if method not in ("ag", "ma"):
             raise ValueError(f"unknown SpIEL method {method!r}: use ag or ma")
         self.layers = delta_layers(model)
-        self.method, self.schedule, self.grad_accum, self.betas = method, schedule, grad_accum, betas
+        self.method, self.schedule, self.grad_accum = method, schedule, grad_accum
 
     def begin_step(self, t: int):
         """SpIEL-AG: open the accumulation window if step t's backward passes belong to one."""
@@ -453,20 +456,25 @@ class Selector:
                 row, col = sm3_row_col(optimizer, layer.values)
                 cand, score = ma_candidates(layer, n, row, col)
             slots, grown = drop_and_grow(layer, n, cand, score)
-            reset_optimizer_slots(optimizer, layer.values, slots,
-                                  self.ag_seed(layer.window, grown) if self.method == "ag" else None)
+            betas = optimizer.param_groups[0]["betas"] if self.method == "ag" else None
+            seed = self.ag_seed(layer.window, grown, betas) if self.method == "ag" else None
+            reset_optimizer_slots(optimizer, layer.values, slots, seed)
             sort_slots(layer, optimizer)
             changed[name] = slots.numel()
         close_windows(self.layers)
         return changed
 
-    def ag_seed(self, w: dict, grown: torch.Tensor) -> dict:
-        """Adam state of grown deltas from the window: bias correction at the seeded age returns the window's
-        mean gradient and mean squared gradient (per optimizer step: micro-batch gradients times grad_accum)."""
-        b1, b2 = self.betas
-        age = w["count"] / self.grad_accum  # optimizer steps' worth of samples
-        mean = w["grad_sum"][grown] * self.grad_accum / w["count"]
-        mean_sq = w["sq_sum"][grown] * self.grad_accum ** 2 / w["count"]
+    def ag_seed(self, w: dict, grown: torch.Tensor, betas) -> dict:
+        """Adam state of grown deltas from the window, such that bias correction at the seeded age returns the
+        expected first and second moments of one optimizer step's gradient. A step's gradient G is the sum
+        of grad_accum (GA) micro-batch gradients g (each already divided by the step's target tokens), so
+        E[G] = GA m and E[G^2] = (GA m)^2 + GA Var(g), with m and Var(g) the window's per-micro-batch mean and
+        variance. (Scaling each g^2 by GA^2 instead would overstate the variance GA-fold.)"""
+        b1, b2 = betas
+        ga, n = self.grad_accum, w["count"]
+        age = n / ga  # optimizer steps' worth of samples
+        m, s = w["grad_sum"][grown] / n, w["sq_sum"][grown] / n
+        mean, mean_sq = ga * m, (ga * m) ** 2 + ga * (s - m * m).clamp_min(0)
         return {"exp_avg": mean * (1 - b1 ** age), "exp_avg_sq": mean_sq * (1 - b2 ** age),
                 "age": torch.full_like(mean, age)}
 

@@ -223,9 +223,9 @@ def main(argv):
         optimizer.load_state_dict(state["optimizer"])
         if selector:
             selector.load_state_dict(state["selector"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # RNG states are CPU byte tensors (map_location moved them)
         if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         pos.update(state["data"])
         start = state["step"] + 1
         print(f"resumed {args.out} at step {start}")
@@ -283,11 +283,11 @@ def main(argv):
         examples = [train_set[i] for i in take]
         return (*data.collate(examples, tok.eos_id), sum(len(x) for x, _, _ in examples))
 
-    def lr_at(t):  # linear warmup, then linear decay
+    def lr_at(t):  # linear warmup to the peak, then linear decay (the last step gets peak / (T - warmup))
         warm = args.warmup * total_steps if args.warmup < 1 else args.warmup
         if t <= warm:
             return lr * t / warm
-        return lr * (total_steps - t + 1) / (total_steps - warm + 1)
+        return lr * (total_steps - t + 1) / max(total_steps - warm, 1)
 
     interrupted = []  # the first Ctrl-C finishes the step, saves and exits; a second one exits at once
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1) if not interrupted else sys.exit(130))

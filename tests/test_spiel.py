@@ -360,8 +360,9 @@ def test_reselection_invariants(method):
                 # grown deltas' Adam state is seeded from the window (the formula written out here)
                 j = slots_of(w["candidates"], grown)  # (m,) into the candidates
                 age = w["count"] / grad_accum
-                mean = w["grad_sum"][j] * grad_accum / w["count"]
-                mean_sq = w["sq_sum"][j] * grad_accum ** 2 / w["count"]
+                m, sq = w["grad_sum"][j] / w["count"], w["sq_sum"][j] / w["count"]  # per micro-batch
+                mean = grad_accum * m  # E[step gradient]; E[step gradient^2] = mean^2 + accum * Var(micro)
+                mean_sq = mean ** 2 + grad_accum * (sq - m ** 2).clamp_min(0)
                 torch.testing.assert_close(st["exp_avg"][new_slots], mean * (1 - b1 ** age), rtol=1e-6, atol=0)
                 torch.testing.assert_close(st["exp_avg_sq"][new_slots], mean_sq * (1 - b2 ** age), rtol=1e-6, atol=0)
                 assert torch.all(st["age"][new_slots] == age)
@@ -424,12 +425,15 @@ def test_ag_grows_top_accumulated_gradients_and_seeds_adam():
     for key in old_state:  # positions still active (3 included) keep their Adam state
         assert torch.equal(st[key][slots_of(idx, kept)], old_state[key][slots_of(old_idx, kept)])
 
-    # seeded state, written out: mean = sum * accum / count, m = mean (1 - b1^age), age = count / accum
+    # seeded state, written out: the moments of one step's gradient (a sum of `accum` micro-batch gradients),
+    # m = mean (1 - b1^age), v = mean_sq (1 - b2^age), age = count / accum
     age = 4 / grad_accum
     new_slots = slots_of(idx, torch.tensor([2, 18])).tolist()
     for slot in new_slots:
         j = cand.tolist().index(int(idx[slot]))
-        mean, mean_sq = grad_sum[j] * grad_accum / 4, sq_sum[j] * grad_accum ** 2 / 4
+        m_micro, sq_micro = float(grad_sum[j]) / 4, float(sq_sum[j]) / 4
+        mean = grad_accum * m_micro
+        mean_sq = mean ** 2 + grad_accum * max(sq_micro - m_micro ** 2, 0.0)
         assert float(st["age"][slot]) == age
         assert float(st["exp_avg"][slot]) == pytest.approx(float(mean) * (1 - b1 ** age), rel=1e-6)
         assert float(st["exp_avg_sq"][slot]) == pytest.approx(float(mean_sq) * (1 - b2 ** age), rel=1e-6)
@@ -696,3 +700,21 @@ def test_sparse_path_in_bf16():
         assert layer.values.grad.dtype == torch.float32
         grads[path] = layer.values.grad.clone()
     torch.testing.assert_close(grads["sparse"], grads["dense"], atol=0.05, rtol=0.02)
+
+
+def test_sort_slots_moves_per_slot_state_only():
+    """k equal to the matrix's row count: SM3's row accumulator (out,) has the shape of the values (k,) but is
+    per row, not per slot, so sorting the slots must leave it alone."""
+    from sm3 import SM3
+    layer = spiel.SparseDeltaLinear(torch.nn.Linear(32, 16), 16)  # k == out == 16
+    perm = torch.randperm(16)
+    layer.indices.copy_(layer.indices[perm])  # slots out of position order
+    opt = SM3([layer.values], lr=0.1, momentum=0.9)
+    layer(torch.randn(5, 32)).pow(2).sum().backward()
+    opt.step()
+    st = opt.state[layer.values]
+    row, col, mom = st["row"].clone(), st["col"].clone(), st["momentum_buffer"].clone()
+    order = layer.indices.argsort()
+    spiel.sort_slots(layer, opt)
+    assert torch.equal(st["row"], row) and torch.equal(st["col"], col)
+    assert torch.equal(st["momentum_buffer"], mom[order])
