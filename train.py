@@ -321,7 +321,7 @@ def main(argv):
             print(f"\nerror: step {step}: the loss is {train_loss}; stopping. The last checkpoint in {args.out} "
                   f"(step {last_saved}) is intact; try a lower --lr.", file=sys.stderr)
             return finish(1)
-        # clips if > 0; an open AG window has already summed these gradients unclipped (as the authors do)
+        # clips if > 0; an open AG window has already summed these gradients, unclipped
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
