@@ -8,9 +8,7 @@ rank whose trainable count fits a SpIEL budget, so both methods can be run with 
 trainable parameters (the paper matches LoRA r = 64 on all seven projections).
 """
 
-import json
 import math
-import os
 from typing import Optional
 
 import torch
@@ -18,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama import PROJECTIONS, CheckpointError
-from spiel import base_fingerprint, check_fits, lora_param_count, matrix_shape, read_finetune, target_linears
+from spiel import check_fits, lora_param_count, matrix_shape, read_finetune, target_linears, write_finetune
 
 
 class LoRALinear(nn.Module):
@@ -130,25 +128,16 @@ def remove_lora(model: nn.Module):
 
 
 def save_lora(model: nn.Module, path: str, extra: Optional[dict] = None):
-    """a safetensors file: per matrix `<name>.A` (r, in) and `<name>.B` (out, r), plus metadata."""
-    from safetensors.torch import save_file
-
+    """a safetensors file: per matrix `<name>.A` (r, in) and `<name>.B` (out, r), fp32, plus metadata."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
     tensors = {}
     for name, m in layers.items():
-        tensors[name + ".A"] = m.A.detach().float().cpu().contiguous()
-        tensors[name + ".B"] = m.B.detach().float().cpu().contiguous()
+        tensors[name + ".A"], tensors[name + ".B"] = m.A.float(), m.B.float()
     first = next(iter(layers.values()))
-    meta = {"format": "spiel-lora", "rank": str(first.rank), "alpha": str(first.alpha),
-            "dropout": str(first.dropout.p), "row_order": "meta",
-            "shapes": json.dumps({n: list(m.weight_shape) for n, m in layers.items()}),
-            "base_fingerprint": base_fingerprint(model)}
-    meta.update({key: str(v) for key, v in (extra or {}).items()})
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
+    write_finetune(model, path, "spiel-lora", layers, tensors,
+                   {"rank": str(first.rank), "alpha": str(first.alpha), "dropout": str(first.dropout.p)}, extra)
 
 
 def load_lora(model: nn.Module, path: str, check_base: bool = True) -> dict:

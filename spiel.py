@@ -579,26 +579,32 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save_delta(model: nn.Module, path: str, extra: Optional[dict] = None):
-    """a safetensors file: per matrix `<name>.indices` and `<name>.values`, plus metadata (JSON strings)."""
+def write_finetune(model: nn.Module, path: str, fmt: str, layers: dict, tensors: dict, meta: dict, extra=None):
+    """write a spiel safetensors file (delta or LoRA) with the metadata both share: format, the shape of each
+    matrix, the row order, the base fingerprint, plus `meta` and `extra`. Temp file + rename: a crash never
+    leaves a half-written file."""
     from safetensors.torch import save_file
 
+    meta = {"format": fmt, "shapes": json.dumps({n: list(m.weight_shape) for n, m in layers.items()}),
+            "row_order": "meta",  # q/k rows in Meta's RoPE order (an HF checkpoint is permuted on load)
+            "base_fingerprint": base_fingerprint(model), **meta}
+    meta.update({key: str(v) for key, v in (extra or {}).items()})
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
+def save_delta(model: nn.Module, path: str, extra: Optional[dict] = None):
+    """a safetensors file: per matrix `<name>.indices` and `<name>.values` (fp32), plus metadata."""
     layers = delta_layers(model)
     if not layers:
         raise ValueError("the model has no sparse deltas to save")
     tensors = {}
     for name, m in layers.items():
-        tensors[name + ".indices"] = m.indices.detach().cpu().contiguous()
-        tensors[name + ".values"] = m.values.detach().float().cpu().contiguous()
+        tensors[name + ".indices"], tensors[name + ".values"] = m.indices, m.values.float()
     k = sum(m.indices.numel() for m in layers.values())
-    meta = {"format": "spiel-delta", "shapes": json.dumps({n: list(m.weight_shape) for n, m in layers.items()}),
-            "row_order": "meta",  # q/k rows in Meta's RoPE order (an HF checkpoint is permuted on load)
-            "base_fingerprint": base_fingerprint(model), "num_deltas": str(k),
-            "density": f"{k / sum(m.weight_shape[0] * m.weight_shape[1] for m in layers.values()):.6g}"}
-    meta.update({key: str(v) for key, v in (extra or {}).items()})
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written delta
+    density = k / sum(m.weight_shape[0] * m.weight_shape[1] for m in layers.values())
+    write_finetune(model, path, "spiel-delta", layers, tensors,
+                   {"num_deltas": str(k), "density": f"{density:.6g}"}, extra)
 
 
 def read_finetune(path: str, fmt: str, what: str):

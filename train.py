@@ -273,9 +273,13 @@ def main(argv):
         log({"event": "exact_match", "step": 0, "exact_match": em})
 
     # --- the training loop -------------------------------------------------------------------------------
+    epoch_cache = {}
+
     def next_batch():
         """the next micro-batch in a fixed per-epoch order (so a resumed run sees the same data)."""
-        order = data.epoch_order(len(train_set), args.seed, pos["epoch"])
+        if epoch_cache.get("epoch") != pos["epoch"]:  # one permutation per epoch, not per micro-batch
+            epoch_cache.update(epoch=pos["epoch"], order=data.epoch_order(len(train_set), args.seed, pos["epoch"]))
+        order = epoch_cache["order"]
         take = order[pos["index"]:pos["index"] + args.batch_size]
         pos["index"] += len(take)
         if pos["index"] >= len(order):
