@@ -8,9 +8,9 @@ Formats (one JSON object per line in .jsonl, or one JSON array in .json):
 Template: the Tulu format the SpIEL paper fine-tunes with (arXiv 2401.16405, section 4.1):
   <s><|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}</s><|user|>\n{user}\n<|assistant|>\n{answer}</s>
 Only the assistant answers and the EOS after each answer count in the loss (label -100 elsewhere).
-Each turn's text (prompt and answer together) is tokenized once, and the first answer token is found
-from decoded prefix lengths, so the boundary never shifts the labels (a separate tokenization of the
-answer could merge or split the first piece differently).
+The prompt of each turn is tokenized alone, exactly as generation tokenizes it, and the answer's ids are
+what follows it in the tokenization of prompt + answer: the ids generation starts from are exactly the
+ids the loss conditioned on, whatever the tokenizer does with the whitespace at the boundary.
 """
 
 import json
@@ -95,29 +95,25 @@ def user_text(user: str, system=None) -> str:
 
 
 def encode_turn(tok, prompt: str, answer: str) -> tuple:
-    """(ids, n_prompt): prompt + answer tokenized once; ids[n_prompt:] are the answer's tokens (a piece that
-    straddles the boundary counts as answer: the model has to produce it)."""
-    ids = tok.encode(prompt + answer, bos=False)
-    decoded = tok.decode(ids)
-    ans = tok.decode(tok.encode(answer, bos=False))  # the answer as this tokenizer writes it back
-    boundary = len(decoded) - len(ans) if decoded.endswith(ans) else len(tok.decode(tok.encode(prompt, bos=False)))
-    lo, hi = 0, len(ids)  # the most leading tokens whose text ends within the prompt
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(tok.decode(ids[:mid])) <= boundary:
-            lo = mid
-        else:
-            hi = mid - 1
-    return ids, lo
+    """(prompt ids, answer ids). The prompt is tokenized alone, exactly as generation will see it, and the
+    answer is what follows it in the tokenization of prompt + answer (a piece the tokenizer writes for the
+    boundary, e.g. the newline as a leading-space piece, is the answer's first token: the model must
+    produce it). If a piece straddles the boundary, the answer is tokenized on its own instead."""
+    p = tok.encode(prompt, bos=False)
+    full = tok.encode(prompt + answer, bos=False)
+    a = full[len(p):] if full[:len(p)] == p else tok.encode(answer, bos=False)
+    return p, a
 
 
 def encode_example(tok, system, turns, seq_len: int) -> tuple:
-    """-> (inputs (T,), targets (T,)) with targets[t] the token after inputs[t] or IGNORE_INDEX, T <= seq_len."""
+    """-> (inputs (T,), targets (T,)) with targets[t] the token after inputs[t] or IGNORE_INDEX, T <= seq_len.
+    Turn by turn: prompt ids (no label), answer ids and EOS (labels). So the ids before each answer are
+    exactly `prompt_ids` of that conversation so far: training and generation see the same prefix."""
     ids, is_label = [tok.bos_id], [False]
     for i, (user, answer) in enumerate(turns):
-        t_ids, n_prompt = encode_turn(tok, user_text(user, system if i == 0 else None), answer)
-        ids += t_ids + [tok.eos_id]  # the EOS is a label: the model must learn to stop
-        is_label += [False] * n_prompt + [True] * (len(t_ids) - n_prompt) + [True]
+        p, a = encode_turn(tok, user_text(user, system if i == 0 else None), answer)
+        ids += p + a + [tok.eos_id]  # the EOS is a label: the model must learn to stop
+        is_label += [False] * len(p) + [True] * (len(a) + 1)
     ids, is_label = ids[:seq_len + 1], is_label[:seq_len + 1]  # truncation
     inputs = torch.tensor(ids[:-1])
     targets = torch.tensor([t if lab else IGNORE_INDEX for t, lab in zip(ids[1:], is_label[1:])])
@@ -125,7 +121,7 @@ def encode_example(tok, system, turns, seq_len: int) -> tuple:
 
 
 def prompt_ids(tok, user: str, system=None) -> list:
-    """what generation starts from: the same template up to the assistant's answer."""
+    """what generation starts from: BOS and the template up to the assistant's answer, tokenized alone."""
     return [tok.bos_id] + tok.encode(user_text(user, system), bos=False)
 
 
