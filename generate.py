@@ -1,6 +1,7 @@
 """
 Sample from a LLaMA 2 checkpoint (Meta or Hugging Face layout), optionally with sparse deltas (or LoRA)
-applied on the fly, without writing a merged copy.
+applied on the fly, without writing a merged copy. Greedy at temperature 0, else top-p (nucleus)
+sampling; stops at EOS. The KV cache lives in llama.py's Attention.
 
     python generate.py --ckpt llama-2-7b --prompt "The capital of France is" --temperature 0
     python generate.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --chat --prompt "Write a haiku"
@@ -8,12 +9,49 @@ applied on the fly, without writing a merged copy.
 
 import argparse
 import sys
+from typing import Optional
 
 import torch
 
 import data
-from llama import CheckpointError, Tokenizer, default_device, default_dtype, find_tokenizer, generate, load_model
-from merge import apply_finetune
+from llama import CheckpointError, Tokenizer, Transformer, check_checkpoint, default_device, default_dtype, \
+    find_tokenizer, load_model
+
+
+def sample_top_p(probs, top_p: float, generator=None):
+    """sample from the smallest set of tokens whose probability mass reaches top_p. probs (B, vocab) -> (B, 1)"""
+    p_sorted, idx = probs.sort(dim=-1, descending=True)
+    p_sorted = p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted > top_p, 0.0)  # past the mass: out
+    return idx.gather(-1, torch.multinomial(p_sorted / p_sorted.sum(-1, keepdim=True), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95,
+             eos_id: Optional[int] = None, generator=None) -> list:
+    """continue one prompt (token ids) with the KV cache: the whole prompt first, then one token at a time.
+    -> the new ids only"""
+    total = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
+    if len(prompt) >= total:
+        return []
+    was_training = model.training
+    model.eval()
+    model.setup_cache(1, total)
+    try:
+        tokens, out, pos = torch.tensor([prompt], device=model.tok_embeddings.weight.device), [], 0  # (1, T)
+        for _ in range(total - len(prompt)):
+            logits, _ = model(tokens, start_pos=pos)
+            pos += tokens.shape[1]
+            last = logits[:, -1]  # (1, vocab)
+            nxt = last.argmax(-1, keepdim=True) if temperature <= 0 else \
+                sample_top_p(torch.softmax(last / temperature, dim=-1), top_p, generator)
+            out.append(nxt.item())
+            if nxt.item() == eos_id:
+                break
+            tokens = nxt
+        return out
+    finally:
+        model.free_cache()
+        model.train(was_training)
 
 
 def main(argv=None):
@@ -30,9 +68,11 @@ def main(argv=None):
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the base quantized")
     args = ap.parse_args(argv)
 
+    from merge import apply_finetune
+    check_checkpoint(args.ckpt)
+    tok = Tokenizer(find_tokenizer(args.ckpt))
     model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
                        quantize=None if args.quantize == "none" else args.quantize)
-    tok = Tokenizer(find_tokenizer(args.ckpt))
     for path in args.delta:  # applied on the fly, nothing merged or written
         apply_finetune(model, path)
     ids = data.prompt_ids(tok, args.prompt) if args.chat else tok.encode(args.prompt)

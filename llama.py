@@ -1,20 +1,20 @@
 """
-LLaMA 2 from scratch: the model, checkpoint loading (Meta and Hugging Face layouts), the tokenizer,
-export to the Hugging Face layout, and sampling with a KV cache.
+LLaMA 2 from scratch: the model, the tokenizer, and checkpoint loading (Meta and Hugging Face layouts).
 
 The architecture is Touvron et al. 2023, "Llama 2" (arXiv 2307.09288), section 2.2: pre-norm RMSNorm,
 rotary position embeddings (RoPE, Su et al. 2021), SwiGLU feed-forward, grouped-query attention (70B).
-Inside the model RoPE rotates adjacent pairs (dims 2i, 2i+1), exactly as Meta's reference does, and
+Inside the model RoPE rotates adjacent pairs (dims 2i, 2i+1) exactly as Meta's reference does, and the
 parameter names are Meta's (`layers.0.attention.wq.weight`). A Hugging Face checkpoint is converted at
-the load boundary (key names and the q/k row permutation), and back again by `save_hf`.
-See ../shared/notes/llama-formats.md for both layouts.
+the load boundary (key names and the q/k row permutation); ../shared/notes/llama-formats.md has both.
+The end of the file holds what SpIEL, LoRA and merging share below them: which linears fine-tuning
+targets, and the small safetensors container their files use.
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -23,13 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label value that does not count in the loss
-# the seven projections of a block (Meta names; HF: q/k/v/o_proj, gate/down/up_proj): what SpIEL, LoRA and
-# quantization target by default. Embeddings, norms and the output head stay as they are.
+# the seven projections of a block (HF: q/k/v/o_proj, gate/down/up_proj): what SpIEL, LoRA and quantization
+# target. embeddings, norms and the output head stay as they are.
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 class CheckpointError(Exception):
-    """A checkpoint, tokenizer or delta file that cannot be used; the message names the file."""
+    """a checkpoint, tokenizer, delta or run file that cannot be used; the message names the file."""
 
 
 def default_device() -> str:
@@ -37,8 +37,8 @@ def default_device() -> str:
 
 
 def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU that has it (compute capability >= 8.0); fp32 otherwise. fp16 is not used for training:
-    it needs loss scaling, which would also scale SpIEL-AG's accumulated gradients, and it overflows."""
+    """bf16 on a GPU that has it (compute capability >= 8.0), else fp32. never fp16 for training: it needs
+    loss scaling, which would also scale SpIEL-AG's accumulated gradients."""
     if str(device).startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -56,18 +56,17 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # None means n_heads (no grouped-query attention)
+    n_kv_heads: Optional[int] = None  # None: n_heads (no grouped-query attention)
     vocab_size: int = 32000
     multiple_of: int = 256  # the ffn hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
-    hidden_dim: Optional[int] = None  # explicit ffn hidden size (HF's intermediate_size); else derived
+    hidden_dim: Optional[int] = None  # explicit ffn hidden size (HF's intermediate_size); else Meta's rule
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"inconsistent model shape: dim {self.dim}, n_heads {self.n_heads}, "
                              f"n_kv_heads {self.n_kv_heads}")
@@ -78,10 +77,9 @@ class ModelArgs:
 
     @property
     def ffn_dim(self) -> int:
-        # exactly Meta's rule: 2/3 of 4*dim, optionally scaled, rounded up to multiple_of
         if self.hidden_dim is not None:
             return self.hidden_dim
-        h = int(2 * 4 * self.dim / 3)
+        h = int(2 * 4 * self.dim / 3)  # Meta's rule: 2/3 of 4 dim, optionally scaled, rounded up
         if self.ffn_dim_multiplier is not None:
             h = int(self.ffn_dim_multiplier * h)
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
@@ -91,7 +89,7 @@ PRESETS = {
     "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32),
     "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40),
     "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
-    # tiny shapes for tests and the CPU demo (grouped-query attention on purpose)
+    # tiny shapes for tests (grouped-query attention on purpose)
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256),
 }
 
@@ -107,10 +105,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, then back to the input dtype (as Meta's reference does)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        xf = x.float()  # normalise in fp32, then back to the input dtype (as Meta's reference does)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_cache(args: ModelArgs, device=None):
@@ -121,12 +117,11 @@ def rope_cache(args: ModelArgs, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """rotate adjacent pairs (2i, 2i+1) of x (B, T, H, D) by the angles of its positions; cos, sin (T, D/2)."""
+    """rotate adjacent pairs (2i, 2i+1) of x (B, T, H, D) by the angles of their positions; cos, sin (T, D/2)."""
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2), broadcast over batch and heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2): broadcast over batch and heads
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -141,22 +136,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start_pos: Optional[int] = None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if start_pos is None:  # training / plain forward: causal attention over the T tokens
-            mask, causal = None, True
-        else:  # generation: write this chunk into the cache, attend to everything cached so far
-            self.cache_k[:B, start_pos:start_pos + T] = k
-            self.cache_v[:B, start_pos:start_pos + T] = v
+        mask = None
+        if start_pos is not None:  # generation: write this chunk into the cache, attend to all of it so far
+            self.cache_k[:B, start_pos:start_pos + T], self.cache_v[:B, start_pos:start_pos + T] = k, v
             k, v = self.cache_k[:B, :start_pos + T], self.cache_v[:B, :start_pos + T]
-            # query i (at position start_pos + i) may see key j iff j <= start_pos + i
-            mask = torch.arange(start_pos + T, device=x.device)[None, :] <= \
-                (start_pos + torch.arange(T, device=x.device))[:, None]  # (T, start_pos + T)
-            causal = False
+            # query i (at position start_pos + i) sees key j iff j <= start_pos + i: (T, start_pos + T)
+            mask = torch.arange(start_pos + T, device=x.device) <= start_pos + torch.arange(T, device=x.device)[:, None]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -175,10 +165,8 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention, self.feed_forward = Attention(args), FeedForward(args)
+        self.attention_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, start_pos=None):
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
@@ -193,23 +181,20 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.grad_checkpoint = False  # recompute each block in backward (saves activation memory)
-        # real-valued rope tables, not part of the state dict (persistent=False)
-        cos, sin = rope_cache(args)
+        self.grad_checkpoint = False  # recompute each block in backward (less activation memory)
+        self.merged_ids = []  # fine-tunes already merged into these weights (merge.py records them)
+        self.reset_rope()
+
+    def reset_rope(self, device=None):
+        """the real-valued rope tables, not in the state dict (recomputed after building on the meta device)."""
+        cos, sin = rope_cache(self.args, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def reset_rope(self, device):
-        """recompute the rope tables (needed after building on the meta device)."""
-        self.rope_cos, self.rope_sin = rope_cache(self.args, device)
-
     def forward(self, tokens, targets=None, start_pos: Optional[int] = None, reduction: str = "mean"):
         """tokens (B, T) -> logits (B, T, vocab) fp32, and the next-token loss if targets (B, T) are given.
-
-        targets are already aligned with the logits (targets[:, t] is the token after tokens[:, t]);
-        positions equal to IGNORE_INDEX do not count. reduction "sum" lets a caller normalise by the
-        number of target tokens across micro-batches. start_pos (generation only) uses the KV cache.
-        """
+        targets[:, t] is the token after tokens[:, t] or IGNORE_INDEX; reduction "sum" lets a caller
+        normalise by the target tokens of a whole step. start_pos (generation only) uses the KV cache."""
         B, T = tokens.shape
         p0 = start_pos or 0
         if p0 + T > self.args.max_seq_len:
@@ -223,20 +208,18 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, start_pos)
         logits = self.output(self.norm(h)).float()  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction=reduction)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction=reduction)
 
     def setup_cache(self, batch_size: int, max_len: int):
-        """allocate the KV cache for generation (freed again by `free_cache`)."""
+        """allocate the KV cache for generation (freed by free_cache)."""
         p = self.tok_embeddings.weight
         for layer in self.layers:
             a = layer.attention
-            shape = (batch_size, max_len, a.n_kv_heads, a.head_dim)
-            a.cache_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            a.cache_v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            a.cache_k, a.cache_v = (torch.zeros(batch_size, max_len, a.n_kv_heads, a.head_dim, dtype=p.dtype,
+                                                device=p.device) for _ in range(2))
 
     def free_cache(self):
         for layer in self.layers:
@@ -245,14 +228,6 @@ class Transformer(nn.Module):
 
 # -----------------------------------------------------------------------------
 # tokenizer
-
-
-def find_tokenizer(ckpt_dir: str) -> str:
-    """tokenizer.model in the checkpoint folder, or one level up (Meta's download keeps it there)."""
-    for cand in (os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(ckpt_dir, "..", "tokenizer.model")):
-        if os.path.isfile(cand):
-            return os.path.normpath(cand)
-    raise CheckpointError(f"{ckpt_dir}: no tokenizer.model in this folder or its parent")
 
 
 class Tokenizer:
@@ -268,9 +243,8 @@ class Tokenizer:
             self.sp.Load(path)
         except Exception as e:
             raise CheckpointError(f"{path}: not a sentencepiece model ({e})") from None
-        self.path = path
-        self.n_words = self.sp.GetPieceSize()
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.path, self.n_words = path, self.sp.GetPieceSize()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
         return [self.bos_id] * bos + self.sp.EncodeAsIds(text) + [self.eos_id] * eos
@@ -280,68 +254,51 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# checkpoint loading: both layouts end as a Meta-named state dict in the model's RoPE convention
+# checkpoint loading: both layouts become Meta names in Meta's RoPE order
 
-HF_TO_META = [  # (hf regex, meta template)
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "layers.{}.attention.wq.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "layers.{}.attention.wk.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "layers.{}.attention.wv.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.{}.attention.wo.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers.{}.feed_forward.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.{}.feed_forward.w2.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers.{}.feed_forward.w3.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{}.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.ffn_norm.weight"),
-]
-HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-META_IGNORED = {"rope.freqs"}
-# tensor-parallel shards of Meta's checkpoints: which dim each weight is split along (None: replicated)
-META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
-                  "wo": 1, "w2": 1, "tok_embeddings": 1}
+HF_TO_META = {  # hf key pattern -> meta key ({} is the layer number)
+    "model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+# tensor-parallel shards of Meta's checkpoints: the dim each weight is split along (norms are replicated)
+META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
-def hf_to_meta_key(key: str) -> Optional[str]:
-    for pattern, template in HF_TO_META:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return template.format(*m.groups())
-    return None
-
-
-def meta_to_hf_key(key: str) -> str:
-    for pattern, template in HF_TO_META:
-        m = re.fullmatch(template.replace(".", r"\.").replace("{}", r"(\d+)"), key)
-        if m:
-            return pattern.replace(r"(\d+)", "{}").replace("\\", "").format(*m.groups())
-    raise KeyError(key)
+def rename(key: str, table: dict) -> Optional[str]:
+    """a key through a {pattern: template} table ({} stands for the layer number); None if no pattern fits."""
+    layer = re.search(r"\.(\d+)\.", key)
+    pattern = key.replace(f".{layer[1]}.", ".{}.", 1) if layer else key
+    return table[pattern].format(layer[1] if layer else "") if pattern in table else None
 
 
 def permute_hf_to_meta(w, n_heads):
     """HF q/k rows pair dim i with i + head_dim/2 ("rotate_half"); Meta pairs 2i with 2i+1."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
-def permute_meta_to_hf(w, n_heads):
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _read_json(path):
+def read_json(path, hint: str = ""):
     try:
         with open(path) as f:
             cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found" + (f" ({hint})" if hint else "")) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return cfg
 
 
-def _torch_load(path):
+def torch_load(path):
     """plain tensors only: weights_only=True refuses (never executes) any other pickled object."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -352,25 +309,40 @@ def _torch_load(path):
         raise CheckpointError(f"{path}: cannot read (truncated or not a PyTorch file: {msg})") from None
 
 
-def read_meta_args(ckpt_dir: str) -> ModelArgs:
-    path = os.path.join(ckpt_dir, "params.json")
-    p = _read_json(path)
-    known = {f.name for f in fields(ModelArgs)}
-    try:
-        args = ModelArgs(**{k: v for k, v in p.items() if k in known and k != "vocab_size"})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    if p.get("vocab_size", -1) > 0:
-        args.vocab_size = p["vocab_size"]
-    else:
-        args.vocab_size = -1  # resolved from the embedding's shape once the weights are open
-    return args
+def check_checkpoint(path: str, tokenizer: bool = True) -> str:
+    """the layout of a checkpoint folder ("meta" or "hf") once its config, weight files and (tokenizer=True)
+    tokenizer are there: the one check train.py, generate.py and merge.py run before anything slow."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint folder not found")
+    layout = "meta" if os.path.isfile(os.path.join(path, "params.json")) else \
+        "hf" if os.path.isfile(os.path.join(path, "config.json")) else None
+    if layout is None:
+        raise CheckpointError(f"{path}: neither a Meta checkpoint (params.json) nor a Hugging Face one (config.json)")
+    weights = ["consolidated.*.pth"] if layout == "meta" else ["model*.safetensors", "pytorch_model*.bin"]
+    if not any(glob.glob(os.path.join(path, w)) for w in weights):
+        raise CheckpointError(f"{path}: {'params' if layout == 'meta' else 'config'}.json found but no "
+                              f"{' or '.join(weights)}")
+    if tokenizer:
+        find_tokenizer(path)
+    return layout
 
 
-def read_hf_args(ckpt_dir: str) -> ModelArgs:
-    path = os.path.join(ckpt_dir, "config.json")
-    c = _read_json(path)
+def find_tokenizer(ckpt_dir: str) -> str:
+    """tokenizer.model in the checkpoint folder, or one level up (Meta's download keeps it there)."""
+    for cand in (os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(ckpt_dir, "..", "tokenizer.model")):
+        if os.path.isfile(cand):
+            return os.path.normpath(cand)
+    raise CheckpointError(f"{ckpt_dir}: no tokenizer.model in this folder or its parent")
+
+
+def read_args(path: str, layout: str) -> ModelArgs:
+    """ModelArgs from params.json (Meta; vocab_size -1 is resolved from the embedding later) or config.json."""
+    cfg_path = os.path.join(path, "params.json" if layout == "meta" else "config.json")
+    c = read_json(cfg_path)
     try:
+        if layout == "meta":
+            known = {f.name for f in fields(ModelArgs)}
+            return ModelArgs(**{k: v for k, v in c.items() if k in known})
         if c.get("tie_word_embeddings", False):
             raise ValueError("tied input/output embeddings are not LLaMA 2 (tie_word_embeddings is true)")
         return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
@@ -378,17 +350,15 @@ def read_hf_args(ckpt_dir: str) -> ModelArgs:
                          hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
                          rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 4096))
     except KeyError as e:
-        raise CheckpointError(f"{path}: missing field {e}") from None
+        raise CheckpointError(f"{cfg_path}: missing field {e}") from None
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
-def open_meta_shards(ckpt_dir: str):
-    """the mmap'ed shards of a Meta checkpoint (nothing is read into memory yet), with their file names."""
-    files = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-    if not files:
-        raise CheckpointError(f"{ckpt_dir}: params.json found but no consolidated.*.pth")
-    shards = [_torch_load(f) for f in files]
+def meta_shards(path: str) -> tuple:
+    """the file names and mmap'ed tensors (nothing read into memory yet) of a Meta checkpoint's shards."""
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    shards = [torch_load(f) for f in files]
     for f, s in zip(files, shards):
         if not isinstance(s, dict) or not all(isinstance(v, torch.Tensor) for v in s.values()):
             raise CheckpointError(f"{f}: expected a dict of tensors")
@@ -399,100 +369,73 @@ def open_meta_shards(ckpt_dir: str):
     return files, shards
 
 
-def iter_meta_tensors(files, shards):
-    """yield (key, tensor, file); tensor-parallel shards are concatenated key by key."""
+def meta_tensors(files: list, shards: list):
+    """yield (key, tensor, file); tensor-parallel shards are joined key by key."""
     for key in shards[0]:
-        if key in META_IGNORED:
-            continue
-        parts = [s[key] for s in shards]
-        dim = META_SHARD_DIM.get(key.split(".")[-2])
-        if len(parts) == 1 or dim is None or parts[0].dim() == 1:
-            yield key, parts[0], files[0]  # unsharded, or a replicated norm weight: take shard 0
-        else:
-            try:
-                yield key, torch.cat(parts, dim=dim), files[0]
-            except RuntimeError:
-                raise CheckpointError(f"{files[0]}: shards of {key} do not fit together "
-                                      f"({[tuple(p.shape) for p in parts]})") from None
-
-
-def iter_hf_tensors(ckpt_dir: str, args: ModelArgs):
-    """yield (meta_key, tensor, source file) from safetensors or pytorch_model*.bin, q/k rows un-permuted."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = os.path.join(ckpt_dir, index_name)
-        if os.path.isfile(index):
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no weight_map")
-            files = sorted(set(weight_map.values()))
-            break
-    else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(ckpt_dir, n))][:1]
-        if not files:
-            raise CheckpointError(f"{ckpt_dir}: config.json found but no model.safetensors or pytorch_model.bin")
-    for name in files:
-        path = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: listed in the index but missing")
-        for hf_key, t in _read_hf_file(path):
-            if HF_IGNORED.fullmatch(hf_key):
-                continue
-            key = hf_to_meta_key(hf_key)
-            if key is None:
-                raise CheckpointError(f"{path}: unexpected key {hf_key}")
-            if key.endswith("attention.wq.weight"):
-                t = permute_hf_to_meta(t, args.n_heads)
-            elif key.endswith("attention.wk.weight"):
-                t = permute_hf_to_meta(t, args.n_kv_heads)
-            yield key, t, path
-
-
-def _read_hf_file(path):
-    """yield (key, tensor) one tensor at a time, so at most one extra tensor is in memory."""
-    if not path.endswith(".safetensors"):
-        yield from _torch_load(path).items()
-        return
-    from safetensors import safe_open
-    try:
-        f = safe_open(path, framework="pt")
-        keys = list(f.keys())
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
-    for k in keys:
+        if key == "rope.freqs":
+            continue  # recomputed by the model
+        parts, dim = [s[key] for s in shards], META_SHARD_DIM.get(key.split(".")[-2])
         try:
-            t = f.get_tensor(k)
+            t = parts[0] if len(parts) == 1 or dim is None or parts[0].dim() == 1 else torch.cat(parts, dim)
+        except RuntimeError:
+            raise CheckpointError(f"{files[0]}: shards of {key} do not fit together "
+                                  f"({[tuple(p.shape) for p in parts]})") from None
+        yield key, t, files[0]
+
+
+def hf_tensors(path: str, args: ModelArgs):
+    """yield (meta key, tensor, file) from safetensors or pytorch_model*.bin, one tensor at a time, q/k rows
+    put back in Meta's order."""
+    from safetensors import safe_open
+
+    index = next((os.path.join(path, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if os.path.isfile(os.path.join(path, n))), None)
+    if index:
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))][:1]
+    for file in (os.path.join(path, n) for n in files):
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed in the index but missing")
+        try:
+            f = safe_open(file, framework="pt") if file.endswith(".safetensors") else torch_load(file)
+            keys = list(f.keys())
+        except CheckpointError:
+            raise
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor {k} ({e})") from None
-        yield k, t
-
-
-def checkpoint_layout(path: str) -> str:
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint folder not found")
-    if os.path.isfile(os.path.join(path, "params.json")):
-        return "meta"
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return "hf"
-    raise CheckpointError(f"{path}: neither a Meta checkpoint (params.json) nor a Hugging Face one (config.json)")
+            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+        for hf_key in keys:
+            if hf_key.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed by the model
+            key = rename(hf_key, HF_TO_META)
+            if key is None:
+                raise CheckpointError(f"{file}: unexpected key {hf_key}")
+            try:
+                t = f.get_tensor(hf_key) if hasattr(f, "get_tensor") else f[hf_key]
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read tensor {hf_key} ({e})") from None
+            if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+                t = permute_hf_to_meta(t, args.n_heads if ".wq." in key else args.n_kv_heads)
+            yield key, t, file
 
 
 def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional[str] = None) -> Transformer:
-    """Load a LLaMA 2 checkpoint in either layout into a Transformer (Meta naming and RoPE convention).
-
-    The model is built on the meta device and every tensor is assigned as it is read (mmap'ed files,
-    weights_only=True), so host memory stays near one copy of the weights. With quantize="int8"|"nf4"
-    the seven projections of each block are quantized tensor by tensor while loading.
-    """
-    layout = checkpoint_layout(path)
+    """Load a LLaMA 2 checkpoint in either layout. The model is built on the meta device and each tensor is
+    assigned as it is read (mmap'ed, weights_only=True), so host memory stays near one copy of the weights;
+    with quantize="int8"|"nf4" the seven projections are quantized tensor by tensor while loading. Every
+    missing, unexpected, duplicate or misshapen key is an error naming the file and the key."""
+    layout = check_checkpoint(path, tokenizer=False)
+    args = read_args(path, layout)
     if layout == "meta":
-        args = read_meta_args(path)
-        files, shards = open_meta_shards(path)
+        files, shards = meta_shards(path)
         if args.vocab_size == -1:  # params.json leaves it to the tokenizer; the embedding says the same
             args.vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
-        tensors = iter_meta_tensors(files, shards)
+        tensors = meta_tensors(files, shards)
     else:
-        args = read_hf_args(path)
-        tensors = iter_hf_tensors(path, args)
+        tensors = hf_tensors(path, args)
     with torch.device("meta"):
         model = Transformer(args)
     if quantize:
@@ -500,140 +443,113 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional
         q.quantize_model(model, quantize)
     modules = dict(model.named_modules())
     # every key the checkpoint must hold, with its shape (a quantized linear still wants its full weight)
-    want = {k: tuple(t.shape) for k, t in model.state_dict().items()
-            if not hasattr(modules[k.rpartition(".")[0]], "load_weight")}
-    want.update({n + ".weight": tuple(m.weight_shape) for n, m in modules.items() if hasattr(m, "load_weight")})
+    want = {k: tuple(t.shape) for k, t in model.state_dict().items() if not hasattr(modules[k.rpartition(".")[0]],
+                                                                                   "load_weight")}
+    want |= {n + ".weight": tuple(m.weight_shape) for n, m in modules.items() if hasattr(m, "load_weight")}
     seen = set()
     for key, t, src in tensors:
-        if key not in want:
-            raise CheckpointError(f"{src}: unexpected key {key}")
-        if key in seen:
-            raise CheckpointError(f"{src}: duplicate key {key}")
+        if key not in want or key in seen:
+            raise CheckpointError(f"{src}: {'duplicate' if key in seen else 'unexpected'} key {key}")
         if tuple(t.shape) != want[key]:
             raise CheckpointError(f"{src}: {key} has shape {tuple(t.shape)}, the model expects {want[key]} "
                                   f"(from the config and the number of shards)")
         seen.add(key)
         module_name, _, leaf = key.rpartition(".")
-        module = modules[module_name]
-        t = t.to(device=device, dtype=dtype)
+        module, t = modules[module_name], t.to(device=device, dtype=dtype)
         if hasattr(module, "load_weight"):
-            module.load_weight(t)  # quantize now; the full-precision tensor is dropped right after
+            module.load_weight(t)  # quantized now; the full-precision tensor is dropped right after
         else:
             setattr(module, leaf, nn.Parameter(t, requires_grad=False))
     missing = sorted(want.keys() - seen)
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: missing key {missing[0]}{more}")
+        raise CheckpointError(f"{path}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                      if len(missing) > 1 else ""))
     model.reset_rope(device)
-    model.layout = layout  # the layout the weights came in; sparse deltas record it
+    model.layout = layout
+    model.merged_ids = read_json(os.path.join(path, "config.json")).get("spiel_merged", []) if layout == "hf" else []
     return model.eval()
 
 
 # -----------------------------------------------------------------------------
-# export to the Hugging Face layout
+# what fine-tuning methods share: the targeted linears, and the safetensors container of their files
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
-        "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "bos_token_id": 1,
-        "eos_token_id": 2, "initializer_range": 0.02, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+def matrix_shape(m) -> tuple:
+    """(out, in) of a linear layer, full precision or quantized."""
+    return tuple(m.weight_shape) if hasattr(m, "weight_shape") else tuple(m.weight.shape)
 
 
-def save_hf(model: Transformer, tokenizer_path: Optional[str], out_dir: str, max_shard_bytes: int = 5 * 2**30):
-    """Write config.json, safetensors shards (+ index when sharded) and tokenizer.model to out_dir.
+def target_linears(model: nn.Module, targets=PROJECTIONS) -> dict:
+    """name -> plain linear (full precision or quantized) whose attribute name is one of `targets`."""
+    return {name: m for name, m in model.named_modules()
+            if name.rpartition(".")[2] in targets and (isinstance(m, nn.Linear) or hasattr(m, "dequantize"))}
 
-    The folder is written beside out_dir and renamed into place, so a failed export leaves nothing
-    half-written; an existing non-empty out_dir is never overwritten.
-    """
+
+def base_fingerprint(model: nn.Module) -> str:
+    """a short hash of weights fine-tuning never touches (norms, a slice of the embedding), rounded to bf16
+    so that the same base loaded in another dtype or quantized gives the same answer."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
+            h.update(name.encode())
+            h.update(t[:64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_finetune(model: nn.Module, path: str, fmt: str, shapes: dict, tensors: dict, meta: dict):
+    """a spiel safetensors file (delta or LoRA): the tensors, the shape of each matrix, the base they were
+    trained on (its fingerprint and the fine-tunes already merged into it), and `meta`. Written to a temp
+    name and renamed: a crash never leaves a half-written file."""
     from safetensors.torch import save_file
 
-    if any(hasattr(m, "dequantize") for m in model.modules()):
-        raise ValueError("refusing to export a quantized model: load the base in full precision and merge there")
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
-    args = model.args
-    shards, cur, size = [], {}, 0
-    for key, t in model.state_dict().items():
-        if key.endswith("attention.wq.weight"):
-            t = permute_meta_to_hf(t, args.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            t = permute_meta_to_hf(t, args.n_kv_heads)
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[meta_to_hf_key(key)] = t.detach().contiguous().cpu()
-        size += nbytes
-    shards.append(cur)
-    tmp = out_dir.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    dtype = next(iter(shards[0].values())).dtype
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config(args, dtype), f, indent=2)
-    if tokenizer_path:
-        shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)  # empty, checked above
-    os.replace(tmp, out_dir)
+    meta = {"format": fmt, "shapes": json.dumps({n: list(s) for n, s in shapes.items()}), "row_order": "meta",
+            "base_fingerprint": base_fingerprint(model), "base_merged": json.dumps(model.merged_ids),
+            **{k: str(v) for k, v in meta.items()}}
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
 
 
-# -----------------------------------------------------------------------------
-# sampling
+def read_finetune(path: str, model: Optional[nn.Module] = None) -> tuple:
+    """(format, tensors, metadata, shapes) of a spiel delta or LoRA file. Given a model, also checks that it
+    fits: every matrix is a plain linear of that shape, the base is the one it was trained on, and it is
+    not already merged into it. Errors name the file."""
+    from safetensors import safe_open
 
-
-def sample_top_p(probs, top_p: float, generator=None):
-    """sample from the smallest set of tokens whose probability mass reaches top_p. probs (B, vocab)."""
-    p_sorted, idx = probs.sort(dim=-1, descending=True)
-    drop = p_sorted.cumsum(-1) - p_sorted > top_p  # tokens after the mass already reached top_p
-    p_sorted = p_sorted.masked_fill(drop, 0.0)
-    choice = torch.multinomial(p_sorted / p_sorted.sum(-1, keepdim=True), 1, generator=generator)
-    return idx.gather(-1, choice)  # (B, 1)
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95,
-             eos_id: Optional[int] = None, generator=None) -> list:
-    """Continue one prompt (token ids) with the KV cache; temperature 0 is greedy. Returns new ids only."""
-    device = model.tok_embeddings.weight.device
-    total = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
-    if len(prompt) >= total:
-        return []
-    was_training = model.training
-    model.eval()
-    model.setup_cache(1, total)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: fine-tune file not found")
     try:
-        tokens = torch.tensor([prompt], device=device)  # (1, T): the whole prompt first, then one token at a time
-        out, pos = [], 0
-        for _ in range(total - len(prompt)):
-            logits, _ = model(tokens, start_pos=pos)
-            pos += tokens.shape[1]
-            last = logits[:, -1]  # (1, vocab)
-            if temperature <= 0:
-                nxt = last.argmax(-1, keepdim=True)
-            else:
-                nxt = sample_top_p(torch.softmax(last / temperature, dim=-1), top_p, generator)
-            out.append(nxt.item())
-            if nxt.item() == eos_id:
-                break
-            tokens = nxt
-        return out
-    finally:
-        model.free_cache()
-        model.train(was_training)
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        fmt, shapes = meta.get("format"), {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+    if fmt not in ("spiel-delta", "spiel-lora"):
+        raise CheckpointError(f"{path}: neither a spiel delta nor a LoRA adapter (format {fmt!r})")
+    if not shapes or len(tensors) != 2 * len(shapes):
+        raise CheckpointError(f"{path}: tensors and metadata disagree")
+    if model is None:
+        return fmt, tensors, meta, shapes
+    linears = target_linears(model, {n.rpartition(".")[2] for n in shapes})
+    for name, (o, i) in shapes.items():
+        if name not in linears:
+            raise CheckpointError(f"{path}: a fine-tune for {name}, which this model does not have as a plain "
+                                  f"linear (another model, or a fine-tune already added?)")
+        if matrix_shape(linears[name]) != (o, i):
+            got = matrix_shape(linears[name])
+            raise CheckpointError(f"{path}: {name} is {o}x{i} in the file but {got[0]}x{got[1]} in this model "
+                                  f"(another model?)")
+    if meta.get("finetune_id") in model.merged_ids:
+        raise CheckpointError(f"{path}: already merged into this model (its config.json lists "
+                              f"{meta['finetune_id']}); applying it again would add it twice")
+    if meta.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model) or \
+            json.loads(meta.get("base_merged", "[]")) != model.merged_ids:
+        raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta.get('base_fingerprint')} "
+                              f"merged {meta.get('base_merged', '[]')}; this one: {base_fingerprint(model)} merged "
+                              f"{json.dumps(model.merged_ids)})")
+    return fmt, tensors, meta, shapes
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module):
+    """put `new` where the submodule `name` is."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)

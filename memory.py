@@ -42,8 +42,9 @@ import torch
 import torch.nn as nn
 
 import spiel
-from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, checkpoint_layout, default_dtype,
-                   open_meta_shards, read_hf_args, read_meta_args)
+import train
+from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, check_checkpoint, default_dtype,
+                   meta_shards, read_args)
 from quantize import quantize_model
 from sm3 import SM3
 
@@ -67,39 +68,17 @@ def nbytes(t: torch.Tensor) -> int:
 # the model as it will sit in memory: built on the meta device (shapes and dtypes, no storage)
 
 
-def trainable_part(model, method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentum=0.0, indices=None):
-    """give `model` its trainable part as train.py does, and the optimizer train.py uses with it.
-
-    On the meta device the deltas' positions are meta tensors too (`indices="meta"`): no random draws."""
-    if method in ("spiel-ag", "spiel-ma"):
-        if indices == "meta":  # add_sparse_deltas' budget, without its ~160M random draws at 7B
-            for p in model.parameters():
-                p.requires_grad_(False)
-            linears = spiel.target_linears(model)
-            sizes = [math.prod(spiel.matrix_shape(m)) for m in linears.values()]
-            total = round(density * sum(sizes)) if density else spiel.lora_param_count(model, lora_rank)
-            for (name, base), k in zip(linears.items(), spiel.split_budget(sizes, total)):
-                idx = torch.empty(k, dtype=torch.int32, device="meta")
-                model.set_submodule(name, spiel.SparseDeltaLinear(base, k, indices=idx))
-            layers = spiel.delta_layers(model)
-        else:
-            layers = spiel.add_sparse_deltas(model, density=density, lora_rank=None if density else lora_rank,
-                                             verbose=False)
-        values = [layer.values for layer in layers.values()]
-        return spiel.AdamW(values) if method == "spiel-ag" else SM3(values, momentum=sm3_momentum)
-    if method == "lora":
-        import lora  # the baseline; imported here so the SpIEL estimates never depend on it
-        lora.add_lora(model, lora_rank, dropout=lora_dropout, verbose=False)
-        return spiel.AdamW([p for p in model.parameters() if p.requires_grad])
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return spiel.AdamW(list(model.parameters()))
-    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+def train_args(method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentum=0.0):
+    """train.py's arguments for this method and budget (its parser is the one source of defaults)."""
+    argv = ["--method", method, "--lora-rank", str(lora_rank), "--lora-dropout", str(lora_dropout),
+            "--sm3-momentum", str(sm3_momentum)]
+    argv += ["--density", str(density)] if density else ["--match-lora-rank", str(lora_rank)]
+    return train.get_parser().parse_args(argv)
 
 
 def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, window_open=True, **budget):
-    """the model, its optimizer with real (meta) state after one step, and an AG window if open."""
+    """the model with its trainable part as train.py builds it (train.add_trainable), on the meta device (no
+    storage, no random draws), its optimizer with real (meta) state after one step, and an AG window if open."""
     if quantize and method == "full":
         raise ValueError("full fine-tuning needs a full-precision base (no --quantize)")
     with torch.device("meta"):
@@ -108,17 +87,15 @@ def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, win
     model.reset_rope("meta")
     if quantize:
         quantize_model(model, quantize)
-    optimizer = trainable_part(model, method, indices="meta", **budget)
+    _, optimizer, selector = train.add_trainable(model, train_args(method, **budget), total_steps=100)
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)  # autograd gives a gradient the dtype of its parameter
     optimizer.step()  # creates the optimizer's state, exactly as on the first real step
     if method == "spiel-ag" and window_open:
-        layers = spiel.delta_layers(model)
-        spiel.open_windows(layers)
-        for layer in layers.values():  # the first micro-batch of a window picks the candidates
-            g = torch.empty(layer.weight_shape, dtype=dtype, device="meta")
-            spiel.accumulate_window(layer.window, g, layer.indices.numel())
+        selector.begin_step(1)
+        for layer in selector.layers.values():  # the window's first micro-batch picks the candidates
+            layer.window.choose(torch.empty(math.prod(layer.weight_shape), dtype=dtype, device="meta"))
     return model, optimizer
 
 
@@ -138,7 +115,7 @@ def persistent_bytes(model, optimizer) -> dict:
     out["optimizer state"] = sum(nbytes(v) for st in optimizer.state.values() for v in st.values()
                                  if torch.is_tensor(v))
     out["AG window"] = sum(nbytes(v) for m in spiel.delta_layers(model).values() if m.window
-                           for v in m.window.values() if torch.is_tensor(v))
+                           for v in vars(m.window).values() if torch.is_tensor(v) and v is not m.indices)
     return out
 
 
@@ -354,9 +331,10 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
 
 def measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, density, seed) -> dict:
     """`steps` training steps of one SpIEL method, as train.py runs them (one micro-batch per step)."""
-    optimizer = trainable_part(model, method, density=density, lora_rank=lora_rank)
-    schedule = spiel.Schedule(steps, interval=4, first=2)
-    selector = spiel.Selector(model, method[-2:], schedule)
+    a = train_args(method, density=density, lora_rank=lora_rank)
+    a.reselect_every, a.first_reselect = 4, 2
+    _, optimizer, selector = train.add_trainable(model, a, total_steps=steps)
+    schedule = selector.schedule
     gen = torch.Generator().manual_seed(seed)
     device = next(model.buffers()).device
     if cuda:
@@ -372,10 +350,11 @@ def measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, dens
         tokens = torch.randint(model.args.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
         logits, loss = model(tokens[:, :-1], tokens[:, 1:])  # (B, T, vocab) fp32, held as train.py holds it
         loss.backward()
+        selector.end_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if schedule.is_reselection(t):  # drop and regrow
-            changed[t] = sum(selector.reselect(t, optimizer).values())
+            changed[t] = sum(selector.reselect(t).values())
         losses.append(loss.item())
     if cuda:
         torch.cuda.synchronize()
@@ -407,11 +386,10 @@ def layer_caches(model) -> int:
 
 def model_args(ckpt: str) -> ModelArgs:
     """the shapes of a checkpoint (Meta or HF layout), read from its config; no weights are loaded."""
-    if checkpoint_layout(ckpt) == "hf":
-        return read_hf_args(ckpt)
-    args = read_meta_args(ckpt)
+    layout = check_checkpoint(ckpt)
+    args = read_args(ckpt, layout)
     if args.vocab_size == -1:  # params.json leaves it to the tokenizer: the embedding's shape (mmap'ed)
-        args.vocab_size = open_meta_shards(ckpt)[1][0]["tok_embeddings.weight"].shape[0]
+        args.vocab_size = meta_shards(ckpt)[1][0]["tok_embeddings.weight"].shape[0]
     return args
 
 

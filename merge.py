@@ -1,57 +1,104 @@
 """
-Merge fine-tunes into a full model in the Hugging Face layout (loadable by `load_model`, and by
-transformers' `from_pretrained`). Several deltas add up: sparse fine-tunes are composable (SpIEL,
-arXiv 2401.16405, section 3: W = W0 + sum of scattered deltas).
+Merge fine-tunes into a full model and export it in the Hugging Face layout (loadable by `load_model`
+and by transformers' `from_pretrained`). Several deltas add up: sparse fine-tunes compose (SpIEL,
+arXiv 2401.16405, section 3: W = W0 + the sum of the scattered deltas).
 
     python merge.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --out llama-2-7b-merged
 
-Merging always happens in a full-precision copy of the base (never into int8/NF4 weights), one matrix
-at a time in fp32 and rounded once to --dtype.
+Merging happens in a full-precision copy of the base (never into int8/NF4 weights), one matrix at a
+time in fp32, rounded once to --dtype. The export's config.json lists what was merged into it
+("spiel_merged"), so the same fine-tune is never applied to it twice.
 """
 
 import argparse
+import json
+import os
+import shutil
 import sys
 
 import torch
 
-from llama import CheckpointError, find_tokenizer, load_model, save_hf
+import lora
+import spiel
+from llama import HF_TO_META, CheckpointError, ModelArgs, Transformer, check_checkpoint, find_tokenizer, load_model, \
+    read_finetune, rename
 
 
-def finetune_format(path: str) -> str:
-    """"spiel-delta" or "spiel-lora", from the file's metadata."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: fine-tune file not found") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
-    if fmt not in ("spiel-delta", "spiel-lora"):
-        raise CheckpointError(f"{path}: neither a spiel delta nor a LoRA adapter (format {fmt!r})")
-    return fmt
-
-
-def apply_finetune(model, path: str):
+def apply_finetune(model, path: str) -> dict:
     """wrap the model's linears with the sparse delta or LoRA adapter in `path` (checked against the base)."""
-    if finetune_format(path) == "spiel-delta":
-        import spiel
-        return spiel.load_delta(model, path)
-    import lora
-    return lora.load_lora(model, path)
+    fmt = read_finetune(path)[0]
+    return spiel.load_delta(model, path) if fmt == "spiel-delta" else lora.load_lora(model, path)
 
 
 def merge_into(model, path: str):
-    """W0 += the fine-tune of `path`, then drop the wrappers so the next fine-tune sees plain linears."""
-    import lora
-    import spiel
-
-    apply_finetune(model, path)
+    """W0 += the fine-tune of `path`; the plain linears are back afterwards, ready for the next one."""
+    meta = apply_finetune(model, path)
     spiel.merge_deltas(model)
-    spiel.remove_deltas(model)
     lora.merge_lora(model)
-    lora.remove_lora(model)
+    model.merged_ids = model.merged_ids + [meta.get("finetune_id", os.path.abspath(path))]
+
+
+# -----------------------------------------------------------------------------
+# export to the Hugging Face layout: HF names, and q/k rows in HF's "rotate_half" order
+
+
+def permute_meta_to_hf(w, n_heads):
+    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, merged: list) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
+        "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "bos_token_id": 1,
+        "eos_token_id": 2, "initializer_range": 0.02, "torch_dtype": str(dtype).removeprefix("torch."),
+        "spiel_merged": merged,
+    }
+
+
+def check_out(out_dir: str):
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
+
+
+def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: int = 5 * 2**30):
+    """config.json, safetensors shards (+ index when sharded) and tokenizer.model, written beside out_dir and
+    renamed into place (a failed export leaves nothing half-written); a non-empty out_dir is never touched."""
+    from safetensors.torch import save_file
+
+    if any(hasattr(m, "dequantize") for m in model.modules()):
+        raise ValueError("refusing to export a quantized model: load the base in full precision and merge there")
+    check_out(out_dir)
+    meta_to_hf = {v: k for k, v in HF_TO_META.items()}
+    shards, size = [{}], 0
+    for key, t in model.state_dict().items():
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = permute_meta_to_hf(t, model.args.n_heads if ".wq." in key else model.args.n_kv_heads)
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][rename(key, meta_to_hf)] = t.detach().contiguous().cpu()
+        size += t.nbytes
+    tmp = out_dir.rstrip("/") + ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
+                 "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, model.merged_ids), f, indent=2)
+    if tokenizer_path:
+        shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    if os.path.exists(out_dir):
+        os.rmdir(out_dir)  # empty, checked above
+    os.replace(tmp, out_dir)
 
 
 def main(argv=None):
@@ -62,8 +109,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args(argv)
 
-    for path in args.delta:  # check every file before the (slow) load of the base
-        finetune_format(path)
+    check_out(args.out)  # everything that can be checked before the (slow) load of the base
+    check_checkpoint(args.ckpt)
+    for path in args.delta:
+        read_finetune(path)
     model = load_model(args.ckpt, dtype=getattr(torch, args.dtype))
     for path in args.delta:
         merge_into(model, path)

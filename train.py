@@ -1,17 +1,19 @@
 """
 Fine-tune LLaMA 2 with SpIEL (Ansell et al. 2024, arXiv 2401.16405), or with LoRA or full fine-tuning as
-baselines, on instruction data. Same data, loop, schedule and logging for all four methods.
+baselines: the same data, loop, schedule and logging for all four methods.
 
-    python train.py                      # the embedded demo: a tiny LLaMA on CPU, nothing downloaded
+    python train.py                                   # the demo: a tiny LLaMA on the CPU, nothing downloaded
     python train.py --ckpt llama-2-7b --data my.jsonl --quantize int8 --grad-checkpoint
-    python train.py --out runs/x --resume    # continue an interrupted run exactly
+    python train.py --out runs/x --resume             # continue an interrupted run exactly
+    torchrun --nproc_per_node 4 train.py --ckpt llama-2-13b --data my.jsonl --fsdp
 
-The loop (section 3 of the paper): every step, update the active deltas; every --reselect-every steps,
+The loop (section 3 of the paper): every step, update the trainable part; every --reselect-every steps,
 drop the smallest deltas and regrow as many new positions (SpIEL-AG: by gradients accumulated over a
 short window; SpIEL-MA: by SM3's row x column accumulators). Look for "drop and regrow" below.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -19,114 +21,379 @@ import resource
 import signal
 import sys
 import time
+import uuid
 
 import torch
+import torch.distributed as dist
 
 import data
+import lora
 import spiel
-from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, checkpoint_layout, default_device, default_dtype, find_tokenizer,
-                   generate, load_model, save_hf)
+from generate import generate
+from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, base_fingerprint, check_checkpoint, default_device,
+                   default_dtype, find_tokenizer, load_model, matrix_shape, read_json, target_linears)
+from sm3 import SM3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# `python train.py` with no arguments runs exactly this (a tiny base pre-trained on some string tasks by
-# demo.py, fine-tuned on another one); it takes under a minute on 2 CPU cores.
+# `python train.py` with no arguments runs exactly this: the tiny base demo.py pre-trained on two string
+# tasks, fine-tuned on a third (under a minute on 2 CPU cores)
 DEMO_ARGS = ["--ckpt", os.path.join(HERE, "demo", "base"), "--data", os.path.join(HERE, "demo", "train.jsonl"),
              "--val-data", os.path.join(HERE, "demo", "val.jsonl"), "--method", "spiel-ag", "--density", "0.05",
-             "--lr", "3e-3", "--weight-decay", "0", "--seq-len", "96", "--batch-size", "16", "--grad-accum", "1",
-             "--max-steps", "600", "--reselect-every", "20", "--eval-every", "100", "--exact-match", "100",
-             "--device", "cpu"]
-# learning rates by method when --lr is not given (the paper's settings for LLaMA 2, section 4.2 and the notes)
+             "--lr", "3e-3", "--seq-len", "96", "--batch-size", "16", "--grad-accum", "1", "--max-steps", "600",
+             "--eval-every", "100", "--exact-match", "100", "--device", "cpu"]
+# peak learning rates by method when --lr is not given: the paper's for LLaMA 2 (section 4.2)
 DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
-DEFAULT_WD = {"spiel-ag": 30.0, "spiel-ma": 0.0, "lora": 0.0, "full": 0.0}
+# SpIEL-AG's weight decay: the authors' 30 at their lr 1e-5 shrinks every delta by lr x wd = 3e-4 per step at
+# the peak. when --weight-decay is not given it keeps that shrink for any --lr (wd = 3e-4 / lr); the others: 0
+AG_DECAY_PER_STEP = 3e-4
+# flags that --resume accepts: extending the run, or what does not change its math; the inputs may move
+RESUME_FLAGS = {"max_steps", "save_every", "eval_every", "exact_match", "stop_at_step", "log_every", "threads",
+                "device", "ckpt", "data", "val_data"}
+
+# -----------------------------------------------------------------------------
+# arguments: the only place a default lives
 
 
-def get_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def checked(kind, ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE, COUNT = checked(float, lambda v: v > 0, "> 0"), checked(int, lambda v: v >= 1, "an integer >= 1")
+NONNEG, NONNEG_INT = checked(float, lambda v: v >= 0, ">= 0"), checked(int, lambda v: v >= 0, "an integer >= 0")
+FRACTION = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message):  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def get_parser():
+    ap = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     # model and data
     a("--ckpt", help="LLaMA 2 checkpoint folder, Meta or Hugging Face layout (omit all arguments for the demo)")
-    a("--data", help="training data, .jsonl or .json, Alpaca or chat 'messages' records (see data.py)")
+    a("--data", help="training data, .jsonl or .json, Alpaca, prompt/completion or chat 'messages' records")
     a("--val-data", help="validation data; default: --val-frac of --data")
-    a("--val-frac", type=float, default=0.05, help="fraction of --data held out when --val-data is not given")
-    a("--seq-len", type=int, default=2048, help="examples are truncated to this many tokens")
+    a("--val-frac", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.05,
+      help="fraction of --data held out when --val-data is not given")
+    a("--seq-len", type=COUNT, default=2048, help="examples are truncated to this many tokens")
     # method and budget
     a("--method", default="spiel-ag", choices=["spiel-ag", "spiel-ma", "lora", "full"])
-    a("--density", type=float, help="SpIEL budget as a fraction of the targeted weights")
-    a("--num-tunable", type=int, help="SpIEL budget as a number of deltas")
-    a("--match-lora-rank", type=int, help="SpIEL budget = parameters of LoRA at this rank (default when no "
-                                             "budget is given: 64, as in the paper)")
-    a("--lora-rank", type=int, default=64, help="LoRA rank (unless --density/--num-tunable set a budget to match)")
-    a("--lora-alpha", type=float, default=16.0)
-    a("--lora-dropout", type=float, default=0.1)
+    a("--density", type=FRACTION, help="SpIEL budget as a fraction of the targeted weights")
+    a("--num-tunable", type=COUNT, help="SpIEL budget as a number of deltas")
+    a("--match-lora-rank", type=COUNT, help="SpIEL budget = the parameters of LoRA at this rank (default when "
+                                            "no budget is given: 64, the paper's)")
+    a("--lora-rank", type=COUNT, default=64, help="LoRA rank (--density/--num-tunable set one to match instead)")
+    a("--lora-alpha", type=POSITIVE, default=16.0)
+    a("--lora-dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.1)
     # reselection (SpIEL)
-    a("--reselect-every", type=int, default=20, help="steps between drop-and-regrow")
-    a("--first-reselect", type=int, default=5, help="step of the first reselection (replaces all deltas); "
-                                                     "also the AG accumulation window length")
-    a("--reselect-rate", type=float, default=0.2, help="fraction replaced at a reselection, decaying to 0")
+    a("--reselect-every", type=COUNT, default=20, help="steps between drop-and-regrow")
+    a("--first-reselect", type=COUNT, default=5, help="step of the first reselection (replaces all deltas); "
+                                                      "also the AG accumulation window length")
+    a("--reselect-rate", type=FRACTION, default=0.2, help="fraction replaced at a reselection, decaying to 0")
     a("--reselect-decay", default="linear", choices=["linear", "cosine"])
     a("--grad-path", default="auto", choices=["auto", "dense", "sparse"],
-      help="SpIEL value gradient: dense dW then gather, or only the active entries (auto: the faster, measured)")
-    a("--sm3-momentum", type=float, default=0.0, help="SpIEL-MA: SM3 momentum (0 keeps SM3's memory small)")
+      help="SpIEL value gradient: dense dW then gather, or only the needed entries (auto: the faster, measured)")
+    a("--sm3-momentum", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
+      help="SpIEL-MA: SM3 momentum (0 keeps SM3's memory small)")
     # optimization
-    a("--lr", type=float, help=f"peak learning rate (default by method: {DEFAULT_LR})")
-    a("--weight-decay", type=float, help=f"decoupled weight decay (default by method: {DEFAULT_WD})")
-    a("--warmup", type=float, default=0.03, help="linear warmup: a fraction of the steps if < 1, else steps")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    a("--batch-size", type=int, default=1, help="examples per micro-batch")
-    a("--grad-accum", type=int, default=128, help="micro-batches per optimizer step (paper: 128 sequences)")
-    a("--epochs", type=float, default=2.0)
-    a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    a("--lr", type=POSITIVE, help=f"peak learning rate (default by method: {DEFAULT_LR})")
+    a("--weight-decay", type=NONNEG, help=f"decoupled weight decay (default: {AG_DECAY_PER_STEP:g} / lr for "
+                                          "spiel-ag, the authors' 30 at lr 1e-5; 0 for the others)")
+    a("--warmup", type=NONNEG, default=0.03, help="linear warmup: a fraction of the steps if < 1, else steps")
+    a("--grad-clip", type=NONNEG, default=0.0, help="clip the gradient norm (0: off, as the authors)")
+    a("--batch-size", type=COUNT, default=1, help="examples per micro-batch")
+    a("--grad-accum", type=COUNT, default=128, help="micro-batches per optimizer step, per process (paper: 128)")
+    a("--epochs", type=POSITIVE, default=2.0)
+    a("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs; with --resume: extends the run)")
     # system
     a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base quantized")
     a("--dtype", choices=["float32", "bfloat16"], help="base and compute dtype (default: bf16 on a GPU that has "
-      "it, else fp32); deltas and optimizer state are always fp32")
+                                                      "it, else fp32); deltas and optimizer state are always fp32")
     a("--device", default=default_device())
+    a("--threads", type=COUNT, help="CPU threads for torch (default: torch's, all cores)")
     a("--grad-checkpoint", action="store_true", help="recompute each block in backward (less activation memory)")
-    a("--seed", type=int, default=0)
+    a("--fsdp", action="store_true", help="under torchrun: shard the frozen base across the processes")
+    a("--seed", type=NONNEG_INT, default=0)
     # output, evaluation, resume
     a("--out", help="output folder (default runs/<method>-<time>); an existing run is never overwritten")
-    a("--resume", action="store_true", help="continue the run in --out with its saved arguments")
-    a("--save-every", type=int, default=200, help="steps between checkpoints (and at the end)")
-    a("--eval-every", type=int, default=100, help="steps between validation loss + one sample (0: off)")
-    a("--exact-match", type=int, default=0, help="score this many validation answers by greedy exact match "
-                                                 "before and after training (single-turn data)")
-    a("--stop-at-step", type=int, help="stop after this step as if interrupted (resumable)")
+    a("--resume", action="store_true", help="continue the run in --out (with its saved arguments)")
+    a("--save-every", type=COUNT, default=200, help="steps between checkpoints (and at the end)")
+    a("--eval-every", type=NONNEG_INT, default=100, help="steps between validation loss + one sample (0: off)")
+    a("--log-every", type=COUNT, default=10, help="steps between progress lines when stdout is not a terminal")
+    a("--exact-match", type=NONNEG_INT, default=0, help="score this many validation answers by greedy exact match "
+                                                        "before and after training (single-turn data)")
+    a("--stop-at-step", type=COUNT, help="stop after this step as if interrupted (resumable)")
+    return ap
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """the arguments of a new run, or (--resume) the stored ones of the run in --out with the flags that may
+    change; input paths are made absolute so a run resumes from anywhere."""
+    ap = get_parser()
     args = ap.parse_args(argv)
-    if not args.resume and (args.ckpt is None or args.data is None):
-        ap.error("--ckpt and --data are required (run with no arguments at all for the demo)")
-    return args
+    if not args.resume:
+        if args.ckpt is None or args.data is None:
+            ap.error("--ckpt and --data are required (run with no arguments at all for the demo)")
+        for key in ("ckpt", "data", "val_data"):
+            setattr(args, key, getattr(args, key) and os.path.abspath(getattr(args, key)))
+        return args
+    if not args.out:
+        ap.error("--resume needs --out, the folder of the run to continue")
+    options = {s: action.dest for action in ap._actions for s in action.option_strings}
+    given = {options[t.split("=")[0]] for t in argv if t.split("=")[0] in options} - {"resume", "out"}
+    stored = read_json(os.path.join(args.out, "args.json"), "not a run folder, or its args.json is damaged")
+    for key in given:
+        value = getattr(args, key)
+        value = os.path.abspath(value) if key in ("ckpt", "data", "val_data") else value
+        if value == stored.get(key):
+            continue
+        if key not in RESUME_FLAGS:
+            ap.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has "
+                     f"{stored.get(key)!r}); start a new run with another --out")
+        stored[key] = value
+    for key in ("ckpt", "data", "val_data"):
+        if stored.get(key) and not os.path.exists(stored[key]):
+            raise CheckpointError(f"{stored[key]}: not found (--{key.replace('_', '-')} stored in {args.out}/args.json); "
+                                  f"pass --{key.replace('_', '-')} with its new place")
+    return argparse.Namespace(**{**vars(ap.parse_args([])), "finetune_id": None, "data_sha256": None, **stored,
+                                 "out": os.path.abspath(args.out), "resume": True, "stop_at_step": args.stop_at_step})
+
+
+# -----------------------------------------------------------------------------
+# the trainable part: one setup for train.py, memory.py and bench.py
+
+
+def add_trainable(model, a, total_steps: int = 1) -> tuple:
+    """the trainable part of `model` for a.method, its optimizer, and (SpIEL) the Selector that moves the
+    deltas. -> (params, optimizer, selector or None)"""
+    lr = a.lr or DEFAULT_LR[a.method]
+    wd = a.weight_decay if a.weight_decay is not None else AG_DECAY_PER_STEP / lr if a.method == "spiel-ag" else 0.0
+    budget = {"density": a.density, "num_tunable": a.num_tunable, "lora_rank": a.match_lora_rank}
+    if a.method in ("spiel-ag", "spiel-ma"):
+        if all(v is None for v in budget.values()):
+            budget["lora_rank"] = 64  # the paper's budget: as many deltas as LoRA rank 64 trains
+        layers = spiel.add_sparse_deltas(model, **budget, seed=a.seed)
+        spiel.set_grad_path(model, a.grad_path)
+        params = [layer.values for layer in layers.values()]
+        if a.method == "spiel-ag":
+            optimizer = spiel.AdamW(params, lr=lr, weight_decay=wd)
+        else:
+            optimizer = SM3(params, lr=lr, momentum=a.sm3_momentum, weight_decay=wd,
+                            positions={m.values: (m.indices, m.weight_shape) for m in layers.values()})
+        schedule = spiel.Schedule(total_steps, a.reselect_every, a.first_reselect, a.reselect_rate, a.reselect_decay)
+        return params, optimizer, spiel.Selector(model, a.method[-2:], schedule, optimizer)
+    if a.method == "lora":
+        rank = a.lora_rank
+        if a.density is not None or a.num_tunable is not None:  # match a SpIEL budget
+            n_targeted = sum(math.prod(matrix_shape(m)) for m in target_linears(model).values())
+            rank = lora.rank_for_budget(model, a.num_tunable or round(a.density * n_targeted))
+        lora.add_lora(model, rank, a.lora_alpha, a.lora_dropout, seed=a.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:  # full fine-tuning
+        params = list(model.requires_grad_(True).parameters())
+    # every element has the same age here: torch's AdamW (betas 0.9/0.999, eps 1e-8, as the authors' trainer)
+    return params, torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False), None
+
+
+# -----------------------------------------------------------------------------
+# helpers: learning rate, batches, evaluation, the run folder
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """linear warmup to the peak, then linear decay (the last step gets peak / (total - warmup))."""
+    warm = warmup * total if warmup < 1 else warmup
+    return peak * step / warm if step <= warm else peak * (total - step + 1) / max(total - warm, 1)
+
+
+class Batches:
+    """micro-batches of a fixed per-epoch order (seed, epoch), with a position (epoch, index) that the resume
+    state keeps, so a resumed run sees exactly the same data. Every process walks the same stream."""
+
+    def __init__(self, examples, batch_size, seed):
+        self.examples, self.batch_size, self.seed, self.epoch, self.index, self.order = examples, batch_size, seed, 0, 0, None
+
+    def next(self) -> list:
+        if self.order is None or self.order[0] != self.epoch:
+            self.order = (self.epoch, data.epoch_order(len(self.examples), self.seed, self.epoch))
+        take = self.order[1][self.index:self.index + self.batch_size]
+        self.index += len(take)
+        if self.index >= len(self.examples):
+            self.epoch, self.index = self.epoch + 1, 0
+        return [self.examples[i] for i in take]
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size, pad_id, device) -> float:
+    """mean loss per answer token over (up to 500) validation examples."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, min(len(examples), 500), batch_size):
+        x, y = data.collate(examples[i:i + batch_size], pad_id)
+        total += model(x.to(device), y.to(device), reduction="sum")[1].item()
+        n += int((y != IGNORE_INDEX).sum())
+    model.train()
+    return total / max(n, 1)
+
+
+def answer(model, tok, system, user, max_new) -> str:
+    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0, eos_id=tok.eos_id))
+
+
+def exact_match(model, tok, examples, n) -> float:
+    """the fraction of the first n examples whose greedy answer equals the reference (stripped)."""
+    hits = 0
+    for _, _, (system, turns) in examples[:n]:
+        ref = turns[0][1]
+        hits += answer(model, tok, system, turns[0][0], len(tok.encode(ref, bos=False)) + 8).strip() == ref.strip()
+    return hits / min(n, len(examples))
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def prepare_out(args):
+    """a new run's folder: refuses one that holds anything but a run stopped before its first checkpoint."""
+    args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    files = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()
+    if files and not files <= {"args.json", "log.jsonl"}:
+        raise FileExistsError(f"{args.out}: exists and is not empty; use --resume or another --out")
+    if files:
+        print(f"note: {args.out} holds a run stopped before its first checkpoint; starting it over")
+        for name in files:
+            os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
+    args.finetune_id = uuid.uuid4().hex[:16]  # recorded in the delta, and by merge.py in what it merges into
+    args.data_sha256 = sha256(args.data) if os.path.isfile(args.data) else None
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")}, f, indent=2)
+
+
+def save(args, step, model, optimizer, selector, batches, rank, world, fingerprint):
+    """the small artifact (delta or adapter) and the resume state, each to a temp name, then renamed. Only
+    rank 0 writes (the trainable part is the same on every rank)."""
+    if rank:
+        return
+    meta = {"method": args.method, "step": step, "finetune_id": args.finetune_id}
+    if args.method in ("spiel-ag", "spiel-ma"):
+        spiel.save_delta(model, os.path.join(args.out, "delta.safetensors"), meta)
+    elif args.method == "lora":
+        lora.save_lora(model, os.path.join(args.out, "lora.safetensors"), meta)
+    state = {"step": step, "world_size": world, "base_fingerprint": fingerprint, "data": {"epoch": batches.epoch, "index": batches.index},
+             "optimizer": optimizer.state_dict(), "selector": selector.state_dict() if selector else {},
+             "trainable": trainable_state(model, args.method), "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state, os.path.join(args.out, "state.pt.tmp"))
+    os.replace(os.path.join(args.out, "state.pt.tmp"), os.path.join(args.out, "state.pt"))
+
+
+def trainable_state(model, method) -> dict:
+    sd = model.state_dict()
+    return sd if method == "full" else {k: v for k, v in sd.items() if k.endswith((".values", ".indices", ".A", ".B"))}
+
+
+def load_state(args, model, optimizer, selector, batches, world, fingerprint) -> int:
+    """put a run's resume state back in place; -> the last step it finished. Errors name state.pt."""
+    path = os.path.join(args.out, "state.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found; the run stopped before its first checkpoint: run the same "
+                              f"command without --resume to start it over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        trainable, want = state["trainable"], trainable_state(model, args.method)
+    except Exception as e:
+        raise CheckpointError(f"{path}: damaged or not a resume state ({str(e).splitlines()[0]}); it is written "
+                              f"atomically, so this is a copy or disk fault: restore the folder, or start a new run") from None
+    if set(trainable) != set(want) or any(trainable[k].shape != want[k].shape for k in want):
+        raise CheckpointError(f"{path}: does not match this model's trainable tensors (another model or method?)")
+    if state.get("base_fingerprint", fingerprint) != fingerprint:
+        raise CheckpointError(f"{args.ckpt}: not the base this run trained on (its fingerprint differs from {path}'s)")
+    if state["world_size"] != world:
+        raise CheckpointError(f"{path}: saved by {state['world_size']} processes, resumed by {world}; resume with "
+                              f"--nproc_per_node {state['world_size']}")
+    with torch.no_grad():
+        for k, v in trainable.items():
+            want[k].copy_(v)  # in place: the optimizer keeps pointing at the same tensors
+    optimizer.load_state_dict(state["optimizer"])
+    if selector:
+        selector.load_state_dict(state["selector"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    batches.epoch, batches.index = state["data"]["epoch"], state["data"]["index"]
+    return state["step"]
+
+
+def setup_distributed(device: str) -> tuple:
+    """torchrun's environment -> (rank, world size, this process's device); NCCL on CUDA, gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    local = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard_base(model, params):
+    """--fsdp: the frozen base sharded per transformer block (FSDP2); the trainable part stays replicated."""
+    from torch.distributed.fsdp import fully_shard
+    ignored = set(params) if not all(p.requires_grad for p in model.parameters()) else None
+    for block in model.layers:
+        fully_shard(block, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
+STOP = []  # the first Ctrl-C finishes the step, saves and exits; a second one exits at once
+
+
+def on_sigint(*_):
+    if STOP:
+        raise SystemExit("quit without saving; the last checkpoint is intact")
+    STOP.append(1)
+    print("\ninterrupted: finishing this step, saving, exiting (Ctrl-C again to quit at once)", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv):
     demo = not argv
-    args = get_args(DEMO_ARGS if demo else argv)
+    args = parse_args(DEMO_ARGS if demo else argv)
     if demo:
         print("demo: python train.py " + " ".join(os.path.relpath(x, HERE) if x.startswith(HERE) else x
                                                  for x in DEMO_ARGS))
-    # --- output folder and resume -----------------------------------------------------------------------
-    if args.resume:
-        if not args.out or not os.path.isfile(os.path.join(args.out, "state.pt")):
-            raise SystemExit(f"error: --resume needs --out pointing at a run with state.pt ({args.out})")
-        stop_at = args.stop_at_step
-        with open(os.path.join(args.out, "args.json")) as f:
-            args = argparse.Namespace(**json.load(f))  # the run's own arguments, so it continues exactly
-        args.resume, args.stop_at_step = True, stop_at
-    else:
-        args.out = args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if os.path.exists(args.out) and os.listdir(args.out):
-            raise SystemExit(f"error: {args.out} exists and is not empty; use --resume or another --out")
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
-    wd = args.weight_decay if args.weight_decay is not None else DEFAULT_WD[args.method]
-    spiel_method = {"spiel-ag": "ag", "spiel-ma": "ma"}.get(args.method)
     if args.quantize != "none" and args.method == "full":
         raise SystemExit("error: full fine-tuning needs a full-precision base (drop --quantize)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
+    if not args.resume and rank == 0:
+        prepare_out(args)  # until its first checkpoint, the folder can be started over
+    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 prints and writes
     torch.manual_seed(args.seed)
-    device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
-    # --- data ---------------------------------------------------------------------------------------------
-    checkpoint_layout(args.ckpt)  # a missing or unrecognised folder is reported before anything else
+    # --- data -------------------------------------------------------------------------------------------------
     tok = Tokenizer(find_tokenizer(args.ckpt))
+    if args.resume and args.data_sha256 and sha256(args.data) != args.data_sha256:
+        raise CheckpointError(f"{args.data}: not the data this run trained on (its sha256 differs)")
     train_set, dropped = data.load_examples(args.data, tok, args.seq_len)
     if args.val_data:
         val_set, dropped_val = data.load_examples(args.val_data, tok, args.seq_len)
@@ -134,252 +401,156 @@ def main(argv):
     else:
         train_set, val_set = data.split_train_val(train_set, args.val_frac, args.seed)
     if dropped:
-        print(f"data: dropped {dropped} examples left with no answer token after truncation to {args.seq_len}")
-    per_step = args.batch_size * args.grad_accum
+        say(f"data: dropped {dropped} examples left with no answer token after truncation to {args.seq_len}")
+    per_step = args.batch_size * args.grad_accum * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / per_step))
     n_label = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in train_set)
-    print(f"data: {len(train_set)} training / {len(val_set)} validation examples, {n_label / len(train_set):.1f} "
-          f"answer tokens per example; {per_step} examples per step, {total_steps} steps")
+    say(f"data: {len(train_set)} training / {len(val_set)} validation examples, {n_label / len(train_set):.1f} answer "
+        f"tokens per example; {per_step} examples per step ({world} process(es)), {total_steps} steps")
 
-    # --- model and the trainable part ---------------------------------------------------------------------
+    # --- model and the trainable part ---------------------------------------------------------------------------
     t0 = time.time()
     model = load_model(args.ckpt, device=device, dtype=dtype, quantize=None if args.quantize == "none" else args.quantize)
-    print(f"model: {args.ckpt} ({model.layout} layout, {model.args.n_layers} layers, dim {model.args.dim}) "
-          f"loaded in {time.time() - t0:.1f}s as {dtype}" + (f", base quantized to {args.quantize}" if args.quantize != "none" else ""))
+    say(f"model: {args.ckpt} ({model.layout} layout, {model.args.n_layers} layers, dim {model.args.dim}) loaded in "
+        f"{time.time() - t0:.1f}s as {dtype}" + (f", base quantized to {args.quantize}" if args.quantize != "none" else ""))
     model.grad_checkpoint = args.grad_checkpoint
-    n_base = sum(p.numel() for p in model.parameters()) + \
-        sum(math.prod(m.weight_shape) for m in model.modules() if hasattr(m, "dequantize"))  # quantized weights
-    budget = dict(density=args.density, num_tunable=args.num_tunable, lora_rank=args.match_lora_rank)
-    if all(v is None for v in budget.values()):
-        budget["lora_rank"] = 64
-    selector = None
-    if spiel_method:
-        layers = spiel.add_sparse_deltas(model, **budget, seed=args.seed)
-        spiel.set_grad_path(model, args.grad_path)
-        params = [layer.values for layer in layers.values()]
-        if spiel_method == "ag":
-            optimizer = spiel.AdamW(params, lr=lr, weight_decay=wd)
-        else:
-            from sm3 import SM3
-            optimizer = SM3(params, lr=lr, momentum=args.sm3_momentum, weight_decay=wd)
-        schedule = spiel.Schedule(total_steps, args.reselect_every, args.first_reselect, args.reselect_rate,
-                                  args.reselect_decay)
-        selector = spiel.Selector(model, spiel_method, schedule, grad_accum=args.grad_accum)
-    elif args.method == "lora":
-        import lora
-        rank = args.lora_rank
-        if args.density is not None or args.num_tunable is not None:  # match SpIEL's budget
-            n_targeted = sum(math.prod(spiel.matrix_shape(m)) for m in spiel.target_linears(model).values())
-            rank = lora.rank_for_budget(model, args.num_tunable or round(args.density * n_targeted))
-        layers = lora.add_lora(model, rank, args.lora_alpha, args.lora_dropout, seed=args.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = spiel.AdamW(params, lr=lr, weight_decay=wd)
-    else:  # full fine-tuning
-        params = list(model.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = spiel.AdamW(params, lr=lr, weight_decay=wd)
+    n_base = sum(p.numel() for p in model.parameters()) + sum(math.prod(m.weight_shape) for m in model.modules()
+                                                               if hasattr(m, "dequantize"))
+    fingerprint = base_fingerprint(model)  # of weights fine-tuning never changes: a resume checks it
+    params, optimizer, selector = add_trainable(model, args, total_steps)
     n_trainable = sum(p.numel() for p in params)
     if n_trainable == 0 or not all(p.requires_grad for p in params):
         raise SystemExit("error: nothing to train (check the budget and the method)")
-    print(f"trainable: {n_trainable:,} parameters ({args.method}), {n_trainable / n_base:.3%} of the base's "
-          f"{n_base:,}; lr {lr:g}, weight decay {wd:g}")
+    lr, wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]
+    say(spiel.budget_summary(model) if selector else f"{args.method}: {n_trainable:,} trainable parameters")
+    say(f"trainable: {n_trainable:,} of {n_base:,} parameters ({n_trainable / n_base:.3%}); lr {lr:g}, weight decay "
+        f"{wd:g}, gradient clipping {args.grad_clip or 'off'}")
+    density = n_trainable / sum(math.prod(m.weight_shape) for m in spiel.delta_layers(model).values()) if selector else 0
+    if density > 0.1 and args.density is None and args.num_tunable is None:
+        say(f"warning: this budget is {density:.0%} of the targeted weights (the paper's is 2.5% on 7B: LoRA rank 64 "
+            f"matched); on a small model pass --density (e.g. 0.05) or a smaller --match-lora-rank")
+    if args.fsdp:
+        shard_base(model, params)
 
-    # --- saving and resuming -------------------------------------------------------------------------------
-    os.makedirs(args.out, exist_ok=True)
-    trainable_keys = [k for k, _ in model.state_dict(keep_vars=True).items()
-                      if args.method == "full" or k.endswith((".values", ".indices", ".A", ".B"))]
-    pos = {"epoch": 0, "index": 0}  # where the data stream stands
-    log_path = os.path.join(args.out, "log.jsonl")
+    # --- the run folder: a new one, or resume ----------------------------------------------------------------------
+    batches = Batches(train_set, args.batch_size, args.seed)
+    if args.resume:
+        start = load_state(args, model, optimizer, selector, batches, world, fingerprint) + 1
+        if start > total_steps:
+            say(f"{args.out} already finished at step {start - 1}; extend it with --resume --max-steps N (N > "
+                f"{start - 1})")
+            return 0
+        say(f"resumed {args.out} at step {start} of {total_steps}")
+    else:
+        start = 1
+    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
 
     def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
 
-    def save(step):
-        """the small artifact (delta / adapter) and the resume state, each written to a temp file and renamed."""
-        extra = {"method": args.method, "step": step, "base": os.path.abspath(args.ckpt)}
-        if spiel_method:
-            spiel.save_delta(model, os.path.join(args.out, "delta.safetensors"), extra=extra)
-        elif args.method == "lora":
-            lora.save_lora(model, os.path.join(args.out, "lora.safetensors"), extra=extra)
-        sd = model.state_dict()
-        state = {"step": step, "data": dict(pos), "optimizer": optimizer.state_dict(),
-                 "selector": selector.state_dict() if selector else {},
-                 "trainable": {k: sd[k] for k in trainable_keys}, "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save(state, os.path.join(args.out, "state.pt.tmp"))
-        os.replace(os.path.join(args.out, "state.pt.tmp"), os.path.join(args.out, "state.pt"))
-
-    start = 1
-    if args.resume:
-        state = torch.load(os.path.join(args.out, "state.pt"), map_location=device, weights_only=True)
-        sd = model.state_dict()
-        if set(state["trainable"]) != set(trainable_keys):
-            raise SystemExit(f"error: {args.out}/state.pt does not match this model's trainable tensors")
-        with torch.no_grad():
-            for k, v in state["trainable"].items():
-                sd[k].copy_(v)  # in place: the optimizer keeps pointing at the same tensors
-        optimizer.load_state_dict(state["optimizer"])
-        if selector:
-            selector.load_state_dict(state["selector"])
-        torch.set_rng_state(state["rng"].cpu())  # RNG states are CPU byte tensors (map_location moved them)
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-        pos.update(state["data"])
-        start = state["step"] + 1
-        print(f"resumed {args.out} at step {start}")
-    else:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
-    # --- evaluation ---------------------------------------------------------------------------------------
-    def batches_of(examples):
-        for i in range(0, len(examples), args.batch_size):
-            yield data.collate(examples[i:i + args.batch_size], tok.eos_id)
-
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        tot, n = 0.0, 0
-        for x, y in batches_of(val_set[:500]):
-            _, loss = model(x.to(device), y.to(device), reduction="sum")
-            tot, n = tot + loss.item(), n + int((y != IGNORE_INDEX).sum())
-        model.train()
-        return tot / max(n, 1)
-
-    def answer(system, turns, max_new):
-        ids = data.prompt_ids(tok, turns[0][0], system)
-        g = torch.Generator(device=device).manual_seed(0)
-        return tok.decode(generate(model, ids, max_new, temperature=0, eos_id=tok.eos_id, generator=g))
-
-    def exact_match(n):
-        """greedy answers of the first n validation examples compared with the reference, stripped."""
-        rng_state = torch.get_rng_state()
-        hits = 0
-        for _, _, (system, turns) in val_set[:n]:
-            ref = turns[0][1]
-            hits += answer(system, turns, len(tok.encode(ref, bos=False)) + 8).strip() == ref.strip()
-        torch.set_rng_state(rng_state)
-        return hits / min(n, len(val_set))
-
-    if args.eval_every and val_set and start == 1:
-        val_loss = evaluate()
-        print(f"validation loss before fine-tuning: {val_loss:.4f}")
+    if start == 1 and val_set and (args.eval_every or args.exact_match):
+        val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
+        say(f"validation loss before fine-tuning: {val_loss:.4f}")
         log({"event": "eval", "step": 0, "val_loss": val_loss})
-    if args.exact_match and val_set and start == 1:
-        em = exact_match(args.exact_match)
-        print(f"exact match before fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} held-out answers")
-        log({"event": "exact_match", "step": 0, "exact_match": em})
+        if args.exact_match:
+            em = exact_match(model, tok, val_set, args.exact_match)
+            say(f"exact match before fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} held-out answers")
+            log({"event": "exact_match", "step": 0, "exact_match": em})
 
-    # --- the training loop -------------------------------------------------------------------------------
-    epoch_cache = {}
-
-    def next_batch():
-        """the next micro-batch in a fixed per-epoch order (so a resumed run sees the same data)."""
-        if epoch_cache.get("epoch") != pos["epoch"]:  # one permutation per epoch, not per micro-batch
-            epoch_cache.update(epoch=pos["epoch"], order=data.epoch_order(len(train_set), args.seed, pos["epoch"]))
-        order = epoch_cache["order"]
-        take = order[pos["index"]:pos["index"] + args.batch_size]
-        pos["index"] += len(take)
-        if pos["index"] >= len(order):
-            pos["epoch"], pos["index"] = pos["epoch"] + 1, 0
-        examples = [train_set[i] for i in take]
-        return (*data.collate(examples, tok.eos_id), sum(len(x) for x, _, _ in examples))
-
-    def lr_at(t):  # linear warmup to the peak, then linear decay (the last step gets peak / (T - warmup))
-        warm = args.warmup * total_steps if args.warmup < 1 else args.warmup
-        if t <= warm:
-            return lr * t / warm
-        return lr * (total_steps - t + 1) / max(total_steps - warm, 1)
-
-    interrupted = []  # the first Ctrl-C finishes the step, saves and exits; a second one exits at once
-    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1) if not interrupted else sys.exit(130))
-
-    def finish(code):
-        signal.signal(signal.SIGINT, old_handler)
-        return code
-
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    # --- the training loop -----------------------------------------------------------------------------------------
+    signal.signal(signal.SIGINT, on_sigint)
     from tqdm import tqdm
-    bar = tqdm(range(start, total_steps + 1), initial=start - 1, total=total_steps, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start - 1, dynamic_ncols=True, disable=rank > 0 or not sys.stdout.isatty())
+    note = bar.write if rank == 0 else (lambda *a: None)
     model.train()
     t_start, tokens_seen, last_saved = time.time(), 0, start - 1
-    for step in bar:
+    for step in range(start, total_steps + 1):
         t_step = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step, total_steps, lr, args.warmup)
         if selector:
             selector.begin_step(step)  # SpIEL-AG: this step's gradients also feed the accumulation window
-        micro = [next_batch() for _ in range(args.grad_accum)]
-        n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro)
-        loss_sum = 0.0
-        for x, y, n_tokens in micro:
+        # this step's micro-batches (all processes'), normalised by all of their answer tokens
+        micro = [batches.next() for _ in range(args.grad_accum * world)]
+        n_targets = sum(int((y != IGNORE_INDEX).sum()) for mb in micro for _, y, _ in mb)
+        tokens_seen += sum(len(x) for mb in micro for x, _, _ in mb)  # non-padding tokens
+        loss_sum = torch.zeros((), device=device)
+        for examples in micro[rank * args.grad_accum:(rank + 1) * args.grad_accum]:  # this process's share
+            x, y = data.collate(examples, tok.eos_id)
             _, loss = model(x.to(device), y.to(device), reduction="sum")
-            (loss / n_targets).backward()  # normalised per target token over the whole step
-            loss_sum += loss.item()
-            tokens_seen += n_tokens  # non-padding tokens
-        train_loss = loss_sum / n_targets
+            (loss / n_targets).backward()
+            loss_sum += loss.detach()
+        if world > 1:  # data parallel: the step's gradient is the sum of every process's share
+            for p in params:
+                if p.grad is not None and not (args.fsdp and args.method == "full"):  # (FSDP reduces its own)
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(loss_sum)
+        train_loss = loss_sum.item() / n_targets
         if not math.isfinite(train_loss):
             print(f"\nerror: step {step}: the loss is {train_loss}; stopping. The last checkpoint in {args.out} "
                   f"(step {last_saved}) is intact; try a lower --lr.", file=sys.stderr)
-            return finish(1)
-        # clips if > 0; an open AG window has already summed these gradients, unclipped
+            return 1
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))
+        if selector:  # SpIEL-AG: the window keeps the step's gradient as clipping scaled it
+            selector.end_step(min(1.0, args.grad_clip / (grad_norm + 1e-6)) if args.grad_clip else 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # --- drop and regrow (SpIEL section 3): the smallest deltas make room for new positions ----------
+        # --- drop and regrow (SpIEL section 3): the smallest deltas make room for new positions --------------------
         if selector and selector.schedule.is_reselection(step):
-            changed = selector.reselect(step, optimizer)
-            k = sum(layer.indices.numel() for layer in selector.layers.values())
-            n = sum(changed.values())
-            tqdm.write(f"step {step}: reselection replaced {n:,} of {k:,} deltas ({n / k:.1%}; scheduled "
-                       f"{selector.schedule.fraction(step):.1%})")
+            changed = selector.reselect(step)
+            k, n = sum(m.indices.numel() for m in selector.layers.values()), sum(changed.values())
+            note(f"step {step}: reselection replaced {n:,} of {k:,} deltas ({n / k:.1%}; scheduled "
+                 f"{selector.schedule.fraction(step):.1%})")
             log({"event": "reselect", "step": step, "changed": n, "of": k, "by_matrix": changed})
 
-        dt = time.time() - t_step
         tok_s = tokens_seen / (time.time() - t_start)
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_at(step):.2e}", tok_s=f"{tok_s:.0f}")
-        log({"step": step, "loss": train_loss, "lr": lr_at(step), "grad_norm": grad_norm, "step_time": dt,
-             "tokens_per_s": tok_s})
+        log({"step": step, "loss": train_loss, "lr": lr_at(step, total_steps, lr, args.warmup), "grad_norm": grad_norm,
+             "step_time": time.time() - t_step, "tokens_per_s": tok_s})
+        bar.update()
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_at(step, total_steps, lr, args.warmup):.2e}", tok_s=f"{tok_s:.0f}")
+        if bar.disable and (step % args.log_every == 0 or step == total_steps):  # a log file: a plain line now and then
+            say(f"step {step}/{total_steps}: loss {train_loss:.4f}, lr {lr_at(step, total_steps, lr, args.warmup):.2e}, "
+                f"{tok_s:.0f} tokens/s", flush=True)
         if args.eval_every and val_set and (step % args.eval_every == 0 or step == total_steps):
-            val_loss = evaluate()
+            val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
             _, _, (system, turns) = val_set[0]
-            sample = answer(system, turns, 64)
-            tqdm.write(f"step {step}: validation loss {val_loss:.4f} | {turns[0][0][:60]!r} -> {sample[:80]!r}")
+            sample = answer(model, tok, system, turns[0][0], 64)
+            note(f"step {step}: validation loss {val_loss:.4f} | {turns[0][0][:60]!r} -> {sample[:80]!r}")
             log({"event": "eval", "step": step, "val_loss": val_loss, "sample": sample})
-        stop = interrupted or step == args.stop_at_step
+        stop = bool(STOP) or step == args.stop_at_step
         if step % args.save_every == 0 or step == total_steps or stop:
-            save(step)
+            save(args, step, model, optimizer, selector, batches, rank, world, fingerprint)
             last_saved = step
         if stop:
             bar.close()
-            print(f"stopped after step {step}; continue with: python train.py --out {args.out} --resume")
-            return finish(130 if interrupted else 0)
+            say(f"stopped after step {step}; continue with: python train.py --out {args.out} --resume")
+            return 130 if STOP else 0
     bar.close()
-    finish(0)
 
-    # --- the end: what it cost, what it gave -------------------------------------------------------------
+    # --- the end: what it cost, what it gave -------------------------------------------------------------------------
     elapsed = time.time() - t_start
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    print(f"done: {total_steps - start + 1} steps in {elapsed:.0f}s, {tokens_seen / elapsed:.0f} tokens/s, peak "
-          f"{'GPU memory allocated' if device.startswith('cuda') else 'RSS'} {peak:.2f} GB")
+    cuda = device.startswith("cuda")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    say(f"done: {total_steps - start + 1} steps in {elapsed:.0f}s, {tokens_seen / elapsed:.0f} tokens/s, peak "
+        f"{'GPU memory allocated' if cuda else 'RSS'} {peak:.2f} GB")
     log({"event": "end", "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed, "peak_memory_gb": peak})
-    if args.method == "full":
+    if args.method == "full" and rank == 0:
+        from merge import save_hf
         save_hf(model, tok.path, os.path.join(args.out, "model"))
     if args.exact_match and val_set:
-        em = exact_match(args.exact_match)
-        print(f"exact match after fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} held-out answers")
+        em = exact_match(model, tok, val_set, args.exact_match)
+        say(f"exact match after fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} held-out answers")
         log({"event": "exact_match", "step": total_steps, "exact_match": em})
-    artifact = {"lora": "lora.safetensors", "full": "model/"}.get(args.method, "delta.safetensors")
-    print(f"saved {os.path.join(args.out, artifact)}; sample with: python generate.py --ckpt {args.ckpt} "
-          + (f"--delta {os.path.join(args.out, artifact)} " if args.method != "full" else "") + '--chat --prompt "..."')
+    artifact = os.path.join(args.out, {"lora": "lora.safetensors", "full": "model"}.get(args.method, "delta.safetensors"))
+    prompt = val_set[0][2][1][0][0] if val_set else "..."
+    say(f"saved {artifact}; sample with: python generate.py --ckpt " + (f"{artifact} " if args.method == "full" else
+        f"{args.ckpt} --delta {artifact} ") + f"--chat --temperature 0 --prompt {json.dumps(prompt)}")
     if demo:
-        print("to fine-tune LLaMA 2 7B the same way on one GPU:\n  python train.py --ckpt llama-2-7b "
-              "--data your.jsonl --quantize int8 --grad-checkpoint   (see README.md)")
+        say("to fine-tune LLaMA 2 7B the same way on one GPU:\n  python train.py --ckpt llama-2-7b --data your.jsonl "
+            "--quantize int8 --grad-checkpoint   (see README.md)")
     return 0
 
 
@@ -388,3 +559,5 @@ if __name__ == "__main__":
         sys.exit(main(sys.argv[1:]))
     except (CheckpointError, data.DataError, ValueError, FileExistsError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted before training started; nothing was saved: run the same command again")

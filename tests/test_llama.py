@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import write_meta
-from llama import IGNORE_INDEX, CheckpointError, Tokenizer, find_tokenizer, generate, load_model, save_hf
+from generate import generate
+from llama import IGNORE_INDEX, CheckpointError, Tokenizer, find_tokenizer, load_model
+from merge import save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,196 @@
+"""
+Pictures of a fine-tune: how runs trained, and where a SpIEL delta put its budget.
+
+    python plot.py runs/ag runs/ma runs/lora --out runs.png       # curves from each run's log.jsonl
+    python plot.py --mask runs/ag/delta.safetensors --out mask.png   # where the deltas sit
+
+The run figure has four panels, every run on the same axes: training loss per step, validation loss,
+learning rate, and the fraction of deltas replaced at each reselection (SpIEL section 3, drop and grow).
+A resumed run repeats the steps after its last checkpoint; the last record of each step wins.
+The mask figure shows the density of deltas per layer and projection, and where one matrix's active
+positions are (binned to at most 256 x 256).
+
+matplotlib is optional, only this script needs it: pip install -r requirements-plot.txt
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the columns of the mask, in model order
+
+
+class PlotError(Exception):
+    """a bad input file; main prints it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+def read_log(path: str) -> dict:
+    """series name -> {step: value} from a train.py log.jsonl; unknown events and keys are ignored."""
+    if not os.path.isfile(path):
+        raise PlotError(f"{path}: not found")
+    series = {"loss": {}, "lr": {}, "val_loss": {}, "replaced": {}}
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise PlotError(f"{path}:{i}: not JSON ({e})") from None
+            if not isinstance(r, dict) or "step" not in r:
+                continue
+            event, step = r.get("event"), r["step"]
+            if event is None:  # a training step
+                for key in ("loss", "lr"):
+                    if key in r:
+                        series[key][step] = r[key]  # a repeated step overwrites: the last one wins
+            elif event == "eval" and "val_loss" in r:
+                series["val_loss"][step] = r["val_loss"]
+            elif event == "reselect" and r.get("of"):
+                series["replaced"][step] = r["changed"] / r["of"]
+    return series
+
+
+def read_delta(path: str, matrix: str = None):
+    """(shapes, deltas per matrix, the chosen matrix's name and flat indices) of a spiel delta file."""
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(path, framework="numpy")  # memory-mapped: only the chosen matrix's indices are read
+        meta = f.metadata() or {}
+    except Exception as e:
+        raise PlotError(f"{path}: cannot read safetensors ({e})") from None
+    if meta.get("format") != "spiel-delta":
+        raise PlotError(f"{path}: not a spiel delta file (metadata format is {meta.get('format')!r})")
+    try:
+        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+        counts = {n: f.get_slice(n + ".indices").get_shape()[0] for n in shapes}
+    except Exception as e:
+        raise PlotError(f"{path}: bad spiel delta file ({e})") from None
+    matrix = matrix or next(iter(shapes))
+    if matrix not in shapes:
+        raise PlotError(f"{path}: no matrix {matrix!r} (the first is {next(iter(shapes))!r})")
+    return shapes, counts, matrix, f.get_tensor(matrix + ".indices").astype("int64")
+
+
+def occupancy(indices, shape, bins: int = 256):
+    """the fraction of each (row bin, column bin) cell that holds a delta, at most bins x bins."""
+    import numpy as np
+
+    (n_out, n_in), rb, cb = shape, min(shape[0], bins), min(shape[1], bins)
+    r, c = indices // n_in * rb // n_out, indices % n_in * cb // n_in  # the bin of each delta
+    hits = np.bincount(r * cb + c, minlength=rb * cb).reshape(rb, cb)  # (rb, cb)
+    rows = np.bincount(np.arange(n_out) * rb // n_out, minlength=rb)  # rows per bin (not all equal)
+    cols = np.bincount(np.arange(n_in) * cb // n_in, minlength=cb)
+    return hits / np.outer(rows, cols)
+
+
+# -----------------------------------------------------------------------------
+# drawing (matplotlib's object API: no pyplot, no global state, no display needed)
+
+
+def draw_runs(logs: list, out: str):
+    """four panels, one line (or markers) per run: logs is [(label, read_log(...)), ...]."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2).flat
+    panels = [("loss", "training loss", "-"), ("val_loss", "validation loss", "o-"),
+              ("lr", "learning rate", "-"), ("replaced", "fraction replaced at each reselection", "s-")]
+    for ax, (key, title, style) in zip(axes, panels):
+        for i, (label, series) in enumerate(logs):
+            steps = sorted(series[key])
+            if steps:
+                ax.plot(steps, [series[key][s] for s in steps], style, color=f"C{i}", label=label, ms=4)
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "no reselections" if key == "replaced" else "no data", ha="center",
+                    va="center", transform=ax.transAxes, color="gray")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    fig.savefig(out, dpi=120)
+
+
+def draw_mask(path: str, matrix: str, out: str):
+    """density per layer x projection, and the positions of one matrix's deltas."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    shapes, counts, matrix, indices = read_delta(path, matrix)
+    cells = {}  # (layer, projection) -> name
+    for name in shapes:
+        m = re.fullmatch(r"layers\.(\d+)\.\w+\.(\w+)", name)
+        if m and m[2] in PROJECTIONS:
+            cells[int(m[1]), PROJECTIONS.index(m[2])] = name
+    if not cells:
+        raise PlotError(f"{path}: no matrices named layers.<i>.<module>.<projection>")
+    n_layers = max(layer for layer, _ in cells) + 1
+    grid = np.full((n_layers, len(PROJECTIONS)), np.nan)  # nan: a matrix without deltas
+    for (layer, p), name in cells.items():
+        grid[layer, p] = counts[name] / (shapes[name][0] * shapes[name][1])
+
+    fig = Figure(figsize=(12, max(4, 1.5 + 0.25 * n_layers)), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=(1, 1.4))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)  # from 0: equal budgets look equal
+    ax.set(title=f"density of deltas ({sum(counts.values()):,} in all)", xlabel="projection", ylabel="layer",
+           xticks=range(len(PROJECTIONS)), xticklabels=PROJECTIONS, yticks=range(n_layers))
+    if n_layers <= 12:  # small enough to read the counts in the cells
+        for (layer, p), name in cells.items():
+            dark = im.norm(grid[layer, p]) < 0.5  # white text on the dark end of the colour map
+            ax.text(p, layer, f"{counts[name]:,}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
+    fig.colorbar(im, ax=ax, label="deltas / matrix size")
+
+    n_out, n_in = shapes[matrix]
+    im2 = ax2.imshow(occupancy(indices, (n_out, n_in)), aspect="auto", cmap="magma", interpolation="nearest",
+                     extent=(0, n_in, n_out, 0))  # axes in real row / column numbers
+    ax2.set(title=f"{matrix}: {indices.size:,} active of {n_out * n_in:,}", xlabel="input (column)",
+            ylabel="output (row, Meta's RoPE order)")
+    fig.colorbar(im2, ax=ax2, label="fraction of the cell active")
+    fig.savefig(out, dpi=120)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="*", help="run folders (train.py --out), each with a log.jsonl")
+    ap.add_argument("--labels", nargs="+", help="legend names for the runs (default: the folder names)")
+    ap.add_argument("--mask", help="a delta.safetensors: draw where its deltas are instead of the curves")
+    ap.add_argument("--matrix", help="the matrix whose positions the mask figure shows (default: the first)")
+    ap.add_argument("--out", required=True, help="the PNG to write")
+    args = ap.parse_args(argv)
+    if bool(args.runs) == bool(args.mask):
+        ap.error("give either run folders (the curves) or --mask (the mask picture)")
+    if args.labels and len(args.labels) != len(args.runs):
+        ap.error(f"{len(args.labels)} labels for {len(args.runs)} runs")
+    try:
+        import matplotlib  # noqa: F401  (checked before any work)
+    except ImportError:
+        print("error: plot.py needs matplotlib: pip install -r requirements-plot.txt", file=sys.stderr)
+        return 1
+
+    try:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        if args.mask:
+            draw_mask(args.mask, args.matrix, args.out)
+        else:
+            labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
+            logs = [(label, read_log(os.path.join(r, "log.jsonl"))) for label, r in zip(labels, args.runs)]
+            draw_runs(logs, args.out)
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
