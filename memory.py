@@ -55,9 +55,12 @@ GOALS = {"spiel-ma": 16 * GB, "spiel-ag": 20 * GB}  # 7B, int8 base, seq 2048, b
 # spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
 # (uint8), their int64 copy for the lookup and the fp32 lookup
 DEQUANT_BYTES = {None: None, "int8": 8, "nf4": 13}  # None: the compute dtype's size
-# temporaries of one optimizer step on its largest tensor, per element: spiel.AdamW (fp32 grad copy, m_hat,
-# v_hat, the update and its pieces) and SM3 on a sparse delta (int64 rows/cols/indices, nu, the update)
+# temporaries of one optimizer step on its largest tensor, per element: spiel.AdamW (SpIEL-AG: fp32 grad copy,
+# m_hat, v_hat, the update and its pieces) and SM3 on a sparse delta (int64 rows/cols/indices, nu, the update);
+# torch.optim.AdamW (LoRA, full; foreach=False) makes sqrt(v) and sqrt(v) / c: two tensors of the parameter's
+# dtype, so its entry is a count of parameter-sized elements, not bytes
 STEP_BYTES = {"adamw": 24, "sm3": 40}
+TORCH_ADAMW_STEP_TENSORS = 2
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -168,6 +171,9 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     model, optimizer = meta_model(args, method, quantize, dtype, window_open, density=density, lora_rank=lora_rank,
                                   lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
     est = persistent_bytes(model, optimizer)
+    if method == "lora":  # a SpIEL budget (density) sets LoRA's rank, as in train.py: model the rank it got
+        import lora
+        lora_rank = next(iter(lora.lora_layers(model).values())).rank
     elem, N, L = torch.finfo(dtype).bits // 8, batch_size * seq_len, args.n_layers
     act = saved_activations(args, method, N, elem, lora_rank, lora_dropout)
     if grad_checkpoint:  # each block keeps only its input; its activations come back one block at a time
@@ -189,8 +195,10 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     per_elem = {"spiel-ag": max(dequant, 2 * elem), "spiel-ma": max(dequant, elem),
                 "lora": DEQUANT_BYTES[quantize] or 0, "full": 0}[method]
     est["weight transient"] = largest * per_elem
-    biggest = max(p.numel() for g in optimizer.param_groups for p in g["params"])
-    est["optimizer step"] = biggest * STEP_BYTES["sm3" if isinstance(optimizer, SM3) else "adamw"]
+    biggest = max((p for g in optimizer.param_groups for p in g["params"]), key=torch.Tensor.numel)
+    per_elem = STEP_BYTES["sm3"] if isinstance(optimizer, SM3) else STEP_BYTES["adamw"] \
+        if isinstance(optimizer, spiel.AdamW) else TORCH_ADAMW_STEP_TENSORS * biggest.element_size()
+    est["optimizer step"] = biggest.numel() * per_elem
     persistent = sum(est[k] for k in ("base weights", "other weights", "trainable", "gradients", "optimizer state",
                                       "AG window"))
     backward = est["activations"] + max(est["logits"], est["block backward"] + est["weight transient"])
@@ -203,8 +211,9 @@ NOTES = {
     "other weights": "embeddings, norms, output head (compute dtype), rope tables",
     "trainable": "deltas: fp32 values + int32 indices; LoRA: fp32 A and B; full: 0 (the weights)",
     "gradients": "of the trainable tensors, in their dtype",
-    "optimizer state": "AdamW m, v, age (fp32); SM3 row + col accumulators (+ momentum)",
-    "AG window": "while open: int64 candidates + fp32 grad sum + fp32 square sum per delta",
+    "optimizer state": "AG: AdamW m, v, age (fp32); MA: SM3 row + col (+ momentum); LoRA/full: m, v (param dtype)",
+    "AG window": "while open, per delta: candidate (int32, as the indices), fp32 step/grad/square sums "
+                 "(--grad-path sparse: + 2 positions)",
     "activations": "saved for backward: block inputs (checkpointing) or every block's tensors",
     "logits": "fp32 logits, log-softmax and two gradients of their size (tokens x vocab)",
     "block backward": "one block recomputed + activation gradients in flight",

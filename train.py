@@ -279,8 +279,15 @@ def prepare_out(args):
     os.makedirs(args.out, exist_ok=True)
     args.finetune_id = uuid.uuid4().hex[:16]  # recorded in the delta, and by merge.py in what it merges into
     args.data_sha256 = sha256(args.data) if os.path.isfile(args.data) else None
-    with open(os.path.join(args.out, "args.json"), "w") as f:
+    write_args(args)
+
+
+def write_args(args):
+    """args.json: what --resume continues with (an extension or a moved input updates it)."""
+    path = os.path.join(args.out, "args.json")
+    with open(path + ".tmp", "w") as f:
         json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def save(args, step, model, optimizer, selector, batches, rank, world, fingerprint):
@@ -441,6 +448,8 @@ def main(argv):
                 f"{start - 1})")
             return 0
         say(f"resumed {args.out} at step {start} of {total_steps}")
+        if rank == 0:
+            write_args(args)
     else:
         start = 1
     log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
@@ -554,10 +563,16 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv):
+    """the command line: a bad input or an interruption ends in one line on stderr, never a traceback."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        sys.exit(main(argv))
     except (CheckpointError, data.DataError, ValueError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted before training started; nothing was saved: run the same command again")
+        print("interrupted before training started; nothing was saved: run the same command again", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

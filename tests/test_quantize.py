@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from quantize import (DEFAULT_TARGETS, NF4_CODE, QuantLinear, dequantize_int8, dequantize_nf4,
-                      quantize_int8, quantize_model, quantize_nf4)
+from llama import PROJECTIONS
+from quantize import (NF4_CODE, NF4_DQ_BLOCK, QuantLinear, dequantize_int8, dequantize_nf4, quantize_int8,
+                      quantize_model, quantize_nf4)
 
 # NF4 table as printed in bitsandbytes' kernels (QLoRA appendix E), kept here as a golden value
 NF4_GOLDEN = [
@@ -42,18 +43,6 @@ def test_int8_per_row_roundtrip_within_half_step():
     assert q.abs().amax(1)[scales > 0].eq(127).all()  # the row absmax uses the full range
 
 
-def test_int8_grouped_roundtrip_within_half_step():
-    w = weight(32, 64, seed=1)
-    w[5, 16:32] = 0  # a zero group
-    q, scales = quantize_int8(w, group_size=16)
-    assert scales.shape == (32, 4)
-    torch.testing.assert_close(scales, w.view(32, 4, 16).abs().amax(-1) / 127)
-    err = (dequantize_int8(q, scales, torch.float32) - w).view(32, 4, 16).abs()
-    assert (err <= scales[..., None] / 2 * (1 + 1e-5)).all()
-    with pytest.raises(ValueError, match=r"\(32, 64\)"):
-        quantize_int8(w, group_size=24)
-
-
 def test_int8_bf16_input_quantized_in_fp32():
     w = weight(16, 32).bfloat16()
     q, s = quantize_int8(w)
@@ -79,16 +68,16 @@ def naive_nf4(w, block, dq_block):
             dist = [abs(x - c) for c in code]
             idx.append(dist.index(min(dist)))  # the first (lower) code on a tie
     packed = [(idx[2 * j] << 4) | idx[2 * j + 1] for j in range(len(idx) // 2)]  # first -> high nibble
-    if dq_block is not None:  # center, then int8 absmax per group of dq_block, zero padded
-        mean = f32(math.fsum(float(a) for a in absmax) / len(absmax))
-        centered = [a - mean for a in absmax]
-        centered += [f32(0)] * (-len(centered) % dq_block)
-        deq = []
-        for g in range(len(centered) // dq_block):
-            grp = centered[g * dq_block:(g + 1) * dq_block]
-            s = max(abs(c) for c in grp) / f32(127)
-            deq += [f32(round(float(c / s))) * s if s > 0 else f32(0) for c in grp]
-        absmax = [d + mean for d in deq[:len(absmax)]]
+    # double quantization: center, then int8 absmax per group of dq_block, zero padded
+    mean = f32(math.fsum(float(a) for a in absmax) / len(absmax))
+    centered = [a - mean for a in absmax]
+    centered += [f32(0)] * (-len(centered) % dq_block)
+    deq = []
+    for g in range(len(centered) // dq_block):
+        grp = centered[g * dq_block:(g + 1) * dq_block]
+        s = max(abs(c) for c in grp) / f32(127)
+        deq += [f32(round(float(c / s))) * s if s > 0 else f32(0) for c in grp]
+    absmax = [d + mean for d in deq[:len(absmax)]]
     wd = [code[i] * absmax[k // block] for k, i in enumerate(idx)]
     return torch.tensor(packed, dtype=torch.uint8), torch.tensor(np.array(wd, dtype=np.float32))
 
@@ -98,21 +87,22 @@ def test_nf4_code_table():
     assert torch.equal(NF4_CODE, torch.tensor(NF4_GOLDEN))
 
 
-@pytest.mark.parametrize("dq_block", [None, 16])
-def test_nf4_matches_naive(dq_block):
-    w = weight(48, 80, seed=2)  # 60 blocks of 64: 4 groups of 16 absmax values with padding
+def test_nf4_matches_naive():
+    assert NF4_DQ_BLOCK == 256  # QLoRA's
+    w = weight(80, 448, seed=2)  # 560 blocks of 64: 3 groups of 256 absmax values, the last one padded
     w[0, :64] = 0  # a zero block
-    state = quantize_nf4(w, block_size=64, double_quant_block=dq_block)
-    packed, wd_naive = naive_nf4(w, 64, dq_block)
-    assert state["qweight"].dtype == torch.uint8 and state["qweight"].shape == (60, 32)
+    state = quantize_nf4(w)
+    packed, wd_naive = naive_nf4(w, 64, 256)
+    assert set(state) == {"qweight", "absmax_q", "absmax_scales", "absmax_mean"}
+    assert state["qweight"].dtype == torch.uint8 and state["qweight"].shape == (560, 32)
     assert torch.equal(state["qweight"].flatten(), packed)
-    wd = dequantize_nf4(state, w.shape, torch.float32)
-    if dq_block is None:
-        assert torch.equal(wd.flatten(), wd_naive)
-    else:  # the two means may differ by an ulp (different summation order)
-        assert state["absmax_q"].dtype == torch.int8 and state["absmax_q"].shape == (4, 16)
-        assert state["absmax_scales"].shape == (4,) and state["absmax_mean"].shape == ()
-        torch.testing.assert_close(wd.flatten(), wd_naive, rtol=1e-5, atol=0)
+    assert state["absmax_q"].dtype == torch.int8 and state["absmax_q"].shape == (3, 256)
+    assert state["absmax_scales"].dtype == torch.float32 and state["absmax_scales"].shape == (3,)
+    assert state["absmax_mean"].shape == ()
+    assert (state["absmax_q"][2, 560 - 512:] == 0).all()  # the padding
+    wd = dequantize_nf4(**state, shape=w.shape, dtype=torch.float32)
+    # the two means may differ by an ulp (different summation order)
+    torch.testing.assert_close(wd.flatten(), wd_naive, rtol=1e-5, atol=0)
     assert (wd[0, :64] == 0).all()
 
 
@@ -122,14 +112,18 @@ def test_nf4_shape_errors_and_bf16():
     w = weight(16, 64).bfloat16()
     a, b = quantize_nf4(w), quantize_nf4(w.float())
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert dequantize_nf4(a, w.shape, torch.bfloat16).dtype == torch.bfloat16
+    assert dequantize_nf4(**a, shape=w.shape, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"\(3, 5\)"):
+        QuantLinear(5, 3, "nf4")
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        QuantLinear(64, 16, "int4")
 
 
 # -----------------------------------------------------------------------------
 # the module
 
-def quant_linear(w, mode, **kw):
-    m = QuantLinear(w.shape[1], w.shape[0], mode, **kw)
+def quant_linear(w, mode):
+    m = QuantLinear(w.shape[1], w.shape[0], mode)
     m.load_weight(w)
     return m
 
@@ -143,10 +137,10 @@ def test_storage(mode, limit):
     assert m.nbytes() == sum(t.numel() * t.element_size() for t in m.state_dict().values())
 
 
-@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int8", 32), ("nf4", None)])
-def test_forward_is_linear_with_dequantized_weight(mode, group_size):
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_forward_is_linear_with_dequantized_weight(mode):
     w = weight(24, 64)
-    m = quant_linear(w, mode, group_size=group_size)
+    m = quant_linear(w, mode)
     assert m.weight_shape == (24, 64) and m.dequantize().dtype == torch.float32
     assert list(m.parameters()) == []
     for dtype in (torch.float32, torch.bfloat16):
@@ -168,7 +162,7 @@ def test_gradient_flows_to_input_only():
 class Block(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        for name in DEFAULT_TARGETS:
+        for name in PROJECTIONS:
             setattr(self, name, nn.Linear(dim, dim, bias=False))
         self.norm = nn.LayerNorm(dim)
 
@@ -187,11 +181,11 @@ def test_quantize_model_swaps_only_targets():
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     quantize_model(model, "nf4")
     for layer, i in ((layer, i) for i, layer in enumerate(model.layers)):
-        for name in DEFAULT_TARGETS:
+        for name in PROJECTIONS:
             q = getattr(layer, name)
             assert isinstance(q, QuantLinear) and q.mode == "nf4"
             w = ref[f"layers.{i}.{name}.weight"]
-            assert torch.equal(q.dequantize(), dequantize_nf4(quantize_nf4(w), w.shape, torch.float32))
+            assert torch.equal(q.dequantize(), dequantize_nf4(**quantize_nf4(w), shape=w.shape, dtype=torch.float32))
         assert isinstance(layer.norm, nn.LayerNorm)
     assert type(model.output) is nn.Linear and torch.equal(model.output.weight, ref["output.weight"])
     assert torch.equal(model.tok_embeddings.weight, ref["tok_embeddings.weight"])
@@ -223,13 +217,13 @@ def test_meta_build_then_load_weight(mode):
     assert lone.qweight.device.type == "cpu" and torch.equal(lone.dequantize(), quant_linear(w, mode).dequantize())
 
 
-@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int8", 16), ("nf4", None)])
-def test_state_dict_safetensors_roundtrip(tmp_path, mode, group_size):
-    m = quant_linear(weight(24, 64), mode, group_size=group_size)
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_state_dict_safetensors_roundtrip(tmp_path, mode):
+    m = quant_linear(weight(24, 64), mode)
     expected = {"qweight", "scales"} if mode == "int8" else {"qweight", "absmax_q", "absmax_scales", "absmax_mean"}
     assert set(m.state_dict()) == expected
     save_file(m.state_dict(), tmp_path / "q.safetensors")
-    fresh = QuantLinear(64, 24, mode, group_size=group_size)
+    fresh = QuantLinear(64, 24, mode)
     fresh.load_state_dict(load_file(tmp_path / "q.safetensors"))
     x = torch.randn(4, 64)
     assert torch.equal(fresh(x), m(x))

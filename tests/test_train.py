@@ -75,7 +75,7 @@ def test_resume_is_bit_identical(tiny, task, tmp_path, method):
     state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
     assert state["step"] == 6
     if method == "spiel-ag":
-        assert state["selector"] and all(w["count"] == 2 * 2 for w in state["selector"].values())  # 2 steps x 2 micro
+        assert state["selector"] and all(w["steps"] == 2 for w in state["selector"].values())  # steps 5 and 6
     assert train.main(["--out", str(tmp_path / "split"), "--resume"]) == 0
     name = "lora.safetensors" if method == "lora" else "delta.safetensors"
     a, b = load_file(tmp_path / "full_run" / name), load_file(tmp_path / "split" / name)
@@ -168,7 +168,7 @@ def test_a_delta_for_another_model_is_refused(tiny, task, tmp_path):
 
 def test_an_existing_run_is_never_overwritten_and_nan_stops(tiny, task, tmp_path):
     assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
-    with pytest.raises(SystemExit, match="exists and is not empty"):
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
         run(tiny, task, tmp_path / "r", "--max-steps", "2")
     before = (tmp_path / "r" / "delta.safetensors").read_bytes()
     assert run(tiny, task, tmp_path / "nan", "--max-steps", "4", "--lr", "1e30", "--save-every", "1",

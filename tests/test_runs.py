@@ -1,0 +1,211 @@
+"""train.py as users run it: resume from anywhere, extend a run, refuse what would change its math, stop
+anywhere (Ctrl-C), one-line errors for damaged run files and senseless flags, and what merge.py and
+generate.py refuse (a busy --out, a fine-tune applied twice)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import ROOT, cli, one_line_error, read_log, run, task  # noqa: F401  (task is a fixture)
+
+
+def run_cli(*argv):
+    """train.cli in this process (no interpreter start-up): -> (exit code, the message it exits with)."""
+    with pytest.raises(SystemExit) as e:
+        train.cli(list(argv))
+    return e.value.code, str(e.value.code)
+
+
+def one_line(argv, needle, capsys=None):
+    code, message = run_cli(*argv)
+    if capsys is not None and code == 2:  # argparse prints its one line itself
+        message = capsys.readouterr().err.strip()
+    assert code not in (0, None) and needle in message and "\n" not in message.strip(), message
+
+
+def steps(out):
+    return {r["step"]: r for r in read_log(out) if "loss" in r}
+
+
+def test_moved_and_copied_run_folders_resume_into_themselves(tiny, task, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731  (relative inputs, as a user types them)
+    args = ["--ckpt", rel(tiny.hf), "--data", rel(task[0]), "--val-data", rel(task[1]), "--seq-len", "48",
+            "--batch-size", "4", "--grad-accum", "2", "--device", "cpu", "--dtype", "float32", "--lr", "1e-2",
+            "--density", "0.1", "--first-reselect", "2", "--reselect-every", "5", "--eval-every", "0",
+            "--max-steps", "8", "--threads", "1"]
+    assert train.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    for name in ("a", "c"):
+        assert train.main([*args, "--out", str(tmp_path / name), "--stop-at-step", "4"]) == 0
+    # moved: resumes from another working directory, into the folder where it is now
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "b"), "--resume"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert not (tmp_path / "a").exists()
+    # copied: the copy writes only into itself
+    shutil.copytree(tmp_path / "c", tmp_path / "d")
+    before = (tmp_path / "c" / "log.jsonl").read_bytes()
+    assert train.main(["--out", str(tmp_path / "d"), "--resume"]) == 0
+    assert (tmp_path / "c" / "log.jsonl").read_bytes() == before
+    whole = load_file(tmp_path / "whole" / "delta.safetensors")
+    for name in ("b", "d"):  # and both end exactly where the uninterrupted run ends
+        resumed = load_file(tmp_path / name / "delta.safetensors")
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_extending_a_run_continues_on_the_longer_runs_schedule_and_data(tiny, task, tmp_path):
+    """--resume --max-steps 12 on a finished 6-step run: steps 7..12 get the learning rate, the reselection
+    fraction and the data position of an uninterrupted 12-step run (steps 1..6 keep the schedule they had),
+    and an extension interrupted and resumed ends exactly where an uninterrupted extension ends."""
+    common = ("--method", "spiel-ag", "--warmup", "0")
+    assert run(tiny, task, tmp_path / "long", *common, "--max-steps", "12") == 0
+    for name in ("ext", "ext2"):
+        assert run(tiny, task, tmp_path / name, *common, "--max-steps", "6") == 0
+    assert train.main(["--out", str(tmp_path / "ext"), "--resume"]) == 0  # finished: says so, trains nothing
+    assert max(steps(tmp_path / "ext")) == 6
+    assert train.main(["--out", str(tmp_path / "ext"), "--resume", "--max-steps", "12"]) == 0
+    assert train.main(["--out", str(tmp_path / "ext2"), "--resume", "--max-steps", "12", "--stop-at-step", "9"]) == 0
+    assert train.main(["--out", str(tmp_path / "ext2"), "--resume"]) == 0
+    long, ext = steps(tmp_path / "long"), steps(tmp_path / "ext")
+    assert [ext[t]["lr"] for t in range(7, 13)] == [long[t]["lr"] for t in range(7, 13)]
+    reselect = lambda out: {r["step"]: r["changed"] for r in read_log(out) if r.get("event") == "reselect"}  # noqa
+    assert reselect(tmp_path / "ext").keys() - {2} == reselect(tmp_path / "long").keys() - {2}
+    state = lambda name: torch.load(tmp_path / name / "state.pt", weights_only=True)  # noqa: E731
+    assert state("ext")["data"] == state("long")["data"] and state("ext")["step"] == 12
+    a, b = load_file(tmp_path / "ext" / "delta.safetensors"), load_file(tmp_path / "ext2" / "delta.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flags_that_would_change_the_math_are_refused_on_resume(tiny, task, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert run(tiny, task, out, "--max-steps", "4", "--stop-at-step", "2") == 0
+    one_line_error(cli("train.py", "--out", out, "--resume", "--lr", "0.5"), "--lr cannot change when resuming")
+    one_line(["--out", out, "--resume", "--method", "lora"], "--method cannot change", capsys)
+    assert run_cli("--out", out, "--resume", "--save-every", "1", "--lr", "1e-2")[0] == 0  # allowed / unchanged
+
+
+def test_interrupt_before_the_loop_leaves_a_folder_that_can_be_started_again(tiny, task, tmp_path):
+    out = str(tmp_path / "r")
+    argv = ["--ckpt", tiny.hf, "--data", task[0], "--device", "cpu", "--out", out, "--max-steps", "2",
+            "--density", "0.1", "--batch-size", "4", "--grad-accum", "1", "--seq-len", "48"]
+    boom = "def boom(*a, **k): raise KeyboardInterrupt\n"
+    p = subprocess.run([sys.executable, "-c", f"import sys, train\n{boom}train.load_model = boom\ntrain.cli(sys.argv[1:])",
+                        *argv], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 130 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert sorted(os.listdir(out)) == ["args.json"]
+    one_line_error(cli("train.py", "--out", out, "--resume"), "stopped before its first checkpoint")
+    p = cli("train.py", *argv)  # the same command again: starts over in the same folder
+    assert p.returncode == 0 and "starting it over" in p.stdout, p.stderr
+
+
+def test_ctrl_c_in_the_loop_saves_and_the_run_resumes(tiny, task, tmp_path):
+    out = tmp_path / "r"
+    argv = [sys.executable, "train.py", "--ckpt", tiny.hf, "--data", task[0], "--device", "cpu", "--out", str(out),
+            "--max-steps", "2000", "--density", "0.1", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "48",
+            "--eval-every", "0", "--threads", "1"]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # wait until a few steps are logged
+        time.sleep(0.1)
+        if (out / "log.jsonl").exists() and len(steps(out)) >= 3:
+            break
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr
+    saved = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert saved >= 3 and f"stopped after step {saved}" in stdout
+    p = cli("train.py", "--out", str(out), "--resume", "--max-steps", str(saved + 2))
+    assert p.returncode == 0 and max(steps(out)) == saved + 2, p.stderr
+
+
+def test_damaged_or_missing_run_files_give_one_line(tiny, task, tmp_path):
+    out = tmp_path / "r"
+    assert run(tiny, task, out, "--max-steps", "4", "--stop-at-step", "2") == 0
+    state = (out / "state.pt").read_bytes()
+    (out / "state.pt").write_bytes(state[:len(state) // 2])
+    one_line(["--out", str(out), "--resume"], "state.pt: damaged")
+    (out / "state.pt").write_bytes(state)
+    args = (out / "args.json").read_text()
+    (out / "args.json").write_text(args + "}")
+    one_line(["--out", str(out), "--resume"], "args.json: not valid JSON")
+    (out / "args.json").write_text(args)
+    moved = tmp_path / "moved.jsonl"
+    shutil.move(task[0], moved)
+    try:
+        one_line(["--out", str(out), "--resume"], "pass --data with its new place")
+        other = tmp_path / "other.jsonl"
+        other.write_text(moved.read_text().splitlines()[0] + "\n")
+        one_line(["--out", str(out), "--resume", "--data", str(other)], "not the data this run")
+        assert run_cli("--out", str(out), "--resume", "--data", str(moved))[0] == 0
+    finally:
+        shutil.move(moved, task[0])
+    one_line(["--out", str(tmp_path / "nothing"), "--resume"], "args.json: not found")
+
+
+def test_senseless_flags_give_one_line(tiny, task, capsys):
+    base = ["--ckpt", tiny.hf, "--data", task[0]]
+    for flag, value in (("--lr", "-1"), ("--max-steps", "0"), ("--batch-size", "0"), ("--density", "2"),
+                        ("--warmup", "-1"), ("--grad-accum", "0"), ("--seq-len", "x")):
+        one_line([*base, flag, value], f"argument {flag}", capsys)
+    p = cli("train.py", *base, "--lr", "-1")  # and as a user sees it
+    assert p.returncode == 2 and p.stderr.strip() == "train.py: error: argument --lr: -1 is not > 0", p.stderr
+
+
+def test_the_default_budget_warns_when_it_is_most_of_a_small_model(tiny, task, tmp_path):
+    p = cli("train.py", "--ckpt", tiny.hf, "--data", task[0], "--device", "cpu", "--max-steps", "1",
+            "--batch-size", "2", "--grad-accum", "1", "--seq-len", "48", "--out", str(tmp_path / "r"), "--lora-rank",
+            "4", "--match-lora-rank", "24")
+    assert p.returncode == 0 and "warning: this budget is" in p.stdout, p.stdout + p.stderr
+
+
+def test_hints_point_at_the_fine_tuned_model_and_a_real_prompt(tiny, task, tmp_path):
+    p = cli("train.py", "--ckpt", tiny.hf, "--data", task[0], "--val-data", task[1], "--device", "cpu",
+            "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "48", "--method", "full",
+            "--out", str(tmp_path / "full"))
+    first_prompt = json.loads(open(task[1]).readline())
+    prompt = first_prompt.get("instruction", "") + "\n\n" + first_prompt["input"] if "instruction" in first_prompt \
+        else first_prompt["messages"][0]["content"]
+    assert f"generate.py --ckpt {tmp_path / 'full' / 'model'} " in p.stdout, p.stdout
+    assert json.dumps(prompt) in p.stdout
+
+
+def test_a_fine_tune_is_never_applied_twice_and_busy_outputs_are_refused_first(tiny, task, tmp_path):
+    assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
+    delta = str(tmp_path / "r" / "delta.safetensors")
+    assert cli("merge.py", "--ckpt", tiny.hf, "--delta", delta, "--out", str(tmp_path / "merged"),
+               "--dtype", "float32").returncode == 0
+    merged = str(tmp_path / "merged")
+    one_line_error(cli("generate.py", "--ckpt", merged, "--delta", delta, "--prompt", "x"), "already merged")
+    one_line_error(cli("merge.py", "--ckpt", merged, "--delta", delta, "--out", str(tmp_path / "m2")), "already merged")
+    # a delta trained on the merged model does not fit the original base
+    assert run(tiny, task, tmp_path / "r2", "--max-steps", "2", "--ckpt", merged) == 0
+    one_line_error(cli("generate.py", "--ckpt", tiny.hf, "--delta", str(tmp_path / "r2" / "delta.safetensors"),
+                       "--prompt", "x"), "trained on another base")
+    # merge.py checks --out before it loads anything (here the checkpoint does not even exist)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    one_line_error(cli("merge.py", "--ckpt", str(tmp_path / "nowhere"), "--delta", delta, "--out", str(busy)),
+                   "exists and is not empty")
+    assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_one_checker_one_message_for_a_broken_checkpoint_folder(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    a = cli("train.py", "--ckpt", str(tmp_path / "c"), "--data", str(data), "--out", str(tmp_path / "o"))
+    b = cli("generate.py", "--ckpt", str(tmp_path / "c"), "--prompt", "x")
+    one_line_error(a, "config.json found but no")
+    assert a.stderr == b.stderr
+    assert not (tmp_path / "o").exists()
