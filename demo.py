@@ -47,6 +47,20 @@ def record(task: str, rng: random.Random) -> dict:
     return {"instruction": f"{task}: {' '.join(s)}", "output": " ".join(TASKS[task](s))}
 
 
+def demo_retain(n=200) -> list:
+    """held-out copy/reverse records (what the demo base was pre-trained on, none seen in pre-training): what
+    fine-tuning on shift makes the base forget (bench.py --quality)."""
+    rng = random.Random(1)  # the pre-training records, as main() draws them
+    seen = {record(rng.choice(["copy", "reverse"]), rng)["instruction"] for _ in range(20000)}
+    rng, out = random.Random(4), []
+    while len(out) < n:
+        r = record(("copy", "reverse")[len(out) % 2], rng)
+        if r["instruction"] not in seen:
+            seen.add(r["instruction"])
+            out.append(r)
+    return out
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -120,10 +134,11 @@ def main():
     os.makedirs(DEMO, exist_ok=True)
     write_jsonl(os.path.join(DEMO, "train.jsonl"), [record("shift", rng) for _ in range(3000)])
     write_jsonl(os.path.join(DEMO, "val.jsonl"), [record("shift", rng) for _ in range(200)])
+    write_jsonl(os.path.join(DEMO, "retain.jsonl"), demo_retain())
     # 3. pre-train the base with full fine-tuning (the same train.py), then keep its exported model
     pretrain(os.path.join(tmp, "init"), os.path.join(tmp, "pretrain.jsonl"), 800,
              os.path.join(tmp, "pretrain"), os.path.join(DEMO, "base"))
-    print(f"wrote {DEMO}: base/, train.jsonl, val.jsonl")
+    print(f"wrote {DEMO}: base/, train.jsonl, val.jsonl, retain.jsonl")
 
 
 # -----------------------------------------------------------------------------

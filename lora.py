@@ -99,6 +99,8 @@ def load_lora(model: nn.Module, path: str) -> dict:
     """wrap the linears of a loaded base with the LoRA weights of `path`; a file that does not fit this base
     is an error naming it. -> the file's metadata"""
     fmt, tensors, meta, shapes = read_finetune(path, model)
+    if fmt != "spiel-lora":
+        raise CheckpointError(f"{path}: not a spiel LoRA file (format {fmt})")
     try:
         rank, alpha, dropout = int(meta["rank"]), float(meta["alpha"]), float(meta.get("dropout", 0.0))
     except (KeyError, ValueError) as e:

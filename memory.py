@@ -43,7 +43,7 @@ import torch.nn as nn
 
 import spiel
 import train
-from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, check_checkpoint, default_dtype,
+from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, check_checkpoint, default_dtype, swap_module,
                    meta_shards, read_args)
 from quantize import quantize_model
 from sm3 import SM3
@@ -82,6 +82,8 @@ def train_args(method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentu
 def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, window_open=True, **budget):
     """the model with its trainable part as train.py builds it (train.add_trainable), on the meta device (no
     storage, no random draws), its optimizer with real (meta) state after one step, and an AG window if open."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if quantize and method == "full":
         raise ValueError("full fine-tuning needs a full-precision base (no --quantize)")
     with torch.device("meta"):
@@ -310,7 +312,7 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
         except torch.cuda.OutOfMemoryError as e:  # still report (and try the other method)
             run = {"oom": str(e).splitlines()[0], "peak_allocated": torch.cuda.max_memory_allocated()}
         alive = [weakref.ref(m) for m in spiel.delta_layers(model).values()]
-        spiel.remove_deltas(model)  # back to the bare base for the next method
+        [swap_module(model, n, m.base) for n, m in spiel.delta_layers(model).items()]  # back to the bare base
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

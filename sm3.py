@@ -43,8 +43,9 @@ class SM3(torch.optim.Optimizer):
                 # the preconditioned gradient, with 0/0 as 0 (nu >= g^2, so nu == 0 means g == 0)
                 u = torch.where(nu > 0, g.view_as(nu) * (nu + eps).rsqrt(), 0.0).view(p.shape)
                 if beta > 0:  # m = beta m + (1 - beta) u, per element (spiel.py zeroes grown slots)
-                    m = state.setdefault("momentum_buffer", torch.zeros_like(u))
-                    u = m.mul_(beta).add_(u, alpha=1 - beta)
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(u)
+                    u = state["momentum_buffer"].mul_(beta).add_(u, alpha=1 - beta)
                 w = p.to(u.dtype)  # decoupled weight decay on the pre-step weights; one rounding
                 p.copy_(w - lr * wd * w - lr * u)
 

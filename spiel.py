@@ -15,6 +15,7 @@ window, 5 SpIEL-MA's candidates, 6 drop and grow, 7 the optimizer, 8 merge/save/
 """
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -36,13 +37,16 @@ class SparseDeltaFn(torch.autograd.Function):
     def forward(ctx, x, values, layer):
         ctx.layer = layer
         ctx.save_for_backward(x, values)
-        return F.linear(x, layer.merged_weight(x.dtype, values), getattr(layer.base, "bias", None))
+        bias = getattr(layer.base, "bias", None)  # frozen: not an input of this Function, so no gradient
+        return F.linear(x, layer.merged_weight(x.dtype, values), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         layer = ctx.layer
         dx = dy @ layer.merged_weight(dy.dtype, values) if ctx.needs_input_grad[0] else None  # (..., in)
+        if not ctx.needs_input_grad[1]:
+            return dx, None, None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
         return dx, value_grad(layer, dy2, x2).to(values.dtype), None
 
@@ -227,6 +231,7 @@ class Window:
 
     def __init__(self, indices: torch.Tensor):
         self.indices, self.candidates, self.positions, self.steps = indices, None, None, 0
+        self.step_sum = self.grad_sum = self.sq_sum = None  # (k,) fp32 once the candidates are chosen
 
     def choose(self, g: torch.Tensor):
         k = self.indices.numel()
@@ -372,7 +377,8 @@ class Selector:
             else:  # candidates: the top row[i] * col[j] among inactive positions
                 active = torch.zeros(math.prod(layer.weight_shape), dtype=torch.bool, device=layer.values.device)
                 active[layer.indices.long()] = True
-                cand, score = ma_candidates(active, n, state["row"], state["col"])
+                zeros = [torch.zeros(d, device=active.device) for d in layer.weight_shape]  # (before any step)
+                cand, score = ma_candidates(active, n, state.get("row", zeros[0]), state.get("col", zeros[1]))
                 slots, grown = drop_and_grow(layer, n, cand, score, regrow_dropped=False)
                 seed = {}
             for key in PER_SLOT_STATE:  # fresh optimizer state for the grown slots: zeros, or AG's seed
@@ -482,9 +488,7 @@ def load_delta(model: nn.Module, path: str) -> dict:
     fmt, tensors, meta, shapes = read_finetune(path, model)
     if fmt != "spiel-delta":
         raise CheckpointError(f"{path}: not a spiel delta file (format {fmt})")
-    modules = dict(model.named_modules())
-    model.requires_grad_(False)
-    for name, (o, i) in shapes.items():
+    for name, (o, i) in shapes.items():  # the whole file is checked before the model is touched
         idx, val = tensors.get(name + ".indices"), tensors.get(name + ".values")
         if idx is None or val is None or idx.shape != val.shape or idx.dim() != 1:
             raise CheckpointError(f"{path}: {name} needs 1-D .indices and .values of equal length")
@@ -492,6 +496,10 @@ def load_delta(model: nn.Module, path: str) -> dict:
             raise CheckpointError(f"{path}: {name} has indices outside its {o}x{i} matrix")
         if torch.unique(idx).numel() != idx.numel():
             raise CheckpointError(f"{path}: {name} has repeated indices")
+    modules = dict(model.named_modules())
+    model.requires_grad_(False)
+    for name in shapes:
+        idx, val = tensors[name + ".indices"], tensors[name + ".values"]
         order = idx.argsort()  # slots sorted by position (section 9)
         layer = SparseDeltaLinear(modules[name], idx.numel(), indices=idx[order])
         with torch.no_grad():
@@ -527,9 +535,9 @@ def set_grad_path(model: nn.Module, path: str):
 
 def csr_pattern(layer, positions: torch.Tensor) -> tuple:
     """(row pointers (out + 1,), columns (m,), the order that sorts `positions` or None if they are sorted),
-    cached until the positions change (drop-and-grow writes indices in place, which bumps their version)."""
-    key = (positions.data_ptr(), positions._version, positions.numel())
-    if layer._pattern is None or layer._pattern[0] != key:
+    cached for this very tensor until it changes (drop-and-grow writes indices in place: a new version)."""
+    key = (positions, positions._version)  # the tensor itself: a new one at a reused address is not a hit
+    if layer._pattern is None or layer._pattern[0][0] is not positions or layer._pattern[0][1] != key[1]:
         pos = positions.long()
         order = None if bool((pos[1:] >= pos[:-1]).all()) else pos.argsort()
         pos = pos if order is None else pos[order]
@@ -545,7 +553,10 @@ def sampled_grad(layer, dy: torch.Tensor, x: torch.Tensor, positions: torch.Tens
     if dy.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
         dy, x = dy.float(), x.float()
     crow, col, order = csr_pattern(layer, positions)
-    pattern = torch.sparse_csr_tensor(crow, col, dy.new_zeros(col.numel()), layer.weight_shape, check_invariants=False)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, col, dy.new_zeros(col.numel()), layer.weight_shape,
+                                          check_invariants=False)
     # row-contiguous dy^T (out, N) and column-contiguous x (N, in): each dot product reads contiguous memory
     g = torch.sparse.sampled_addmm(pattern, dy.T.contiguous(), x.T.contiguous().T, beta=0.0).values()  # (m,)
     return g if order is None else torch.empty_like(g).index_copy_(0, order, g)

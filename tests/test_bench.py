@@ -1,11 +1,11 @@
-"""bench.py end to end on tiny shapes: the speed/memory workers for every method, and the quality mode through
-train.py on the tiny checkpoint. No timing is asserted, only that every number is there and sane."""
+"""bench.py end to end on tiny shapes: the speed/memory workers for every method, and the quality study (train.py
+runs, the plain-loop reference, scoring, choosing the lr on dev) on a tiny fixture. No timing is asserted,
+only that every number is there and sane."""
 
-import importlib.util
 import json
-import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -20,60 +20,63 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_speed_runs_every_method_at_the_matched_budget(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--shape", "tiny", "--steps", "1", "--warmup",
-                        "1", "--cycle", "2", "--threads", "1", "--json", str(out)],
+                        "1", "--threads", "1", "--json", str(out), "--runs-dir", str(tmp_path / "runs")],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "x LoRA" in p.stdout and "torch.set_num_threads(1)" in p.stdout
+    assert "| method | step s | vs frozen |" in p.stdout
     res = json.loads(out.read_text())["methods"]
     assert set(res) == set(bench.METHODS)
     for m, r in res.items():
         assert "error" not in r, r
-        assert r["median_s"] > 0 and all(t > 0 for t in r["step_times"]) and r["tokens_per_s"] > 0, m
+        assert r["step_s"] > 0 and all(t > 0 for t in r["step_times"]) and r["tokens_per_s"] > 0, m
         assert r["peak_memory_gb"] > 0 and r["threads"] == 1
     # the budget: LoRA rank 16 on all seven projections, SpIEL exactly as many deltas
-    want = spiel.lora_param_count(Transformer(bench.SHAPES["tiny"]["model"]), bench.LORA_RANK)
+    want = spiel.lora_param_count(Transformer(bench.SHAPES["tiny"]["model"]), bench.RANK)
     assert res["lora"]["trainable"] == res["spiel-ag"]["trainable"] == res["spiel-ma"]["trainable"] == want
-    assert res["frozen"]["trainable"] == 0 and res["full"]["trainable"] == res["full"]["base_params"]
-    # SpIEL was timed over one whole cycle: an AG window step and the reselection that closes it
-    assert res["spiel-ag"]["phases"] == ["window", "reselect"] and res["spiel-ag"]["cycle_mean_s"] > 0
-    assert res["spiel-ma"]["phases"] == ["plain", "reselect"]
-    assert len(res["lora"]["step_times"]) == 1 and res["lora"]["ratio_to_lora"] == 1.0
+    assert res["lora-nodrop"]["trainable"] == want and res["frozen"]["trainable"] == 0
+    # SpIEL was timed over one whole reselection cycle: plain steps, the AG window and the reselection
+    assert res["spiel-ag"]["phases"].count("reselect") == 1 and "window" in res["spiel-ag"]["phases"]
+    assert len(res["spiel-ma"]["phases"]) == 20 and "window" not in res["spiel-ma"]["phases"]
 
 
 def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    return str(path)
 
 
-def test_quality_runs_every_method_through_train_py(tiny, tmp_path, capsys):
+def test_quality_study_on_a_tiny_fixture(tiny, tmp_path, capsys, monkeypatch):
+    fx = tmp_path / "fixture"
+    shutil.copytree(tiny.hf, fx / "base")
     rng = random.Random(0)
-    rec = lambda: (lambda w: {"instruction": "copy", "input": w, "output": w})(  # noqa: E731
+    rec = lambda task: (lambda w: {"instruction": f"{task} {w}", "output": w})(  # noqa: E731
         " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4))))
-    train_data = write_jsonl(tmp_path / "train.jsonl", [rec() for _ in range(64)])
-    val_data = write_jsonl(tmp_path / "val.jsonl", [rec() for _ in range(4)])
+    write_jsonl(fx / "train.jsonl", [rec("copy") for _ in range(64)])
+    write_jsonl(fx / "val.jsonl", [rec("copy") for _ in range(4)])
+    write_jsonl(fx / "retain.jsonl", [rec("sort") for _ in range(2)])
+    methods = ["spiel-ag", "plain-lora", "plain-full"]  # (each a subprocess per run: a few, to stay quick)
+    monkeypatch.setattr(bench, "QUALITY", {m: (f, g[:2 if m == "spiel-ag" else 1])
+                                           for m, (f, g) in bench.QUALITY.items()})
     out = tmp_path / "q.json"
-    assert bench.main(["--quality", "--ckpt", tiny.hf, "--data", train_data, "--val-data", val_data, "--seeds", "0",
-                       "--steps", "3", "--rank", "2", "--runs-dir", str(tmp_path / "runs"), "--json", str(out),
-                       "--plot", str(tmp_path / "curves.png")]) == 0
-    res = json.loads(out.read_text())
-    assert res["mode"] == "quality" and "--max-steps" in res["train_args"]
-    methods = res["methods"]
-    assert set(methods) == {"spiel-ag", "spiel-ma", "lora", "full"}
-    for m, r in methods.items():
-        run = r["runs"][0]
-        assert "error" not in run, run
-        assert math.isfinite(r["val_loss_mean"]) and r["val_loss_std"] == 0.0, m
-        assert 0 <= r["exact_match_mean"] <= 1 and run["exact_match_before"] is not None
-        assert [s for s, _ in run["val_curve"]] == [0, 3] and len(run["train_curve"]) == 3
-        assert r["lr"] == bench.QUALITY_LR[m]
-    # matched budget: LoRA rank 2, SpIEL exactly as many deltas
-    k = methods["spiel-ag"]["trainable"]
-    assert k == methods["spiel-ma"]["trainable"] == methods["lora"]["trainable"] > 0
-    assert k < methods["full"]["trainable"]
+    argv = ["--quality", "--fixtures", str(fx), "--quality-steps", "3", "--seeds", "0", "1", "--jobs", "2",
+            "--quality-methods", *methods, "--runs-dir", str(tmp_path / "runs"), "--json", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {f"3/{fx}/{m}" for m in methods}
+    for key, r in res.items():
+        assert r["best_lr"] in [float(lr) for lr in r["grid"]] and len(r["grid"]) == len(bench.QUALITY[key[-len(
+            key.rpartition("/")[2]):]][1]), key
+        for runs in r["grid"].values():
+            assert len(runs) == 2 and all("error" not in x for x in runs), runs
+            assert all(0 <= x["dev"] <= 1 and 0 <= x["test"] <= 1 and 0 <= x["retained"] <= 1 for x in runs)
+    # every run left what plot.py and merge.py read: a log, and its delta / adapter / model
+    runs = tmp_path / "runs" / "fixture-3"
+    assert (runs / "plain-full-lr0.0003-seed0" / "model" / "config.json").exists()
+    assert (runs / "plain-lora-lr0.001-seed1" / "lora.safetensors").exists()
+    assert (runs / "spiel-ag-lr0.001-seed0" / "delta.safetensors").exists()
+    assert all((runs / d / "log.jsonl").exists() for d in os.listdir(runs))
     printed = capsys.readouterr().out
-    assert "exact match" in printed and "±" in printed
-    if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "curves.png").stat().st_size > 0
-    else:
-        assert "matplotlib is not installed" in printed
+    assert "| steps | fixture | method | best lr |" in printed and "±" in printed
+    # a second call reuses the finished runs (their score.json) instead of training again
+    mtime = os.path.getmtime(runs / "spiel-ag-lr0.001-seed0" / "score.json")
+    assert bench.main(argv) == 0
+    assert os.path.getmtime(runs / "spiel-ag-lr0.001-seed0" / "score.json") == mtime

@@ -236,10 +236,6 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_load_refuses_a_delta_file(tmp_path):
-    # BUG (lora.py, load_lora): it never checks the file's format. read_finetune accepts both "spiel-delta" and
-    # "spiel-lora", and spiel.load_delta refuses a LoRA file ("not a spiel delta file (format spiel-lora)"),
-    # but load_lora given a delta file fails only on the missing "rank" key: "<path>: bad metadata ('rank')".
-    # The old API said "<path>: not a spiel LoRA file"; this keeps that check (fails until load_lora checks fmt).
     spiel_model = tiny_model()
     spiel.add_sparse_deltas(spiel_model, density=0.01)
     delta = str(tmp_path / "delta.safetensors")

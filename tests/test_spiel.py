@@ -7,8 +7,6 @@ dense copy of the model; its state round trip), AG and MA growth on hand-built c
 (MA never regrows a position active now, AG may and keeps its slot), the loss going down while the base
 stays bit-identical, the budget, random positions, and the dense and sparse (SDDMM) value-gradient paths,
 inside an open window too. CPU only, a few seconds.
-
-Tests whose name contains BUG document a defect found in spiel.py; they fail until it is fixed.
 """
 
 import io
@@ -347,11 +345,9 @@ def test_load_delta_errors(tmp_path):
 
 
 @pytest.mark.parametrize("bad_matrix", ["layers.0.attention.wq", "layers.1.feed_forward.w3"])
-def test_BUG_refused_delta_file_leaves_model_untouched(tmp_path, bad_matrix):
-    """BUG (spiel.load_delta): the per-matrix checks (repeated / out-of-range indices) run inside the loop that
-    swaps the layers in, after model.requires_grad_(False). A file whose LAST matrix is bad is refused only
-    after the 13 matrices before it were wrapped, and any refused file has already frozen the model.
-    The old version checked the whole file first (read_delta) and left the model as it was."""
+def test_refused_delta_file_leaves_model_untouched(tmp_path, bad_matrix):
+    """load_delta checks the whole file (repeated / out-of-range indices in any matrix, the first or the last)
+    before it touches the model: a refused file leaves no layer wrapped and nothing frozen."""
     model = tiny_model()
     add_sparse_deltas(model, density=0.05)
     good = str(tmp_path / "good.safetensors")
@@ -768,11 +764,8 @@ def test_window_state_round_trip():
     assert all(m.window is None for m in layers_b.values())
 
 
-def test_BUG_window_state_dict_before_first_backward():
-    """BUG (latent, spiel.Window.state_dict): a window opened by begin_step but not yet fed a backward pass
-    (candidates None) has no grad_sum / sq_sum attributes, so Selector.state_dict() raises AttributeError,
-    although Window.load_state_dict explicitly accepts candidates None. train.py only saves after a step's
-    backward, so its normal flow does not reach this."""
+def test_window_state_dict_before_first_backward():
+    """a window opened by begin_step but not yet fed a backward pass (no candidates) saves and loads too."""
     layer = SparseDeltaLinear(nn.Linear(5, 4, bias=False), 6)
     sel = Selector(nn.Sequential(layer), "ag", Schedule(10, interval=5, first=2), spiel.AdamW([layer.values]))
     sel.begin_step(1)
@@ -1212,19 +1205,15 @@ def test_sampled_grad_and_csr_pattern():
     first = spiel.csr_pattern(layer, idx)
     assert first[2] is None  # sorted slots: no reorder
     assert spiel.csr_pattern(layer, idx)[0] is first[0]  # cached
-    idx[0] = int(idx[0]) + 1 if int(idx[0]) + 1 < int(idx[1]) else int(idx[0])  # an in-place write bumps the version
+    idx[0] = int(idx[0])  # an in-place write (here of the same value) bumps the version: recomputed
     assert spiel.csr_pattern(layer, idx)[0] is not first[0]
     torch.testing.assert_close(spiel.sampled_grad(layer, dy, x, idx), dW[idx.long()], rtol=1e-12, atol=1e-12)
 
 
-def test_BUG_csr_pattern_cache_keyed_by_address():
-    """BUG (spiel.csr_pattern): the cache key is (data_ptr, _version, numel). Two different tensors at the
-    same address (a freed tensor's memory handed to a new one) with version 0 and the same length get the
-    first one's pattern. In training this happens to an AG window's `positions` (torch.cat of the indices and
-    the candidates, version 0, 2k long): when the next window's positions land where the closed window's
-    were, and no other sparse call replaced the cache in between (windows back to back, e.g.
-    interval = first + 1), d(values) and the candidate gradients are computed at the OLD positions.
-    Here two tensors share memory deterministically (both views of one numpy array)."""
+def test_csr_pattern_cache_is_not_fooled_by_a_reused_address():
+    """the sparse pattern is cached for one tensor object, not for an address: a new tensor at the same address
+    (as an AG window's positions can land where the closed window's were) with version 0 and the same length
+    gets its own pattern. Here two tensors share memory deterministically (both views of one numpy array)."""
     layer = SparseDeltaLinear(nn.Linear(9, 7, bias=False).double(), 10)
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64)
@@ -1238,39 +1227,40 @@ def test_BUG_csr_pattern_cache_keyed_by_address():
     torch.testing.assert_close(spiel.sampled_grad(layer, dy, x, new), dW[new])
 
 
-def test_BUG_back_to_back_windows_sparse_path_gradients():
-    """BUG (the same one, end to end; whether it shows depends on the allocator reusing the address, which it
-    did in nearly every run here): AG windows back to back (Schedule(interval=2, first=1)), sparse path
-    forced, 2 micro-batches a step; every d(values) and every candidate gradient is compared with the dense
-    dW. After a reselection the new window's positions tensor often reuses the closed one's memory and
-    csr_pattern returns the stale pattern."""
+def test_back_to_back_windows_sparse_path_gradients():
+    """AG windows back to back (Schedule(interval=2, first=1)), sparse path forced, 2 micro-batches a step:
+    every d(values) and every candidate gradient equals the dense dW. This is the end-to-end form of the
+    csr_pattern bug above: it fails when the allocator gives a new window's positions the closed window's
+    memory (a standalone copy of this loop failed in most runs; inside this suite the heap happened not to
+    reuse the address, so it passes here). Kept as the regression test for the fix."""
     torch.manual_seed(0)
-    layer = SparseDeltaLinear(nn.Linear(12, 10, bias=False), 20).double()
+    layer = SparseDeltaLinear(nn.Linear(12, 10, bias=False).double(), 20).double()
     layer.grad_path = "sparse"
     opt = spiel.AdamW([layer.values], lr=1e-2)
-    schedule = Schedule(1000, interval=2, first=1)
+    schedule = Schedule(100, interval=2, first=1)
     sel = Selector(nn.Sequential(layer), "ag", schedule, opt)
     wrong = []
-    for t in range(1, 61):
+    for t in range(1, 60):
         sel.begin_step(t)
         for micro in range(2):
-            x, dy = torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
+            x = torch.randn(5, 12, dtype=torch.float64)
+            dy = torch.randn(5, 10, dtype=torch.float64)
             w = layer.window
             before = None if w.candidates is None else w.step_sum.clone()
             layer.values.grad = None
             layer(x).backward(dy)
             dW = (dy.T @ x).view(-1)
-            ok = torch.allclose(layer.values.grad, dW[layer.indices.long()], rtol=1e-9, atol=1e-12)
-            if before is not None:
-                ok &= torch.allclose(w.step_sum - before, dW[w.candidates.long()].float(), rtol=1e-4, atol=1e-6)
-            if not ok:
-                wrong.append((t, micro))
+            if not torch.allclose(layer.values.grad, dW[layer.indices.long()]):
+                wrong.append(("values", t, micro))
+            if before is not None and not torch.allclose(w.step_sum - before, dW[w.candidates.long()].float(),
+                                                         atol=1e-5):
+                wrong.append(("candidates", t, micro))
         sel.end_step()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         if schedule.is_reselection(t):
             sel.reselect(t)
-    assert not wrong, f"wrong gradients at (step, micro-batch) {wrong[:5]} ... ({len(wrong)} of 120)"
+    assert not wrong, f"wrong gradients at {wrong[:4]} ... ({len(wrong)} in all)"
 
 
 def test_grad_path_choice_is_forced_or_follows_density(monkeypatch):

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from llama import load_model, save_hf
+from llama import load_model
+from merge import save_hf
 
 transformers = pytest.importorskip("transformers")
 
