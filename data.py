@@ -163,9 +163,36 @@ def epoch_order(n: int, seed: int, epoch: int) -> list:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def load_splits(path: str, val_path, val_frac: float, tok, seq_len: int, seed: int) -> tuple:
+    """(training examples, validation examples, how many were dropped): val_path's, or val_frac of path's."""
+    train, dropped = load_examples(path, tok, seq_len)
+    if not val_path:
+        return (*split_train_val(train, val_frac, seed), dropped)
+    val, dropped_val = load_examples(val_path, tok, seq_len)
+    return train, val, dropped + dropped_val
+
+
 def split_train_val(examples: list, val_frac: float, seed: int) -> tuple:
     if not val_frac:
         return examples, []
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, int(len(examples) * val_frac)) if len(examples) > 1 else 0
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+class Batches:
+    """micro-batches of examples in a fixed per-epoch order (seed, epoch), with a position (epoch, index) that
+    the resume state keeps, so a resumed run sees exactly the same data. Every process walks the same stream
+    and trains on its own share of each step's micro-batches."""
+
+    def __init__(self, examples: list, batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed, self.epoch, self.index, self.order = examples, batch_size, seed, 0, 0, None
+
+    def next(self) -> list:
+        if self.order is None or self.order[0] != self.epoch:  # one permutation per epoch
+            self.order = (self.epoch, epoch_order(len(self.examples), self.seed, self.epoch))
+        take = self.order[1][self.index:self.index + self.batch_size]
+        self.index += len(take)
+        if self.index >= len(self.examples):
+            self.epoch, self.index = self.epoch + 1, 0
+        return [self.examples[i] for i in take]

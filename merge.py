@@ -63,9 +63,10 @@ def check_out(out_dir: str):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
 
 
-def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: int = 5 * 2**30):
+def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: int = 5 * 2**30, state_dict=None):
     """config.json, safetensors shards (+ index when sharded) and tokenizer.model, written beside out_dir and
-    renamed into place (a failed export leaves nothing half-written); a non-empty out_dir is never touched."""
+    renamed into place (a failed export leaves nothing half-written); a non-empty out_dir is never touched.
+    state_dict: the model's weights when they are not all in `model` (a sharded model gathered by its caller)."""
     from safetensors.torch import save_file
 
     if any(hasattr(m, "dequantize") for m in model.modules()):
@@ -73,7 +74,7 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: i
     check_out(out_dir)
     meta_to_hf = {v: k for k, v in HF_TO_META.items()}
     shards, size = [{}], 0
-    for key, t in model.state_dict().items():
+    for key, t in (state_dict or model.state_dict()).items():
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = permute_meta_to_hf(t, model.args.n_heads if ".wq." in key else model.args.n_kv_heads)
         if shards[-1] and size + t.nbytes > max_shard_bytes:

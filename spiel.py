@@ -403,6 +403,10 @@ class Selector:
                 layer.window.load_state_dict(sd[name])
 
 
+class RanksDisagree(Exception):
+    """processes of one run hold different sparse indices: their deltas would silently diverge."""
+
+
 def check_ranks_agree(layers: dict, t: int):
     """stop the run if any rank's indices differ from rank 0's (compared by a checksum)."""
     s = torch.stack([(layer.indices.long() * 2654435761 % 2**31).sum() for layer in layers.values()])  # (matrices,)
@@ -411,7 +415,7 @@ def check_ranks_agree(layers: dict, t: int):
     ok = torch.tensor([float(torch.equal(s, ref))], device=s.device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok.item():
-        raise RuntimeError(f"step {t}: the ranks disagree on the sparse indices after reselection "
+        raise RanksDisagree(f"step {t}: the ranks disagree on the sparse indices after reselection "
                            f"(rank {dist.get_rank()}: checksum {s.sum().item()} vs rank 0's {ref.sum().item()})")
 
 

@@ -4,7 +4,7 @@ baselines: the same data, loop, schedule and logging for all four methods.
 
     python train.py                                   # the demo: a tiny LLaMA on the CPU, nothing downloaded
     python train.py --ckpt llama-2-7b --data my.jsonl --quantize int8 --grad-checkpoint
-    python train.py --out runs/x --resume             # continue an interrupted run exactly
+    python train.py --out runs/x --resume             # continue an interrupted run exactly (runs.py)
     torchrun --nproc_per_node 4 train.py --ckpt llama-2-13b --data my.jsonl --fsdp
 
 The loop (section 3 of the paper): every step, update the trainable part; every --reselect-every steps,
@@ -12,26 +12,28 @@ drop the smallest deltas and regrow as many new positions (SpIEL-AG: by gradient
 short window; SpIEL-MA: by SM3's row x column accumulators). Look for "drop and regrow" below.
 """
 
-import argparse
-import hashlib
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: a busy CPU does not stall torch
+# (set before torch starts its threads: the imports below come after it on purpose)
 import json
 import math
-import os
 import resource
 import signal
 import sys
 import time
-import uuid
 
 import torch
 import torch.distributed as dist
 
 import data
 import lora
+import runs
 import spiel
 from generate import generate
 from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, base_fingerprint, check_checkpoint, default_device,
-                   default_dtype, find_tokenizer, load_model, matrix_shape, read_json, target_linears)
+                   default_dtype, find_tokenizer, load_model, matrix_shape, target_linears)
+from runs import BELOW_1, COUNT, FRACTION, NONNEG, NONNEG_INT, POSITIVE, Parser
 from sm3 import SM3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,60 +46,31 @@ DEMO_ARGS = ["--ckpt", os.path.join(HERE, "demo", "base"), "--data", os.path.joi
 # peak learning rates by method when --lr is not given: the paper's for LLaMA 2 (section 4.2)
 DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
 # SpIEL-AG's weight decay: the authors' 30 at their lr 1e-5 shrinks every delta by lr x wd = 3e-4 per step at
-# the peak. when --weight-decay is not given it keeps that shrink for any --lr (wd = 3e-4 / lr); the others: 0
+# the peak. when --weight-decay is not given, any --lr keeps that shrink (wd = 3e-4 / lr); the others: 0
 AG_DECAY_PER_STEP = 3e-4
-# flags that --resume accepts: extending the run, or what does not change its math; the inputs may move
-RESUME_FLAGS = {"max_steps", "save_every", "eval_every", "exact_match", "stop_at_step", "log_every", "threads",
-                "device", "ckpt", "data", "val_data"}
 
 # -----------------------------------------------------------------------------
 # arguments: the only place a default lives
 
 
-def checked(kind, ok, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {what}")
-        return value
-    return parse
-
-
-POSITIVE, COUNT = checked(float, lambda v: v > 0, "> 0"), checked(int, lambda v: v >= 1, "an integer >= 1")
-NONNEG, NONNEG_INT = checked(float, lambda v: v >= 0, ">= 0"), checked(int, lambda v: v >= 0, "an integer >= 0")
-FRACTION = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, **kw):
-        super().__init__(allow_abbrev=False, **kw)
-
-    def error(self, message):  # one line, not usage + message
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def get_parser():
-    ap = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_parser() -> Parser:
+    ap = Parser(prog="train.py", description=__doc__)
     a = ap.add_argument
     # model and data
     a("--ckpt", help="LLaMA 2 checkpoint folder, Meta or Hugging Face layout (omit all arguments for the demo)")
-    a("--data", help="training data, .jsonl or .json, Alpaca, prompt/completion or chat 'messages' records")
+    a("--data", help="training data, .jsonl or .json: Alpaca, prompt/completion or chat 'messages' records")
     a("--val-data", help="validation data; default: --val-frac of --data")
-    a("--val-frac", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.05,
-      help="fraction of --data held out when --val-data is not given")
+    a("--val-frac", type=BELOW_1, default=0.05, help="fraction of --data held out when --val-data is not given")
     a("--seq-len", type=COUNT, default=2048, help="examples are truncated to this many tokens")
     # method and budget
     a("--method", default="spiel-ag", choices=["spiel-ag", "spiel-ma", "lora", "full"])
     a("--density", type=FRACTION, help="SpIEL budget as a fraction of the targeted weights")
     a("--num-tunable", type=COUNT, help="SpIEL budget as a number of deltas")
-    a("--match-lora-rank", type=COUNT, help="SpIEL budget = the parameters of LoRA at this rank (default when "
-                                            "no budget is given: 64, the paper's)")
+    a("--match-lora-rank", type=COUNT, help="SpIEL budget: as many deltas as LoRA at this rank trains (default "
+                                            "when no budget is given: 64, the paper's)")
     a("--lora-rank", type=COUNT, default=64, help="LoRA rank (--density/--num-tunable set one to match instead)")
     a("--lora-alpha", type=POSITIVE, default=16.0)
-    a("--lora-dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.1)
+    a("--lora-dropout", type=BELOW_1, default=0.1)
     # reselection (SpIEL)
     a("--reselect-every", type=COUNT, default=20, help="steps between drop-and-regrow")
     a("--first-reselect", type=COUNT, default=5, help="step of the first reselection (replaces all deltas); "
@@ -106,8 +79,7 @@ def get_parser():
     a("--reselect-decay", default="linear", choices=["linear", "cosine"])
     a("--grad-path", default="auto", choices=["auto", "dense", "sparse"],
       help="SpIEL value gradient: dense dW then gather, or only the needed entries (auto: the faster, measured)")
-    a("--sm3-momentum", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0,
-      help="SpIEL-MA: SM3 momentum (0 keeps SM3's memory small)")
+    a("--sm3-momentum", type=BELOW_1, default=0.0, help="SpIEL-MA: SM3 momentum (0 keeps SM3's memory small)")
     # optimization
     a("--lr", type=POSITIVE, help=f"peak learning rate (default by method: {DEFAULT_LR})")
     a("--weight-decay", type=NONNEG, help=f"decoupled weight decay (default: {AG_DECAY_PER_STEP:g} / lr for "
@@ -115,17 +87,17 @@ def get_parser():
     a("--warmup", type=NONNEG, default=0.03, help="linear warmup: a fraction of the steps if < 1, else steps")
     a("--grad-clip", type=NONNEG, default=0.0, help="clip the gradient norm (0: off, as the authors)")
     a("--batch-size", type=COUNT, default=1, help="examples per micro-batch")
-    a("--grad-accum", type=COUNT, default=128, help="micro-batches per optimizer step, per process (paper: 128)")
+    a("--grad-accum", type=COUNT, default=128, help="micro-batches per step and process (paper: 128 sequences)")
     a("--epochs", type=POSITIVE, default=2.0)
     a("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs; with --resume: extends the run)")
     # system
     a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base quantized")
     a("--dtype", choices=["float32", "bfloat16"], help="base and compute dtype (default: bf16 on a GPU that has "
-                                                      "it, else fp32); deltas and optimizer state are always fp32")
+                                                      "it, else fp32); deltas and optimizer state stay fp32")
     a("--device", default=default_device())
-    a("--threads", type=COUNT, help="CPU threads for torch (default: torch's, all cores)")
+    a("--threads", type=COUNT, help="CPU threads (default: torch's, one per core)")
     a("--grad-checkpoint", action="store_true", help="recompute each block in backward (less activation memory)")
-    a("--fsdp", action="store_true", help="under torchrun: shard the frozen base across the processes")
+    a("--fsdp", action="store_true", help="under torchrun: shard the frozen base (full: all weights) per block")
     a("--seed", type=NONNEG_INT, default=0)
     # output, evaluation, resume
     a("--out", help="output folder (default runs/<method>-<time>); an existing run is never overwritten")
@@ -137,39 +109,6 @@ def get_parser():
                                                         "before and after training (single-turn data)")
     a("--stop-at-step", type=COUNT, help="stop after this step as if interrupted (resumable)")
     return ap
-
-
-def parse_args(argv) -> argparse.Namespace:
-    """the arguments of a new run, or (--resume) the stored ones of the run in --out with the flags that may
-    change; input paths are made absolute so a run resumes from anywhere."""
-    ap = get_parser()
-    args = ap.parse_args(argv)
-    if not args.resume:
-        if args.ckpt is None or args.data is None:
-            ap.error("--ckpt and --data are required (run with no arguments at all for the demo)")
-        for key in ("ckpt", "data", "val_data"):
-            setattr(args, key, getattr(args, key) and os.path.abspath(getattr(args, key)))
-        return args
-    if not args.out:
-        ap.error("--resume needs --out, the folder of the run to continue")
-    options = {s: action.dest for action in ap._actions for s in action.option_strings}
-    given = {options[t.split("=")[0]] for t in argv if t.split("=")[0] in options} - {"resume", "out"}
-    stored = read_json(os.path.join(args.out, "args.json"), "not a run folder, or its args.json is damaged")
-    for key in given:
-        value = getattr(args, key)
-        value = os.path.abspath(value) if key in ("ckpt", "data", "val_data") else value
-        if value == stored.get(key):
-            continue
-        if key not in RESUME_FLAGS:
-            ap.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has "
-                     f"{stored.get(key)!r}); start a new run with another --out")
-        stored[key] = value
-    for key in ("ckpt", "data", "val_data"):
-        if stored.get(key) and not os.path.exists(stored[key]):
-            raise CheckpointError(f"{stored[key]}: not found (--{key.replace('_', '-')} stored in {args.out}/args.json); "
-                                  f"pass --{key.replace('_', '-')} with its new place")
-    return argparse.Namespace(**{**vars(ap.parse_args([])), "finetune_id": None, "data_sha256": None, **stored,
-                                 "out": os.path.abspath(args.out), "resume": True, "stop_at_step": args.stop_at_step})
 
 
 # -----------------------------------------------------------------------------
@@ -209,30 +148,13 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
 
 
 # -----------------------------------------------------------------------------
-# helpers: learning rate, batches, evaluation, the run folder
+# helpers: the learning rate, evaluation, processes, interruption
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     """linear warmup to the peak, then linear decay (the last step gets peak / (total - warmup))."""
     warm = warmup * total if warmup < 1 else warmup
     return peak * step / warm if step <= warm else peak * (total - step + 1) / max(total - warm, 1)
-
-
-class Batches:
-    """micro-batches of a fixed per-epoch order (seed, epoch), with a position (epoch, index) that the resume
-    state keeps, so a resumed run sees exactly the same data. Every process walks the same stream."""
-
-    def __init__(self, examples, batch_size, seed):
-        self.examples, self.batch_size, self.seed, self.epoch, self.index, self.order = examples, batch_size, seed, 0, 0, None
-
-    def next(self) -> list:
-        if self.order is None or self.order[0] != self.epoch:
-            self.order = (self.epoch, data.epoch_order(len(self.examples), self.seed, self.epoch))
-        take = self.order[1][self.index:self.index + self.batch_size]
-        self.index += len(take)
-        if self.index >= len(self.examples):
-            self.epoch, self.index = self.epoch + 1, 0
-        return [self.examples[i] for i in take]
 
 
 @torch.no_grad()
@@ -261,109 +183,25 @@ def exact_match(model, tok, examples, n) -> float:
     return hits / min(n, len(examples))
 
 
-def sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
-def prepare_out(args):
-    """a new run's folder: refuses one that holds anything but a run stopped before its first checkpoint."""
-    args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    files = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()
-    if files and not files <= {"args.json", "log.jsonl"}:
-        raise FileExistsError(f"{args.out}: exists and is not empty; use --resume or another --out")
-    if files:
-        print(f"note: {args.out} holds a run stopped before its first checkpoint; starting it over")
-        for name in files:
-            os.remove(os.path.join(args.out, name))
-    os.makedirs(args.out, exist_ok=True)
-    args.finetune_id = uuid.uuid4().hex[:16]  # recorded in the delta, and by merge.py in what it merges into
-    args.data_sha256 = sha256(args.data) if os.path.isfile(args.data) else None
-    write_args(args)
-
-
-def write_args(args):
-    """args.json: what --resume continues with (an extension or a moved input updates it)."""
-    path = os.path.join(args.out, "args.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")}, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def save(args, step, model, optimizer, selector, batches, rank, world, fingerprint):
-    """the small artifact (delta or adapter) and the resume state, each to a temp name, then renamed. Only
-    rank 0 writes (the trainable part is the same on every rank)."""
-    if rank:
-        return
-    meta = {"method": args.method, "step": step, "finetune_id": args.finetune_id}
-    if args.method in ("spiel-ag", "spiel-ma"):
-        spiel.save_delta(model, os.path.join(args.out, "delta.safetensors"), meta)
-    elif args.method == "lora":
-        lora.save_lora(model, os.path.join(args.out, "lora.safetensors"), meta)
-    state = {"step": step, "world_size": world, "base_fingerprint": fingerprint, "data": {"epoch": batches.epoch, "index": batches.index},
-             "optimizer": optimizer.state_dict(), "selector": selector.state_dict() if selector else {},
-             "trainable": trainable_state(model, args.method), "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(state, os.path.join(args.out, "state.pt.tmp"))
-    os.replace(os.path.join(args.out, "state.pt.tmp"), os.path.join(args.out, "state.pt"))
-
-
-def trainable_state(model, method) -> dict:
-    sd = model.state_dict()
-    return sd if method == "full" else {k: v for k, v in sd.items() if k.endswith((".values", ".indices", ".A", ".B"))}
-
-
-def load_state(args, model, optimizer, selector, batches, world, fingerprint) -> int:
-    """put a run's resume state back in place; -> the last step it finished. Errors name state.pt."""
-    path = os.path.join(args.out, "state.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not found; the run stopped before its first checkpoint: run the same "
-                              f"command without --resume to start it over")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        trainable, want = state["trainable"], trainable_state(model, args.method)
-    except Exception as e:
-        raise CheckpointError(f"{path}: damaged or not a resume state ({str(e).splitlines()[0]}); it is written "
-                              f"atomically, so this is a copy or disk fault: restore the folder, or start a new run") from None
-    if set(trainable) != set(want) or any(trainable[k].shape != want[k].shape for k in want):
-        raise CheckpointError(f"{path}: does not match this model's trainable tensors (another model or method?)")
-    if state.get("base_fingerprint", fingerprint) != fingerprint:
-        raise CheckpointError(f"{args.ckpt}: not the base this run trained on (its fingerprint differs from {path}'s)")
-    if state["world_size"] != world:
-        raise CheckpointError(f"{path}: saved by {state['world_size']} processes, resumed by {world}; resume with "
-                              f"--nproc_per_node {state['world_size']}")
-    with torch.no_grad():
-        for k, v in trainable.items():
-            want[k].copy_(v)  # in place: the optimizer keeps pointing at the same tensors
-    optimizer.load_state_dict(state["optimizer"])
-    if selector:
-        selector.load_state_dict(state["selector"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    batches.epoch, batches.index = state["data"]["epoch"], state["data"]["index"]
-    return state["step"]
-
-
 def setup_distributed(device: str) -> tuple:
     """torchrun's environment -> (rank, world size, this process's device); NCCL on CUDA, gloo on the CPU."""
     if "RANK" not in os.environ:
         return 0, 1, device
-    local = int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard_base(model, params):
-    """--fsdp: the frozen base sharded per transformer block (FSDP2); the trainable part stays replicated."""
+def shard(model, params, full: bool):
+    """--fsdp: each transformer block's frozen weights sharded across the processes (FSDP2, fully_shard per
+    block); the trainable deltas / adapters stay whole on every process. Full fine-tuning shards everything,
+    and its gradients are summed (not averaged: the loss is already normalised over all processes)."""
     from torch.distributed.fsdp import fully_shard
-    ignored = set(params) if not all(p.requires_grad for p in model.parameters()) else None
-    for block in model.layers:
-        fully_shard(block, ignored_params=ignored)
-    fully_shard(model, ignored_params=ignored)
+    for module in [*model.layers, model]:
+        fully_shard(module, ignored_params=None if full else set(params))
+        module.set_gradient_divide_factor(1.0)
 
 
 STOP = []  # the first Ctrl-C finishes the step, saves and exits; a second one exits at once
@@ -381,84 +219,68 @@ def on_sigint(*_):
 
 def main(argv):
     demo = not argv
-    args = parse_args(DEMO_ARGS if demo else argv)
-    if demo:
-        print("demo: python train.py " + " ".join(os.path.relpath(x, HERE) if x.startswith(HERE) else x
-                                                 for x in DEMO_ARGS))
+    args = runs.resolve_args(get_parser(), DEMO_ARGS if demo else argv)
     if args.quantize != "none" and args.method == "full":
         raise SystemExit("error: full fine-tuning needs a full-precision base (drop --quantize)")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 prints and writes
+    if demo:
+        say("demo: python train.py " + " ".join(os.path.relpath(x, HERE) if x.startswith(HERE) else x for x in DEMO_ARGS))
     check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
     if not args.resume and rank == 0:
-        prepare_out(args)  # until its first checkpoint, the folder can be started over
-    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 prints and writes
-    torch.manual_seed(args.seed)
+        runs.prepare(args)  # until its first checkpoint, the folder can be started over
+    torch.manual_seed(args.seed + rank)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
-    # --- data -------------------------------------------------------------------------------------------------
+    # --- data ---------------------------------------------------------------------------------------------------
     tok = Tokenizer(find_tokenizer(args.ckpt))
-    if args.resume and args.data_sha256 and sha256(args.data) != args.data_sha256:
+    if args.resume and args.data_sha256 and runs.sha256(args.data) != args.data_sha256:
         raise CheckpointError(f"{args.data}: not the data this run trained on (its sha256 differs)")
-    train_set, dropped = data.load_examples(args.data, tok, args.seq_len)
-    if args.val_data:
-        val_set, dropped_val = data.load_examples(args.val_data, tok, args.seq_len)
-        dropped += dropped_val
-    else:
-        train_set, val_set = data.split_train_val(train_set, args.val_frac, args.seed)
+    train_set, val_set, dropped = data.load_splits(args.data, args.val_data, args.val_frac, tok, args.seq_len, args.seed)
     if dropped:
         say(f"data: dropped {dropped} examples left with no answer token after truncation to {args.seq_len}")
     per_step = args.batch_size * args.grad_accum * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / per_step))
-    n_label = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in train_set)
-    say(f"data: {len(train_set)} training / {len(val_set)} validation examples, {n_label / len(train_set):.1f} answer "
-        f"tokens per example; {per_step} examples per step ({world} process(es)), {total_steps} steps")
+    say(f"data: {len(train_set)} training / {len(val_set)} validation examples, "
+        f"{sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in train_set) / len(train_set):.1f} answer tokens per example; "
+        f"{per_step} examples per step ({world} process{'es' * (world > 1)}), {total_steps} steps")
 
-    # --- model and the trainable part ---------------------------------------------------------------------------
+    # --- model and the trainable part -----------------------------------------------------------------------------
     t0 = time.time()
     model = load_model(args.ckpt, device=device, dtype=dtype, quantize=None if args.quantize == "none" else args.quantize)
     say(f"model: {args.ckpt} ({model.layout} layout, {model.args.n_layers} layers, dim {model.args.dim}) loaded in "
         f"{time.time() - t0:.1f}s as {dtype}" + (f", base quantized to {args.quantize}" if args.quantize != "none" else ""))
     model.grad_checkpoint = args.grad_checkpoint
+    fingerprint = base_fingerprint(model)  # of weights fine-tuning never changes: a resume checks it
     n_base = sum(p.numel() for p in model.parameters()) + sum(math.prod(m.weight_shape) for m in model.modules()
                                                                if hasattr(m, "dequantize"))
-    fingerprint = base_fingerprint(model)  # of weights fine-tuning never changes: a resume checks it
     params, optimizer, selector = add_trainable(model, args, total_steps)
     n_trainable = sum(p.numel() for p in params)
-    if n_trainable == 0 or not all(p.requires_grad for p in params):
-        raise SystemExit("error: nothing to train (check the budget and the method)")
     lr, wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]
-    say(spiel.budget_summary(model) if selector else f"{args.method}: {n_trainable:,} trainable parameters")
+    say(spiel.budget_summary(model) if selector else f"{args.method}: {len(params)} trainable tensors")
     say(f"trainable: {n_trainable:,} of {n_base:,} parameters ({n_trainable / n_base:.3%}); lr {lr:g}, weight decay "
         f"{wd:g}, gradient clipping {args.grad_clip or 'off'}")
-    density = n_trainable / sum(math.prod(m.weight_shape) for m in spiel.delta_layers(model).values()) if selector else 0
+    density = n_trainable / sum(math.prod(m.weight_shape) for m in selector.layers.values()) if selector else 0
     if density > 0.1 and args.density is None and args.num_tunable is None:
         say(f"warning: this budget is {density:.0%} of the targeted weights (the paper's is 2.5% on 7B: LoRA rank 64 "
             f"matched); on a small model pass --density (e.g. 0.05) or a smaller --match-lora-rank")
     if args.fsdp:
-        shard_base(model, params)
+        shard(model, params, full=args.method == "full")
 
-    # --- the run folder: a new one, or resume ----------------------------------------------------------------------
-    batches = Batches(train_set, args.batch_size, args.seed)
+    # --- resume, or evaluate the base -------------------------------------------------------------------------------
+    batches = data.Batches(train_set, args.batch_size, args.seed)
+    start = 1
     if args.resume:
-        start = load_state(args, model, optimizer, selector, batches, world, fingerprint) + 1
+        start = runs.load_state(args, model, optimizer, selector, batches, rank, world, fingerprint) + 1
         if start > total_steps:
-            say(f"{args.out} already finished at step {start - 1}; extend it with --resume --max-steps N (N > "
-                f"{start - 1})")
+            say(f"{args.out} already finished at step {start - 1}; extend it with --resume --max-steps N (N > {start - 1})")
             return 0
         say(f"resumed {args.out} at step {start} of {total_steps}")
         if rank == 0:
-            write_args(args)
-    else:
-        start = 1
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-
-    def log(record):
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
+            runs.write_args(args)  # an extension or a moved input is now the run's
+    log = runs.Log(os.path.join(args.out, "log.jsonl") if rank == 0 else None)
     if start == 1 and val_set and (args.eval_every or args.exact_match):
         val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
         say(f"validation loss before fine-tuning: {val_loss:.4f}")
@@ -468,7 +290,7 @@ def main(argv):
             say(f"exact match before fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} held-out answers")
             log({"event": "exact_match", "step": 0, "exact_match": em})
 
-    # --- the training loop -----------------------------------------------------------------------------------------
+    # --- the training loop ---------------------------------------------------------------------------------------------
     signal.signal(signal.SIGINT, on_sigint)
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start - 1, dynamic_ncols=True, disable=rank > 0 or not sys.stdout.isatty())
@@ -481,7 +303,7 @@ def main(argv):
             group["lr"] = lr_at(step, total_steps, lr, args.warmup)
         if selector:
             selector.begin_step(step)  # SpIEL-AG: this step's gradients also feed the accumulation window
-        # this step's micro-batches (all processes'), normalised by all of their answer tokens
+        # the step's micro-batches (all processes'): the loss is normalised by all of their answer tokens
         micro = [batches.next() for _ in range(args.grad_accum * world)]
         n_targets = sum(int((y != IGNORE_INDEX).sum()) for mb in micro for _, y, _ in mb)
         tokens_seen += sum(len(x) for mb in micro for x, _, _ in mb)  # non-padding tokens
@@ -492,9 +314,8 @@ def main(argv):
             (loss / n_targets).backward()
             loss_sum += loss.detach()
         if world > 1:  # data parallel: the step's gradient is the sum of every process's share
-            for p in params:
-                if p.grad is not None and not (args.fsdp and args.method == "full"):  # (FSDP reduces its own)
-                    dist.all_reduce(p.grad)
+            for p in params if not runs.full_fsdp(args) else []:  # (FSDP sums the sharded ones itself)
+                dist.all_reduce(p.grad)
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item() / n_targets
         if not math.isfinite(train_loss):
@@ -507,7 +328,7 @@ def main(argv):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # --- drop and regrow (SpIEL section 3): the smallest deltas make room for new positions --------------------
+        # --- drop and regrow (SpIEL section 3): the smallest deltas make room for new positions ----------------------
         if selector and selector.schedule.is_reselection(step):
             changed = selector.reselect(step)
             k, n = sum(m.indices.numel() for m in selector.layers.values()), sum(changed.values())
@@ -515,14 +336,13 @@ def main(argv):
                  f"{selector.schedule.fraction(step):.1%})")
             log({"event": "reselect", "step": step, "changed": n, "of": k, "by_matrix": changed})
 
-        tok_s = tokens_seen / (time.time() - t_start)
-        log({"step": step, "loss": train_loss, "lr": lr_at(step, total_steps, lr, args.warmup), "grad_norm": grad_norm,
-             "step_time": time.time() - t_step, "tokens_per_s": tok_s})
+        tok_s, lr_now = tokens_seen / (time.time() - t_start), lr_at(step, total_steps, lr, args.warmup)
+        log({"step": step, "loss": train_loss, "lr": lr_now, "grad_norm": grad_norm, "step_time": time.time() - t_step,
+             "tokens_per_s": tok_s})
         bar.update()
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_at(step, total_steps, lr, args.warmup):.2e}", tok_s=f"{tok_s:.0f}")
-        if bar.disable and (step % args.log_every == 0 or step == total_steps):  # a log file: a plain line now and then
-            say(f"step {step}/{total_steps}: loss {train_loss:.4f}, lr {lr_at(step, total_steps, lr, args.warmup):.2e}, "
-                f"{tok_s:.0f} tokens/s", flush=True)
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tok_s:.0f}")
+        if bar.disable and (step % args.log_every == 0 or step == total_steps):  # a log file: a plain line
+            say(f"step {step}/{total_steps}: loss {train_loss:.4f}, lr {lr_now:.2e}, {tok_s:.0f} tokens/s", flush=True)
         if args.eval_every and val_set and (step % args.eval_every == 0 or step == total_steps):
             val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
             _, _, (system, turns) = val_set[0]
@@ -531,24 +351,34 @@ def main(argv):
             log({"event": "eval", "step": step, "val_loss": val_loss, "sample": sample})
         stop = bool(STOP) or step == args.stop_at_step
         if step % args.save_every == 0 or step == total_steps or stop:
-            save(args, step, model, optimizer, selector, batches, rank, world, fingerprint)
+            runs.save_state(args, step, model, optimizer, selector, batches, rank, world, fingerprint)
             last_saved = step
         if stop:
             bar.close()
             say(f"stopped after step {step}; continue with: python train.py --out {args.out} --resume")
             return 130 if STOP else 0
     bar.close()
+    finish(args, model, tok, val_set, time.time() - t_start, tokens_seen, start, total_steps, device, rank, say, log)
+    say("to fine-tune LLaMA 2 7B the same way on one GPU:\n  python train.py --ckpt llama-2-7b --data your.jsonl "
+        "--quantize int8 --grad-checkpoint   (see README.md)") if demo else None
+    return 0
 
-    # --- the end: what it cost, what it gave -------------------------------------------------------------------------
-    elapsed = time.time() - t_start
+
+def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, device, rank, say, log):
+    """the end of a run: what it cost, what it gave, where it is, and how to sample from it."""
     cuda = device.startswith("cuda")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     say(f"done: {total_steps - start + 1} steps in {elapsed:.0f}s, {tokens_seen / elapsed:.0f} tokens/s, peak "
         f"{'GPU memory allocated' if cuda else 'RSS'} {peak:.2f} GB")
     log({"event": "end", "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed, "peak_memory_gb": peak})
-    if args.method == "full" and rank == 0:
+    if args.method == "full":
         from merge import save_hf
-        save_hf(model, tok.path, os.path.join(args.out, "model"))
+        sd = None
+        if runs.full_fsdp(args):  # the whole model, gathered on rank 0
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            save_hf(model, tok.path, os.path.join(args.out, "model"), state_dict=sd)
     if args.exact_match and val_set:
         em = exact_match(model, tok, val_set, args.exact_match)
         say(f"exact match after fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} held-out answers")
@@ -557,17 +387,13 @@ def main(argv):
     prompt = val_set[0][2][1][0][0] if val_set else "..."
     say(f"saved {artifact}; sample with: python generate.py --ckpt " + (f"{artifact} " if args.method == "full" else
         f"{args.ckpt} --delta {artifact} ") + f"--chat --temperature 0 --prompt {json.dumps(prompt)}")
-    if demo:
-        say("to fine-tune LLaMA 2 7B the same way on one GPU:\n  python train.py --ckpt llama-2-7b --data your.jsonl "
-            "--quantize int8 --grad-checkpoint   (see README.md)")
-    return 0
 
 
 def cli(argv):
     """the command line: a bad input or an interruption ends in one line on stderr, never a traceback."""
     try:
         sys.exit(main(argv))
-    except (CheckpointError, data.DataError, ValueError, FileExistsError) as e:
+    except (CheckpointError, data.DataError, ValueError, FileExistsError, spiel.RanksDisagree) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was saved: run the same command again", file=sys.stderr)

@@ -1,0 +1,219 @@
+"""
+The run folder that train.py writes, and how --resume continues it exactly (and train.py's argument checks).
+
+    runs/x/args.json          the run's arguments, input paths absolute (--resume reads them back)
+    runs/x/log.jsonl          one JSON record per step, reselection, evaluation (plot.py draws them)
+    runs/x/state.pt           the resume state: trainable tensors, optimizer, open AG windows, step, data
+                              position, every process's RNG (plain tensors: torch.load(weights_only=True))
+    runs/x/delta.safetensors  SpIEL's deltas (lora.safetensors for LoRA; model/ after full fine-tuning)
+
+Every file is written to a temporary name and renamed, so an interruption never leaves half a file. Until
+its first checkpoint a folder holds only args.json and log.jsonl: starting the same run again reuses it.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import uuid
+
+import torch
+import torch.distributed as dist
+
+from llama import CheckpointError, read_json
+
+# -----------------------------------------------------------------------------
+# the arguments: one-line errors for values that cannot make sense; --resume's rules
+
+
+def checked(kind, ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE, COUNT = checked(float, lambda v: v > 0, "> 0"), checked(int, lambda v: v >= 1, "an integer >= 1")
+NONNEG, NONNEG_INT = checked(float, lambda v: v >= 0, ">= 0"), checked(int, lambda v: v >= 0, "an integer >= 0")
+FRACTION, BELOW_1 = checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no abbreviated flags."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message):  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# flags --resume accepts: what extends the run, or does not change its math; the inputs may have moved
+RESUME_FLAGS = {"max_steps", "save_every", "eval_every", "exact_match", "stop_at_step", "log_every", "threads",
+                "device", "ckpt", "data", "val_data"}
+PATHS = ("ckpt", "data", "val_data")
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
+    """a new run's arguments with absolute input paths, or (--resume) the stored arguments of the run in --out
+    updated by the flags that may change; a flag that would change the math is refused, naming it."""
+    args = parser.parse_args(argv)
+    if not args.resume:
+        if args.ckpt is None or args.data is None:
+            parser.error("--ckpt and --data are required (run with no arguments at all for the demo)")
+        for key in PATHS:
+            setattr(args, key, getattr(args, key) and os.path.abspath(getattr(args, key)))
+        return args
+    if not args.out:
+        parser.error("--resume needs --out, the folder of the run to continue")
+    options = {s: action.dest for action in parser._actions for s in action.option_strings}
+    given = {options[t.split("=")[0]] for t in argv if t.split("=")[0] in options} - {"resume", "out"}
+    stored = read_json(os.path.join(args.out, "args.json"), "not a run folder, or its args.json is damaged")
+    for key in given:
+        value = os.path.abspath(getattr(args, key)) if key in PATHS else getattr(args, key)
+        if value != stored.get(key) and key not in RESUME_FLAGS:
+            parser.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has {stored.get(key)!r}); "
+                         f"start a new run with another --out")
+        stored[key] = value
+    for key in PATHS:
+        if stored.get(key) and not os.path.exists(stored[key]):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{stored[key]}: not found ({flag} stored in {args.out}/args.json); pass {flag} "
+                                  f"with its new place")
+    return argparse.Namespace(**{**vars(parser.parse_args([])), "finetune_id": None, "data_sha256": None, **stored,
+                                 "out": os.path.abspath(args.out), "resume": True, "stop_at_step": args.stop_at_step})
+
+
+# -----------------------------------------------------------------------------
+# the folder: args.json, log.jsonl, state.pt
+
+
+class Log:
+    """log.jsonl: one JSON record per line (rank 0 writes; the others pass path None)."""
+
+    def __init__(self, path):
+        self.file = open(path, "a") if path else None
+
+    def __call__(self, record: dict):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def prepare(args):
+    """a new run's folder: refuses one that holds anything but a run stopped before its first checkpoint."""
+    args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    files = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()
+    if files and not files <= {"args.json", "log.jsonl"}:
+        raise FileExistsError(f"{args.out}: exists and is not empty; use --resume or another --out")
+    if files:
+        print(f"note: {args.out} holds a run stopped before its first checkpoint; starting it over")
+        for name in files:
+            os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
+    args.finetune_id = uuid.uuid4().hex[:16]  # recorded in the delta, and by merge.py in what it merges into
+    args.data_sha256 = sha256(args.data) if os.path.isfile(args.data) else None  # a resume checks the data
+    write_args(args)
+
+
+def write_args(args):
+    path = os.path.join(args.out, "args.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def gather(obj, world: int) -> list:
+    """obj from every process, in rank order (one process: [obj])."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def full_fsdp(args) -> bool:
+    return args.fsdp and args.method == "full"  # the trainable weights themselves are sharded
+
+
+def trainable_state(model, method) -> dict:
+    sd = model.state_dict()
+    return sd if method == "full" else {k: v for k, v in sd.items() if k.endswith((".values", ".indices", ".A", ".B"))}
+
+
+def save_state(args, step, model, optimizer, selector, batches, rank, world, fingerprint):
+    """the resume state (and SpIEL's delta / LoRA's adapter), written by rank 0; every process takes part
+    (its RNG state, and with --fsdp on full fine-tuning, its shard of the weights and the optimizer)."""
+    if full_fsdp(args):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        trainable, opt = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    else:
+        trainable, opt = trainable_state(model, args.method), optimizer.state_dict()
+    rngs = gather(torch.get_rng_state(), world)
+    cuda_rngs = gather(torch.cuda.get_rng_state() if torch.cuda.is_available() else None, world)
+    if rank:
+        return
+    import lora
+    import spiel
+    meta = {"method": args.method, "step": step, "finetune_id": args.finetune_id}
+    if args.method in ("spiel-ag", "spiel-ma"):
+        spiel.save_delta(model, os.path.join(args.out, "delta.safetensors"), meta)
+    elif args.method == "lora":
+        lora.save_lora(model, os.path.join(args.out, "lora.safetensors"), meta)
+    state = {"step": step, "world_size": world, "base_fingerprint": fingerprint, "optimizer": opt,
+             "data": {"epoch": batches.epoch, "index": batches.index}, "trainable": trainable,
+             "selector": selector.state_dict() if selector else {}, "rng": rngs, "cuda_rng": cuda_rngs}
+    torch.save(state, os.path.join(args.out, "state.pt.tmp"))
+    os.replace(os.path.join(args.out, "state.pt.tmp"), os.path.join(args.out, "state.pt"))
+
+
+def load_state(args, model, optimizer, selector, batches, rank, world, fingerprint) -> int:
+    """put a run's resume state back in place; -> the last step it finished. Errors name state.pt."""
+    path = os.path.join(args.out, "state.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found; the run stopped before its first checkpoint: run the same "
+                              f"command without --resume to start it over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        trainable, step = state["trainable"], state["step"]
+    except Exception as e:
+        raise CheckpointError(f"{path}: damaged or not a resume state ({str(e).splitlines()[0]}); it is written "
+                              f"atomically, so this is a copy or disk fault: restore the folder, or start a new run") from None
+    if state.get("base_fingerprint", fingerprint) != fingerprint:
+        raise CheckpointError(f"{args.ckpt}: not the base this run trained on (its fingerprint differs from {path}'s)")
+    if state["world_size"] != world:
+        raise CheckpointError(f"{path}: saved by {state['world_size']} processes, resumed by {world}; resume with "
+                              f"torchrun --nproc_per_node {state['world_size']}" if state["world_size"] > 1 else
+                              f"{path}: saved by 1 process, resumed by {world}; resume without torchrun")
+    if full_fsdp(args):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=trainable, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        want = trainable_state(model, args.method)
+        if set(trainable) != set(want) or any(trainable[k].shape != want[k].shape for k in want):
+            raise CheckpointError(f"{path}: does not match this model's trainable tensors (another model or method?)")
+        with torch.no_grad():
+            for k, v in trainable.items():
+                want[k].copy_(v)  # in place: the optimizer keeps pointing at the same tensors
+        optimizer.load_state_dict(state["optimizer"])
+    if selector:
+        selector.load_state_dict(state["selector"])
+    torch.set_rng_state(state["rng"][rank])
+    if state["cuda_rng"][rank] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"][rank])
+    batches.epoch, batches.index = state["data"]["epoch"], state["data"]["index"]
+    return step
