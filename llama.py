@@ -465,7 +465,7 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional
         raise CheckpointError(f"{path}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                       if len(missing) > 1 else ""))
     model.reset_rope(device)
-    model.layout = layout
+    model.layout, model.fingerprint = layout, base_fingerprint(model)
     model.merged_ids = read_json(os.path.join(path, "config.json")).get("spiel_merged", []) if layout == "hf" else []
     return model.eval()
 
@@ -487,7 +487,10 @@ def target_linears(model: nn.Module, targets=PROJECTIONS) -> dict:
 
 def base_fingerprint(model: nn.Module) -> str:
     """a short hash of weights fine-tuning never touches (norms, a slice of the embedding), rounded to bf16
-    so that the same base loaded in another dtype or quantized gives the same answer."""
+    so that the same base loaded in another dtype or quantized gives the same answer. load_model keeps it
+    (model.fingerprint): a sharded model could not compute it on one process alone."""
+    if getattr(model, "fingerprint", None):
+        return model.fingerprint
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         if name.endswith("norm.weight") or name == "tok_embeddings.weight":

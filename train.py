@@ -190,18 +190,18 @@ def setup_distributed(device: str) -> tuple:
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def shard(model, params, full: bool):
     """--fsdp: each transformer block's frozen weights sharded across the processes (FSDP2, fully_shard per
-    block); the trainable deltas / adapters stay whole on every process. Full fine-tuning shards everything,
-    and its gradients are summed (not averaged: the loss is already normalised over all processes)."""
+    block); the trainable deltas / adapters stay whole on every process. Full fine-tuning shards everything
+    (FSDP then averages its gradients over the processes; the loop scales its loss to make that a sum)."""
     from torch.distributed.fsdp import fully_shard
     for module in [*model.layers, model]:
         fully_shard(module, ignored_params=None if full else set(params))
-        module.set_gradient_divide_factor(1.0)
 
 
 STOP = []  # the first Ctrl-C finishes the step, saves and exits; a second one exits at once
@@ -256,6 +256,8 @@ def main(argv):
     fingerprint = base_fingerprint(model)  # of weights fine-tuning never changes: a resume checks it
     n_base = sum(p.numel() for p in model.parameters()) + sum(math.prod(m.weight_shape) for m in model.modules()
                                                                if hasattr(m, "dequantize"))
+    if runs.full_fsdp(args):  # sharded first: the optimizer must hold the sharded weights
+        shard(model, [], full=True)
     params, optimizer, selector = add_trainable(model, args, total_steps)
     n_trainable = sum(p.numel() for p in params)
     lr, wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]
@@ -266,8 +268,8 @@ def main(argv):
     if density > 0.1 and args.density is None and args.num_tunable is None:
         say(f"warning: this budget is {density:.0%} of the targeted weights (the paper's is 2.5% on 7B: LoRA rank 64 "
             f"matched); on a small model pass --density (e.g. 0.05) or a smaller --match-lora-rank")
-    if args.fsdp:
-        shard(model, params, full=args.method == "full")
+    if args.fsdp and not runs.full_fsdp(args):
+        shard(model, params, full=False)
 
     # --- resume, or evaluate the base -------------------------------------------------------------------------------
     batches = data.Batches(train_set, args.batch_size, args.seed)
@@ -307,11 +309,11 @@ def main(argv):
         micro = [batches.next() for _ in range(args.grad_accum * world)]
         n_targets = sum(int((y != IGNORE_INDEX).sum()) for mb in micro for _, y, _ in mb)
         tokens_seen += sum(len(x) for mb in micro for x, _, _ in mb)  # non-padding tokens
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, scale = torch.zeros((), device=device), world if runs.full_fsdp(args) else 1  # (FSDP averages)
         for examples in micro[rank * args.grad_accum:(rank + 1) * args.grad_accum]:  # this process's share
             x, y = data.collate(examples, tok.eos_id)
             _, loss = model(x.to(device), y.to(device), reduction="sum")
-            (loss / n_targets).backward()
+            (loss * scale / n_targets).backward()
             loss_sum += loss.detach()
         if world > 1:  # data parallel: the step's gradient is the sum of every process's share
             for p in params if not runs.full_fsdp(args) else []:  # (FSDP sums the sharded ones itself)

@@ -1,0 +1,134 @@
+"""train.py under torchrun on the CPU (gloo, 2 processes started here): 2 processes x grad-accum 1 give the same
+run as 1 process x grad-accum 2, with and without --fsdp, for every method; an interrupted 2-process run
+resumes exactly; processes that disagree on the indices stop with a message; one failing process ends all.
+Each torchrun call runs several configurations in the same 2 processes (train.main, one after another)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import ROOT, task  # noqa: F401  (task is a fixture)
+
+RUNNER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import spiel, train
+{patch}
+for argv in json.load(open(sys.argv[1])):
+    code = train.main(argv)
+    if code:
+        sys.exit(code)
+"""
+TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # the same sums, added in another order
+
+
+def torchrun(tmp_path, configs, patch="", timeout=300):
+    (tmp_path / "configs.json").write_text(json.dumps(configs))
+    (tmp_path / "runner.py").write_text(RUNNER.format(root=ROOT, patch=patch))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "runner.py"), str(tmp_path / "configs.json")],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def args(tiny, task, out, method, accum, *extra):
+    return ["--ckpt", tiny.hf, "--data", task[0], "--val-data", task[1], "--seq-len", "48", "--batch-size", "2",
+            "--grad-accum", str(accum), "--device", "cpu", "--dtype", "float32", "--out", str(out), "--lr", "1e-2",
+            "--warmup", "2", "--density", "0.1", "--first-reselect", "2", "--reselect-every", "5", "--eval-every", "0",
+            "--save-every", "1000", "--max-steps", "12", "--method", method, "--lora-rank", "4", "--lora-dropout", "0",
+            "--threads", "1", *extra]
+
+
+def trained(out, method) -> dict:
+    if method == "full":
+        return torch.load(os.path.join(out, "state.pt"), weights_only=True)["trainable"]
+    return load_file(os.path.join(out, "lora.safetensors" if method == "lora" else "delta.safetensors"))
+
+
+def reselections(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [(r["step"], r["by_matrix"]) for r in map(json.loads, f) if r.get("event") == "reselect"]
+
+
+METHODS = ["spiel-ag", "spiel-ma", "lora", "full"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, task, tmp_path_factory):
+    """every method in one process with grad-accum 2: the reference runs."""
+    root = tmp_path_factory.mktemp("one")
+    for method in METHODS:
+        assert train.main(args(tiny, task, root / method, method, 2)) == 0
+    return root
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(tiny, task, tmp_path, one_process):
+    """for SpIEL-AG (through windows and reselections), SpIEL-MA, LoRA and full fine-tuning, without and with
+    --fsdp: the same indices after every reselection and the same trained values within TOLERANCE."""
+    configs = [args(tiny, task, tmp_path / f"{m}{'-fsdp' * fsdp}", m, 1, *(["--fsdp"] * fsdp))
+               for fsdp in (False, True) for m in METHODS]
+    p = torchrun(tmp_path, configs)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for m in METHODS:
+        ref = trained(one_process / m, m)
+        for name in (m, m + "-fsdp"):
+            got = trained(tmp_path / name, m)
+            assert got.keys() == ref.keys(), name
+            for k in ref:
+                if k.endswith(".indices"):
+                    assert torch.equal(got[k], ref[k]), (name, k)
+                else:
+                    torch.testing.assert_close(got[k], ref[k], **TOLERANCE, msg=lambda s: f"{name} {k}: {s}")
+            assert reselections(tmp_path / name) == reselections(one_process / m), name
+
+
+def test_an_interrupted_two_process_run_resumes_exactly(tiny, task, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    p = torchrun(tmp_path, [args(tiny, task, whole, "spiel-ag", 1),
+                            args(tiny, task, split, "spiel-ag", 1, "--stop-at-step", "6")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = torch.load(split / "state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["selector"]  # inside an open window
+    # one process cannot continue a two-process run
+    with pytest.raises(Exception, match="saved by 2 processes, resumed by 1"):
+        train.main(["--out", str(split), "--resume"])
+    p = torchrun(tmp_path, [["--out", str(split), "--resume"]])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = trained(whole, "spiel-ag"), trained(split, "spiel-ag")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_processes_that_disagree_on_the_indices_stop_with_a_message(tiny, task, tmp_path):
+    patch = """
+import torch.distributed as dist
+grow = spiel.drop_and_grow
+def skewed(layer, *a, **k):  # rank 1 moves one delta elsewhere: its indices no longer match rank 0's
+    out = grow(layer, *a, **k)
+    if dist.get_rank() == 1:
+        layer.indices[0] = (layer.indices.max() + 1) % layer.weight_shape[0]
+    return out
+spiel.drop_and_grow = skewed
+"""
+    p = torchrun(tmp_path, [args(tiny, task, tmp_path / "r", "spiel-ma", 1)], patch=patch, timeout=120)
+    assert p.returncode != 0
+    assert "the ranks disagree on the sparse indices after reselection" in p.stderr
+
+
+def test_one_failing_process_ends_them_all(tiny, task, tmp_path):
+    patch = """
+import data, torch.distributed as dist
+step = data.Batches.next
+def failing(self):  # rank 1 fails during its 3rd step while rank 0 goes on to its next collective
+    if dist.get_rank() == 1 and self.index >= 10:
+        raise ValueError("rank 1 failed on purpose")
+    return step(self)
+data.Batches.next = failing
+"""
+    p = torchrun(tmp_path, [args(tiny, task, tmp_path / "r", "lora", 1)], patch=patch, timeout=120)
+    assert p.returncode != 0 and "rank 1 failed on purpose" in p.stderr
