@@ -164,15 +164,27 @@ def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank
 
 def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: int = 2048, batch_size: int = 1,
              grad_checkpoint: bool = False, density=None, lora_rank: int = 64, lora_dropout: float = 0.1,
-             sm3_momentum: float = 0.0, window_open: bool = True, dtype=torch.bfloat16) -> dict:
-    """peak training memory in bytes, by kind (see the module docstring for how they add up to "total").
+             sm3_momentum: float = 0.0, window_open: bool = True, dtype=torch.bfloat16, gpus: int = 1,
+             fsdp: bool = False) -> dict:
+    """peak training memory in bytes per GPU, by kind (see the module docstring for how they add up to "total").
 
     quantize: None, "int8" or "nf4" (the frozen projections). SpIEL's budget is `density` of the targeted
-    weights, else as many deltas as LoRA of rank `lora_rank` trains (the paper's: 64)."""
+    weights, else as many deltas as LoRA of rank `lora_rank` trains (the paper's: 64). gpus > 1: torchrun's
+    data parallel, everything replicated; with fsdp the weights FSDP holds (the parameters: a quantized
+    base's buffers stay replicated; the trainable deltas / adapters are left whole) are split over the GPUs,
+    and the block being computed is whole again (with the next one prefetched)."""
     quantize = None if quantize in (None, "none", "bf16") else quantize
     model, optimizer = meta_model(args, method, quantize, dtype, window_open, density=density, lora_rank=lora_rank,
                                   lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
     est = persistent_bytes(model, optimizer)
+    if fsdp and gpus > 1:
+        est["unsharded blocks"] = 2 * est["base weights"] // args.n_layers if not quantize else 0  # (whole, x2)
+        est["base weights"] //= 1 if quantize else gpus
+        est["other weights"] //= gpus
+        if method == "full":  # every weight is sharded, with its gradient and optimizer state
+            est["unsharded blocks"] = 2 * (est["base weights"] * gpus) // args.n_layers
+            est["gradients"] //= gpus
+            est["optimizer state"] //= gpus
     if method == "lora":  # a SpIEL budget (density) sets LoRA's rank, as in train.py: model the rank it got
         import lora
         lora_rank = next(iter(lora.lora_layers(model).values())).rank
@@ -201,8 +213,8 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     per_elem = STEP_BYTES["sm3"] if isinstance(optimizer, SM3) else STEP_BYTES["adamw"] \
         if isinstance(optimizer, spiel.AdamW) else TORCH_ADAMW_STEP_TENSORS * biggest.element_size()
     est["optimizer step"] = biggest.numel() * per_elem
-    persistent = sum(est[k] for k in ("base weights", "other weights", "trainable", "gradients", "optimizer state",
-                                      "AG window"))
+    persistent = sum(est.get(k, 0) for k in ("base weights", "other weights", "trainable", "gradients",
+                                             "optimizer state", "AG window", "unsharded blocks"))
     backward = est["activations"] + max(est["logits"], est["block backward"] + est["weight transient"])
     est["total"] = persistent + max(backward, est["optimizer step"])
     return est
@@ -221,6 +233,7 @@ NOTES = {
     "block backward": "one block recomputed + activation gradients in flight",
     "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight or dense grad",
     "optimizer step": "temporaries of the step on the largest tensor (after backward)",
+    "unsharded blocks": "--fsdp: one block's weights gathered whole, and the next one prefetched",
 }
 
 
@@ -255,6 +268,20 @@ def table(seq_len=2048, batch_size=1) -> str:
                     continue
                 cells.append(f"{estimate(PRESETS[preset], method, q, seq_len, batch_size, True)['total'] / GB:.1f} GB")
             lines.append(f"| {preset} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gpu_table(seq_len=2048, batch_size=1) -> str:
+    """the README's torchrun table: peak GB per GPU for 13B and 70B in bf16 on 1, 2, 4, 8 GPUs, without and
+    with --fsdp (grad checkpointing, the paper's budget)."""
+    counts = (1, 2, 4, 8)
+    lines = ["| model | method | " + " | ".join(f"{n} GPU{'s' * (n > 1)}" for n in counts) + " | " +
+             " | ".join(f"{n} GPUs --fsdp" for n in counts[1:]) + " |", "|---|---|" + "---:|" * (2 * len(counts) - 1)]
+    for preset in ("13B", "70B"):
+        for method in METHODS:
+            cells = [estimate(PRESETS[preset], method, None, seq_len, batch_size, True, gpus=n, fsdp=fsdp)["total"]
+                     for fsdp, ns in ((False, counts), (True, counts[1:])) for n in ns]
+            lines.append(f"| {preset} | {method} | " + " | ".join(f"{c / GB:.1f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -422,6 +449,9 @@ def main(argv=None):
     a("--lora-dropout", type=float, default=defaults["lora_dropout"])
     a("--sm3-momentum", type=float, default=defaults["sm3_momentum"])
     a("--table", action="store_true", help="print the markdown table of 7B/13B x methods x bases and exit")
+    a("--gpus", type=int, default=1, help="per-GPU estimate for torchrun on this many GPUs")
+    a("--fsdp", action="store_true", help="with --gpus: the base sharded by FSDP (train.py --fsdp)")
+    a("--gpu-table", action="store_true", help="print the markdown table of 13B/70B x methods x GPUs and exit")
     a("--measure", action="store_true", help="GPU: measure SpIEL-AG and -MA on a random-weight model")
     a("--json", help="--measure: write the results here")
     a("--steps", type=int, default=8, help=argparse.SUPPRESS)
@@ -433,18 +463,24 @@ def main(argv=None):
               f"grad checkpointing, SpIEL and LoRA at the paper's budget (LoRA rank 64):\n")
         print(table(args.seq_len, args.batch_size))
         return 0
+    if args.gpu_table:
+        print(f"Peak memory per GPU (estimate, GB = 1e9 bytes) under torchrun, bf16 base, seq {args.seq_len}, batch "
+              f"{args.batch_size} per GPU, grad checkpointing, the paper's budget (LoRA rank 64):\n")
+        print(gpu_table(args.seq_len, args.batch_size))
+        return 0
     margs = model_args(args.ckpt) if args.ckpt else PRESETS[args.preset]
     if args.measure:
         measure(margs, args.device, "int8" if args.quantize is None else quantize, args.seq_len, args.batch_size,
                 args.steps, args.lora_rank, args.density, args.json)
         return 0
     est = estimate(margs, args.method, quantize, args.seq_len, args.batch_size, args.grad_checkpoint, args.density,
-                   args.lora_rank, args.lora_dropout, args.sm3_momentum)
+                   args.lora_rank, args.lora_dropout, args.sm3_momentum, gpus=args.gpus, fsdp=args.fsdp)
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(margs).parameters())
     print(describe(est, f"{args.ckpt or 'LLaMA 2 ' + args.preset} ({n / 1e9:.2f}B parameters): {args.method}, base "
                         f"{args.quantize if quantize else 'bf16'}, {args.batch_size} x {args.seq_len} tokens, grad "
-                        f"checkpointing {'on' if args.grad_checkpoint else 'off'}"))
+                        f"checkpointing {'on' if args.grad_checkpoint else 'off'}" + (f"; per GPU of {args.gpus}"
+                        f"{' with --fsdp' if args.fsdp else ''}" if args.gpus > 1 else "")))
     return 0
 
 

@@ -14,8 +14,9 @@ short window; SpIEL-MA: by SM3's row x column accumulators). Look for "drop and 
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: a busy CPU does not stall torch
-# (set before torch starts its threads: the imports below come after it on purpose)
+# idle torch threads sleep instead of spinning: beside another PyTorch process on the same cores, spinning
+# threads made the demo 40x slower (docs/bench.md). set before torch starts its threads, so the imports follow
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import json
 import math
 import resource
@@ -42,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_ARGS = ["--ckpt", os.path.join(HERE, "demo", "base"), "--data", os.path.join(HERE, "demo", "train.jsonl"),
              "--val-data", os.path.join(HERE, "demo", "val.jsonl"), "--method", "spiel-ag", "--density", "0.05",
              "--lr", "3e-3", "--seq-len", "96", "--batch-size", "16", "--grad-accum", "1", "--max-steps", "600",
-             "--eval-every", "100", "--exact-match", "100", "--device", "cpu"]
+             "--eval-every", "100", "--exact-match", "100", "--device", "cpu", "--threads", "1"]
 # peak learning rates by method when --lr is not given: the paper's for LLaMA 2 (section 4.2)
 DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
 # SpIEL-AG's weight decay: the authors' 30 at their lr 1e-5 shrinks every delta by lr x wd = 3e-4 per step at
