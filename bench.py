@@ -32,6 +32,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -341,7 +342,7 @@ def quality_job(a, fixture, method, lr, seed, steps) -> dict:
         fx = fixture_files(fixture)
         cmd = [os.path.join(HERE, "train.py"), "--ckpt", fx["ckpt"], "--data", fx["data"], "--val-data", fx["val"],
                *flags, *Q_COMMON, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps)]
-        subprocess.run(["rm", "-rf", out])
+    shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts over
     cmd = [sys.executable, *(cmd if flags != "plain" else [os.path.abspath(__file__), *cmd]), "--out", out]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode:

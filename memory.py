@@ -121,6 +121,9 @@ def persistent_bytes(model, optimizer) -> dict:
                                  if torch.is_tensor(v))
     out["AG window"] = sum(nbytes(v) for m in spiel.delta_layers(model).values() if m.window
                            for v in vars(m.window).values() if torch.is_tensor(v) and v is not m.indices)
+    # a full-precision base holding W0 + delta keeps W0 aside at the k active entries
+    out["resident W0"] = sum(m.indices.numel() * m.base.weight.element_size()
+                             for m in spiel.delta_layers(model).values() if m.resident)
     return out
 
 
@@ -178,6 +181,7 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
                                   lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
     est = persistent_bytes(model, optimizer)
     if fsdp and gpus > 1:
+        est["resident W0"] = 0  # a sharded base cannot hold the deltas: the transient merged weight instead
         est["unsharded blocks"] = 2 * est["base weights"] // args.n_layers if not quantize else 0  # (whole, x2)
         est["base weights"] //= 1 if quantize else gpus
         est["other weights"] //= gpus
@@ -214,7 +218,7 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
         if isinstance(optimizer, spiel.AdamW) else TORCH_ADAMW_STEP_TENSORS * biggest.element_size()
     est["optimizer step"] = biggest.numel() * per_elem
     persistent = sum(est.get(k, 0) for k in ("base weights", "other weights", "trainable", "gradients",
-                                             "optimizer state", "AG window", "unsharded blocks"))
+                                             "optimizer state", "AG window", "resident W0", "unsharded blocks"))
     backward = est["activations"] + max(est["logits"], est["block backward"] + est["weight transient"])
     est["total"] = persistent + max(backward, est["optimizer step"])
     return est
@@ -234,6 +238,7 @@ NOTES = {
     "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight or dense grad",
     "optimizer step": "temporaries of the step on the largest tensor (after backward)",
     "unsharded blocks": "--fsdp: one block's weights gathered whole, and the next one prefetched",
+    "resident W0": "SpIEL on a full-precision base: W0 at each delta, in the base's dtype (spiel.py section 9)",
 }
 
 

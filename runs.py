@@ -203,6 +203,9 @@ def load_state(args, model, optimizer, selector, batches, rank, world, fingerpri
         set_state_dict(model, optimizer, model_state_dict=trainable, optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
     else:
+        import spiel
+        for layer in spiel.delta_layers(model).values():
+            spiel.release(layer)  # the positions are about to be overwritten (spiel.py section 9)
         want = trainable_state(model, args.method)
         if set(trainable) != set(want) or any(trainable[k].shape != want[k].shape for k in want):
             raise CheckpointError(f"{path}: does not match this model's trainable tensors (another model or method?)")

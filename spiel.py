@@ -93,12 +93,16 @@ class SparseDeltaLinear(nn.Module):
         self.window = None  # SpIEL-AG's open accumulation window (a Window), set and closed by the Selector
         self.grad_path = "auto"  # how d(values) is computed: "dense", "sparse" or "auto" (section 9)
         self._pattern = None  # section 9's cached sparsity pattern
+        # section 9: a full-precision base may hold W0 + delta in its own storage while the deltas are attached
+        self.resident, self._w0 = isinstance(base, nn.Linear), None
 
     def merged_weight(self, dtype, values=None) -> torch.Tensor:
-        """W0 + scatter(indices, values) in `dtype`: a transient (out, in) tensor."""
-        base = self.base
+        """W0 + scatter(indices, values) in `dtype`: a transient (out, in) tensor (or, resident, the base's own
+        weight holding it: section 9)."""
+        base, values = self.base, self.values if values is None else values
+        if self.resident and base.weight.dtype == dtype:
+            return resident_weight(self, values)
         w = base.dequantize(dtype) if hasattr(base, "dequantize") else base.weight.to(dtype, copy=True)
-        values = self.values if values is None else values
         return w.view(-1).index_add_(0, self.indices, values.to(dtype)).view(self.weight_shape)
 
     def forward(self, x):
@@ -367,6 +371,7 @@ class Selector:
         """drop and regrow in every matrix; -> name -> number of positions that changed."""
         frac, changed = self.schedule.fraction(t), {}
         for name, layer in self.layers.items():
+            release(layer)  # a resident weight gives W0 back before the positions move (section 9)
             n, state = int(layer.indices.numel() * frac), self.optimizer.state[layer.values]
             if self.method == "ag":  # candidates: the window's; score |accumulated gradient|
                 w = layer.window
@@ -468,8 +473,16 @@ def merge_deltas(model: nn.Module):
     for name, layer in delta_layers(model).items():
         if hasattr(layer.base, "dequantize"):
             raise ValueError(f"{name}: refusing to merge into a quantized weight; load the base in full precision")
+        release(layer)
         w = layer.base.weight
         w.copy_(w.float().view(-1).index_add_(0, layer.indices, layer.values.float()).view(w.shape))
+        swap_module(model, name, layer.base)
+
+
+def remove_deltas(model: nn.Module):
+    """put the plain base linears back, holding W0 exactly (as before the deltas were added)."""
+    for name, layer in delta_layers(model).items():
+        release(layer)
         swap_module(model, name, layer.base)
 
 
@@ -516,6 +529,37 @@ def load_delta(model: nn.Module, path: str) -> dict:
 # 9. the sparse value gradient: only the k needed entries of dy^T x, a sampled dense-dense matmul (SDDMM)
 # Outside AG windows only the active entries of dW are needed (the authors compute all of dW and gather);
 # each is dy[:, row] . x[:, col] over the N tokens: k N multiply-adds instead of out in N.
+
+# A resident merged weight. Section 1 builds W0 + scatter(values) afresh in every forward and backward: on a
+# CPU that (out, in) copy, in freshly mapped memory, was a third of a SpIEL step (docs/bench.md). A full-
+# precision base can instead hold W0 + delta in its own storage while the deltas are attached: the k active
+# entries are rewritten at every use (k writes), and W0 there is kept aside (k numbers) to be put back by
+# release() before the positions change (the Selector does, and a resume) or the deltas come off. Not for a
+# quantized base (no dense storage) nor a sharded one (--fsdp gathers its storage afresh for every block).
+
+
+@torch.no_grad()
+def resident_weight(layer, values) -> torch.Tensor:
+    """the base weight, holding W0 + scatter(indices, values)."""
+    w, key = layer.base.weight.view(-1), (layer.indices.data_ptr(), layer.indices._version)
+    if layer._w0 is None:
+        layer._w0 = (key, w[layer.indices])  # (k,) W0 at the active positions
+    elif layer._w0[0] != key:
+        raise RuntimeError("the positions of resident deltas changed: call spiel.release(layer) before moving them")
+    acc = torch.promote_types(w.dtype, torch.float32)  # W0 + v summed in fp32 (fp64 stays fp64), rounded once
+    w[layer.indices] = (layer._w0[1].to(acc) + values.to(acc)).to(w.dtype)
+    return layer.base.weight
+
+
+@torch.no_grad()
+def release(layer):
+    """put W0 back at the active positions (the base is W0 again), before they move or the deltas come off."""
+    if layer._w0 is not None:
+        if layer._w0[0] != (layer.indices.data_ptr(), layer.indices._version):
+            raise RuntimeError("the positions of resident deltas changed before they were released")
+        layer.base.weight.view(-1)[layer.indices] = layer._w0[1]
+        layer._w0 = None
+
 
 # "auto" takes the sparse path below this density. Each sampled entry costs about as much as 1 / SPARSE_DENSITY_MAX
 # dense multiply-adds (measured with bench.py --grad-paths, docs/bench.md). A fixed rule, not a per-run timing,

@@ -201,6 +201,8 @@ def shard(model, params, full: bool):
     block); the trainable deltas / adapters stay whole on every process. Full fine-tuning shards everything
     (FSDP then averages its gradients over the processes; the loop scales its loss to make that a sum)."""
     from torch.distributed.fsdp import fully_shard
+    for layer in spiel.delta_layers(model).values():  # a sharded base cannot hold W0 + delta (spiel.py 9)
+        layer.resident = False
     for module in [*model.layers, model]:
         fully_shard(module, ignored_params=None if full else set(params))
 

@@ -145,14 +145,14 @@ def test_layer_matches_dense_formula_and_gradcheck(bias):
     w0 = base.weight.detach().clone()
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
 
-    # gradients wrt x and values by finite differences, in fp64
+    # gradients wrt x and values by finite differences, in fp64 (the resident weight follows the perturbations)
     assert torch.autograd.gradcheck(lambda x, v: SparseDeltaFn.apply(x, v, layer), (x, layer.values))
 
     # the same numbers as autograd through F.linear(x, W0 + scatter(values), b)
     y = layer(x)
     xr = x.detach().clone().requires_grad_(True)
     vr = layer.values.detach().clone().requires_grad_(True)
-    w = base.weight.detach() + dense_scatter(layer.indices, vr, (4, 6))
+    w = w0 + dense_scatter(layer.indices, vr, (4, 6))
     y_ref = F.linear(xr, w, None if base.bias is None else base.bias.detach())
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     dy = torch.randn_like(y)
@@ -161,15 +161,20 @@ def test_layer_matches_dense_formula_and_gradcheck(bias):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gv, gv_ref, rtol=1e-12, atol=1e-12)
 
-    # the frozen base gets no gradient at all, and the transient merged weight never wrote into it
+    # the frozen base gets no gradient at all; it holds W0 + delta while attached (section 9's resident
+    # weight: the same numbers as the transient merged weight) and exactly W0 again when released
     y.backward(dy)
     assert layer.values.grad is not None
     assert base.weight.grad is None and not base.weight.requires_grad
     if bias:
         assert base.bias.grad is None and not base.bias.requires_grad
+    merged = w0 + dense_scatter(layer.indices, layer.values.detach(), (4, 6))
+    torch.testing.assert_close(layer.merged_weight(torch.float64), merged, rtol=0, atol=1e-15)
+    spiel.release(layer)
     assert torch.equal(base.weight, w0)
-    torch.testing.assert_close(layer.merged_weight(torch.float64), w0 + dense_scatter(layer.indices, layer.values.detach(),
-                                                                                      (4, 6)), rtol=0, atol=0)
+    layer.resident = False  # the transient path: W0 + scatter built afresh, the base never written
+    torch.testing.assert_close(layer.merged_weight(torch.float64), merged, rtol=0, atol=1e-15)
+    assert torch.equal(base.weight, w0)
 
 
 def test_value_grad_direct():
@@ -1050,10 +1055,23 @@ def test_training_lowers_loss_base_untouched(method, max_norm):
     schedule = Schedule(40, interval=10, first=3)
     losses = train(model, method, opt, schedule, 40, lambda t, micro: batch, max_norm=max_norm)
     assert losses[-1] < 0.9 * losses[0], losses
-    after = frozen_state(model)
-    assert after.keys() == frozen.keys()
+    # while attached, a full-precision base holds W0 + delta at every use (section 9's resident weight) ...
+    for layer in layers.values():
+        w = layer.merged_weight(layer.base.weight.dtype).detach().view(-1)
+        torch.testing.assert_close(w[layer.indices.long()] - frozen_at(frozen, layer, model),
+                                   layer.values.detach(), rtol=0, atol=1e-6)
+    # ... and taking the deltas off gives back every base tensor bit for bit
+    spiel.remove_deltas(model)
+    after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert after.keys() == {k.replace(".base.", ".") for k in frozen}
     for k, v in frozen.items():
-        assert torch.equal(after[k], v), k
+        assert torch.equal(after[k.replace(".base.", ".")], v), k
+
+
+def frozen_at(frozen: dict, layer, model) -> torch.Tensor:
+    """W0 at a layer's active positions, from the frozen copy."""
+    name = next(n for n, m in model.named_modules() if m is layer)
+    return frozen[name + ".base.weight"].view(-1)[layer.indices.long()]
 
 
 # -----------------------------------------------------------------------------
@@ -1178,6 +1196,7 @@ def test_dense_and_sparse_gradient_paths_agree(bias):
     torch.testing.assert_close(grads["dense"][1], grads["sparse"][1], atol=1e-12, rtol=1e-12)
     # slots out of position order (as after a hand edit): the sparse path still maps gradients to slots
     perm = torch.randperm(60)
+    spiel.release(layer)  # positions move: the resident weight gives W0 back first (section 9)
     layer.indices.copy_(layer.indices[perm])
     with torch.no_grad():
         layer.values.copy_(layer.values[perm])
@@ -1325,3 +1344,26 @@ def test_sort_slots_moves_per_slot_state_only():
     assert torch.equal(layer.values.detach(), vals[order])
     assert torch.equal(st["row"], row) and torch.equal(st["col"], col)
     assert torch.equal(st["momentum_buffer"], mom[order])
+
+
+def test_resident_weight_trains_exactly_like_the_transient_one():
+    """section 9: a full-precision base holding W0 + delta gives bit-identical training (fp32) to building the
+    merged weight afresh, through windows and reselections; moving positions without release() is refused."""
+    finals = []
+    for resident in (True, False):
+        torch.manual_seed(0)
+        model = tiny_model()
+        layers = add_sparse_deltas(model, density=0.1)
+        for layer in layers.values():
+            layer.resident = resident
+        opt = spiel.AdamW([m.values for m in layers.values()], lr=1e-2)
+        train(model, "ag", opt, Schedule(12, interval=5, first=2), 12, lambda t, micro: tokens(seed=t, B=2, T=17))
+        finals.append({k: v.clone() for k, v in model.state_dict().items() if k.endswith((".values", ".indices"))})
+    assert finals[0].keys() == finals[1].keys() and all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    layer = next(iter(layers.values()))
+    layer.resident = True
+    layer.merged_weight(layer.base.weight.dtype)
+    with torch.no_grad():
+        layer.indices[0] = (layer.indices.max() + 1) % math.prod(layer.weight_shape)
+    with pytest.raises(RuntimeError, match="release"):
+        layer.merged_weight(layer.base.weight.dtype)
