@@ -3,6 +3,7 @@ Pictures of a fine-tune: how runs trained, and where a SpIEL delta put its budge
 
     python plot.py runs/ag runs/ma runs/lora --out runs.png       # curves from each run's log.jsonl
     python plot.py --mask runs/ag/delta.safetensors --out mask.png   # where the deltas sit
+    python plot.py --quality bench-quality.json --out quality.png   # bench.py's quality study, by method
 
 The run figure has four panels, every run on the same axes: training loss per step, validation loss,
 learning rate, and the fraction of deltas replaced at each reselection (SpIEL section 3, drop and grow).
@@ -156,6 +157,32 @@ def draw_mask(path: str, matrix: str, out: str):
     fig.savefig(out, dpi=120)
 
 
+def draw_quality(path: str, out: str):
+    """bench.py --quality's result: learned and retained exact match by method (mean and spread over seeds at
+    each method's best lr), one panel per fixture and run length."""
+    from matplotlib.figure import Figure
+
+    try:
+        results = json.load(open(path))["results"]
+    except Exception as e:
+        raise PlotError(f"{path}: not a bench.py --quality result ({e})") from None
+    panels = sorted({key.rpartition("/")[0] for key in results}, key=lambda p: (p.split("/")[1], int(p.split("/")[0])))
+    fig = Figure(figsize=(6 * len(panels) ** 0.5 + 4, 3.2 * len(panels)), layout="constrained")
+    for ax, panel in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        methods = [key.rpartition("/")[2] for key in results if key.rpartition("/")[0] == panel]
+        for j, (what, color) in enumerate((("test", "C0"), ("retained", "C1"))):
+            mean = [100 * results[f"{panel}/{m}"][what][0] for m in methods]
+            std = [100 * results[f"{panel}/{m}"][what][1] for m in methods]
+            ax.bar([i + 0.4 * j for i in range(len(methods))], mean, 0.4, yerr=std, color=color, capsize=3,
+                   label="learned (held-out)" if what == "test" else "retained (what the base knew)")
+        steps, fixture = panel.split("/")[0], os.path.basename(panel.split("/", 1)[1].rstrip("/"))
+        ax.set(title=f"{fixture}, {steps} steps", ylabel="exact match %", ylim=(0, 105),
+               xticks=[i + 0.2 for i in range(len(methods))], xticklabels=methods)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.savefig(out, dpi=120)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -165,10 +192,11 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", nargs="+", help="legend names for the runs (default: the folder names)")
     ap.add_argument("--mask", help="a delta.safetensors: draw where its deltas are instead of the curves")
     ap.add_argument("--matrix", help="the matrix whose positions the mask figure shows (default: the first)")
+    ap.add_argument("--quality", help="a bench.py --quality JSON: draw exact match by method instead")
     ap.add_argument("--out", required=True, help="the PNG to write")
     args = ap.parse_args(argv)
-    if bool(args.runs) == bool(args.mask):
-        ap.error("give either run folders (the curves) or --mask (the mask picture)")
+    if bool(args.runs) + bool(args.mask) + bool(args.quality) != 1:
+        ap.error("give one of: run folders (the curves), --mask (the mask picture), --quality (the study)")
     if args.labels and len(args.labels) != len(args.runs):
         ap.error(f"{len(args.labels)} labels for {len(args.runs)} runs")
     try:
@@ -181,6 +209,8 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         if args.mask:
             draw_mask(args.mask, args.matrix, args.out)
+        elif args.quality:
+            draw_quality(args.quality, args.out)
         else:
             labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
             logs = [(label, read_log(os.path.join(r, "log.jsonl"))) for label, r in zip(labels, args.runs)]

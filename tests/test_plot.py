@@ -104,6 +104,18 @@ def test_occupancy_bins():
     assert one.sum() > 0 and one[21 * 256 // 300, 3] == one.max()
 
 
+def test_quality_figure(tmp_path):
+    """bench.py --quality's JSON: learned and retained by method, a panel per fixture and length."""
+    res = {f"{steps}/{fx}/{m}": {"best_lr": 1e-3, "test": [0.5, 0.1], "retained": [0.2, 0.05], "val_loss": [1, 0]}
+           for steps in (300, 1000) for fx in ("/x/demo", "/x/transfer") for m in ("spiel-ag", "lora")}
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"mode": "quality", "results": res}))
+    assert plot.main(["--quality", str(path), "--out", str(tmp_path / "q.png")]) == 0
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+    path.write_text("{}")
+    assert plot.main(["--quality", str(path), "--out", str(tmp_path / "q2.png")]) == 1
+
+
 def test_modes_are_exclusive(runs, tmp_path):
     with pytest.raises(SystemExit):
         plot.main(["--out", str(tmp_path / "x.png")])

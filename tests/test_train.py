@@ -176,3 +176,26 @@ def test_an_existing_run_is_never_overwritten_and_nan_stops(tiny, task, tmp_path
     assert (tmp_path / "r" / "delta.safetensors").read_bytes() == before
     state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)  # the last good checkpoint is intact
     assert all(torch.isfinite(t).all() for k, t in state["trainable"].items() if k.endswith(".values"))
+
+
+def test_weight_decay_rule_and_authors_defaults(tiny):
+    """the defaults are the authors' (no clipping; SM3 eps 1e-8; lr by method); SpIEL-AG's weight decay keeps the
+    authors' per-step shrink lr x wd = 1e-5 x 30 at any --lr unless --weight-decay is given; others: 0."""
+    import sm3
+    from llama import PRESETS, Transformer
+
+    def decay(*argv):
+        a = train.get_parser().parse_args(["--density", "0.1", *argv])
+        _, opt, _ = train.add_trainable(Transformer(PRESETS["tiny"]), a)
+        return opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"], opt
+
+    lr, wd, _ = decay("--method", "spiel-ag")
+    assert lr == 1e-5 and wd == pytest.approx(30.0)
+    lr, wd, _ = decay("--method", "spiel-ag", "--lr", "3e-3")
+    assert wd == pytest.approx(0.1) and lr * wd == pytest.approx(1e-5 * 30)
+    assert decay("--method", "spiel-ag", "--lr", "3e-3", "--weight-decay", "0")[1] == 0
+    for method, want_lr in (("spiel-ma", 1e-3), ("lora", 1e-4), ("full", 2e-5)):
+        lr, wd, opt = decay("--method", method)
+        assert (lr, wd) == (want_lr, 0.0)
+    assert isinstance(decay("--method", "spiel-ma")[2], sm3.SM3) and decay("--method", "spiel-ma")[2].defaults["eps"] == 1e-8
+    assert train.get_parser().parse_args([]).grad_clip == 0
