@@ -46,6 +46,7 @@ import data
 import lora
 import spiel
 import train
+from generate import exact_match
 from llama import PRESETS, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -324,8 +325,8 @@ def score(fixture, out) -> dict:
     val, _ = data.load_examples(fx["val"], tok, 96)
     retain, _ = data.load_examples(fx["retain"], tok, 96)
     half = len(val) // 2
-    return {"dev": train.exact_match(model, tok, val[:half], half), "test": train.exact_match(model, tok, val[half:], half),
-            "retained": train.exact_match(model, tok, retain, len(retain)),
+    return {"dev": exact_match(model, tok, val[:half], half), "test": exact_match(model, tok, val[half:], half),
+            "retained": exact_match(model, tok, retain, len(retain)),
             "val_loss": train.evaluate(model, val, 32, tok.eos_id, "cpu")}
 
 

@@ -54,6 +54,21 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
         model.train(was_training)
 
 
+def answer(model, tok, system, user, max_new) -> str:
+    """the greedy answer to one chat turn (the prompt exactly as training tokenized it: data.prompt_ids)."""
+    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0, eos_id=tok.eos_id))
+
+
+def exact_match(model, tok, examples, n) -> float:
+    """the fraction of the first n examples (data.load_examples') whose greedy answer equals the reference,
+    stripped (the first turn of each)."""
+    hits = 0
+    for _, _, (system, turns) in examples[:n]:
+        ref = turns[0][1]
+        hits += answer(model, tok, system, turns[0][0], len(tok.encode(ref, bos=False)) + 8).strip() == ref.strip()
+    return hits / min(n, len(examples))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout)")

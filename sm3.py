@@ -68,8 +68,8 @@ class SM3(torch.optim.Optimizer):
     def sparse_nu(self, p, g, state):
         """the k values of a sparse delta: cover sets are the rows and columns of their positions."""
         indices, (n_out, n_in) = self.positions[p]
-        idx = indices.long()  # (k,), read now: drop-and-grow rewrites them in place
-        rows, cols = idx // n_in, idx % n_in
+        r = torch.div(indices, n_in, rounding_mode="floor")  # (k,), read now: drop-and-grow rewrites them in place
+        rows, cols = r.long(), (indices - r * n_in).long()
         if "row" not in state:
             state["row"], state["col"] = g.new_zeros(n_out), g.new_zeros(n_in)  # (out,), (in,)
         nu = torch.minimum(state["row"][rows], state["col"][cols]) + g * g  # (k,)

@@ -239,7 +239,7 @@ class Window:
 
     def choose(self, g: torch.Tensor):
         k = self.indices.numel()
-        self.candidates = g.abs().topk(k, sorted=False).indices.to(self.indices.dtype)  # (k,)
+        self.candidates = top_k(g.abs(), k).to(self.indices.dtype)  # (k,) (top_k: x.topk(k), faster; section 9)
         if dist.is_initialized():  # every rank grows from the same candidates: rank 0's
             dist.broadcast(self.candidates, src=0)
         self.step_sum, self.grad_sum, self.sq_sum = (torch.zeros(k, device=g.device) for _ in range(3))
@@ -280,20 +280,41 @@ class Window:
 # 5. SpIEL-MA: candidates from SM3's row and column accumulators (section 3.3)
 
 
-def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Tensor, chunk_elems: int = 2**24):
-    """the n inactive positions of largest row[i] * col[j], and their scores. active: (out * in,) bool mask.
-    The (out, in) outer product is computed a block of rows at a time, so it never exists whole."""
-    in_f = col.numel()
-    rows_per = max(1, chunk_elems // in_f)
-    best_pos, best_score = active.new_empty(0, dtype=torch.long), row.new_empty(0)
-    for r0 in range(0, row.numel(), rows_per):
-        block = row[r0:r0 + rows_per, None] * col[None, :]  # (rows, in)
-        block = block.view(-1).masked_fill(active[r0 * in_f:r0 * in_f + block.numel()], -math.inf)
-        s, p = block.topk(min(n, block.numel()), sorted=False)
-        best_score, sel = torch.cat([best_score, s]).topk(min(n, best_score.numel() + s.numel()), sorted=False)
-        best_pos = torch.cat([best_pos, p + r0 * in_f])[sel]
-    keep = best_score > -math.inf  # fewer than n inactive positions: only those
-    return best_pos[keep], best_score[keep]
+def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Tensor):
+    """the n inactive positions of largest row[i] * col[j] and their scores; active: the k active flat
+    positions. The (out, in) outer product is never formed: how many of its entries reach a threshold is
+    counted row by row on the sorted columns, a bisection finds the threshold that leaves n inactive
+    positions above it, and only those (about n + k) are scored."""
+    out_f, in_f = row.numel(), col.numel()
+    n = min(n, out_f * in_f - active.numel())
+    col_sorted, col_order = col.sort()  # (in,) ascending
+    active_scores = (row[active // in_f] * col[active % in_f]).sort().values  # (k,) ascending
+
+    def per_row(tau: float):  # (out,) per row, how many columns reach tau: col[j] >= tau / row[i]
+        bound = torch.where(row > 0, tau / row, math.inf if tau > 0 else -math.inf)
+        return in_f - torch.searchsorted(col_sorted, bound)
+
+    lo, hi = 0.0, float(row.max() * col.max())
+    for _ in range(32):  # bisection: the largest tau that leaves at least n inactive positions at or above it
+        mid = (lo + hi) / 2
+        above = int(per_row(mid).sum()) - (active_scores.numel() - int(torch.searchsorted(active_scores, mid)))
+        lo, hi = (mid, hi) if above >= n else (lo, mid)
+    m = per_row(lo)  # (out,) how many of each row's largest columns to score
+    rows = torch.repeat_interleave(torch.arange(out_f, device=row.device), m)  # (M,)
+    rank = torch.arange(rows.numel(), device=row.device) - (m.cumsum(0) - m)[rows]  # 0.. within each row
+    cols = col_order[in_f - 1 - rank]  # the row's columns, largest first
+    pos = rows * in_f + cols
+    keep = ~member(active, pos, out_f * in_f)
+    pos, score = pos[keep], row[rows[keep]] * col[cols[keep]]
+    top = score.topk(min(n, score.numel())).indices
+    return pos[top], score[top]
+
+
+def member(values: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
+    """which entries of x (flat positions < size) are among `values`: a transient (size,) bool mask."""
+    mask = torch.zeros(size, dtype=torch.bool, device=x.device)
+    mask[values] = True
+    return mask[x]
 
 
 # -----------------------------------------------------------------------------
@@ -307,22 +328,20 @@ def drop_and_grow(layer: SparseDeltaLinear, n: int, cand: torch.Tensor, score: t
     chosen again and simply keeps its slot, value and state; without (MA, as the authors) every position
     active now is excluded. If too few candidates are eligible, fewer are dropped: k stays constant.
     Returns (slots whose position changed (m,), index into `cand` of what grew there (m,))."""
-    idx, k = layer.indices.long(), layer.indices.numel()
-    order = layer.values.abs().argsort(stable=True)  # slots, smallest |value| first
-    active = torch.zeros(math.prod(layer.weight_shape), dtype=torch.bool, device=idx.device)
+    idx, k, size = layer.indices.long(), layer.indices.numel(), math.prod(layer.weight_shape)
     n = min(n, k)
+    smallest = layer.values.abs().topk(n, largest=False).indices  # (n,) slots, smallest |value| first
     while True:
-        active.zero_()[idx[order[n:]] if regrow_dropped else idx] = True
-        eligible = ~active[cand]
+        drop = smallest[:n]
+        stays = torch.ones(k, dtype=torch.bool, device=idx.device)
+        stays[drop] = False
+        eligible = ~member(idx[stays] if regrow_dropped else idx, cand, size)  # never what stays (AG) / is (MA)
         if int(eligible.sum()) >= n:
             break
         n = int(eligible.sum())  # too few candidates: drop fewer (which may make fewer eligible: repeat)
-    grown = score.masked_fill(~eligible, -math.inf).topk(n).indices  # into cand (n,)
-    dropped = torch.zeros_like(active)
-    dropped[idx[order[:n]]] = True
-    regrown = dropped[cand[grown]]  # dropped and chosen again: keeps its slot
-    active.zero_()[cand[grown]] = True
-    freed = order[:n][~active[idx[order[:n]]]]
+    grown = top_k(score.masked_fill(~eligible, -math.inf), n)  # into cand (n,)
+    regrown = member(idx[drop], cand[grown], size)  # dropped and chosen again: keeps its slot
+    freed = drop[~member(cand[grown], idx[drop], size)]
     new = grown[~regrown]
     layer.indices[freed] = cand[new].to(layer.indices.dtype)
     layer.values[freed] = 0.0
@@ -380,10 +399,8 @@ class Selector:
                 slots, grown = drop_and_grow(layer, n, w.candidates.long(), w.grad_sum.abs(), regrow_dropped=True)
                 seed = w.seed(grown, self.optimizer.param_groups[0]["betas"])
             else:  # candidates: the top row[i] * col[j] among inactive positions
-                active = torch.zeros(math.prod(layer.weight_shape), dtype=torch.bool, device=layer.values.device)
-                active[layer.indices.long()] = True
-                zeros = [torch.zeros(d, device=active.device) for d in layer.weight_shape]  # (before any step)
-                cand, score = ma_candidates(active, n, state.get("row", zeros[0]), state.get("col", zeros[1]))
+                zeros = [torch.zeros(d, device=layer.values.device) for d in layer.weight_shape]  # (before any step)
+                cand, score = ma_candidates(layer.indices.long(), n, state.get("row", zeros[0]), state.get("col", zeros[1]))
                 slots, grown = drop_and_grow(layer, n, cand, score, regrow_dropped=False)
                 seed = {}
             for key in PER_SLOT_STATE:  # fresh optimizer state for the grown slots: zeros, or AG's seed
@@ -596,6 +613,42 @@ def csr_pattern(layer, positions: torch.Tensor) -> tuple:
     return layer._pattern[1:]
 
 
+def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """the indices of the k largest entries of x (1-D), as x.topk(k) (any k of equal ones): on a CPU a topk
+    with k in the tens of thousands sorts most of x, so cut at a threshold read off a regular sample of x
+    first (low enough to keep at least k) and rank only what is above it."""
+    if x.device.type != "cpu" or 4 * k >= x.numel():
+        return x.topk(k, sorted=False).indices
+    sample = x[::max(1, x.numel() // 16384)]  # a regular sample of 16384 or more
+    share = 2 * k / x.numel()  # twice the share of x that is kept: the sample's quantile errs by far less
+    while True:
+        cut = sample.kthvalue(max(1, int(sample.numel() * (1 - share)))).values
+        above = (x >= cut).nonzero().squeeze(1)  # (> k,) every entry at least as large as the cut
+        if above.numel() >= k:
+            return above[x[above].topk(k, sorted=False).indices]
+        share *= 4  # (too few above the cut: lower it)
+
+
+_LAST = {}  # "x" -> (key, the input last transposed, its transpose): wq, wk and wv (w1 and w3) share an input
+
+
+def transposed(t: torch.Tensor, slot: str) -> torch.Tensor:
+    """t (N, d) -> (d, N) contiguous, copied in 8 x 8 tiles (twice as fast as t.T.contiguous() on a CPU). The
+    last input's transpose is kept for the next layer that reads the same input (holding it, so its memory
+    cannot be reused by another tensor while the key stands)."""
+    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t._version)
+    if slot in _LAST and _LAST[slot][0] == key:
+        return _LAST[slot][2]
+    n, d = t.shape
+    if n % 8 or d % 8 or not t.is_contiguous():
+        out = t.T.contiguous()
+    else:
+        out = torch.empty(d, n, dtype=t.dtype, device=t.device)
+        out.view(d // 8, 8, n // 8, 8).copy_(t.view(n // 8, 8, d // 8, 8).permute(2, 3, 0, 1))
+    _LAST[slot] = (key, t, out)
+    return out
+
+
 def sampled_grad(layer, dy: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(dy^T x) at `positions` (m,) only. dy (N, out), x (N, in)."""
     if dy.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
@@ -605,6 +658,6 @@ def sampled_grad(layer, dy: torch.Tensor, x: torch.Tensor, positions: torch.Tens
         warnings.simplefilter("ignore")
         pattern = torch.sparse_csr_tensor(crow, col, dy.new_zeros(col.numel()), layer.weight_shape,
                                           check_invariants=False)
-    # row-contiguous dy^T (out, N) and column-contiguous x (N, in): each dot product reads contiguous memory
-    g = torch.sparse.sampled_addmm(pattern, dy.T.contiguous(), x.T.contiguous().T, beta=0.0).values()  # (m,)
+    # dy^T (out, N) and x^T (in, N), token-contiguous: each dot product reads contiguous memory
+    g = torch.sparse.sampled_addmm(pattern, transposed(dy, "dy"), transposed(x, "x").T, beta=0.0).values()  # (m,)
     return g if order is None else torch.empty_like(g).index_copy_(0, order, g)

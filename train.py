@@ -31,7 +31,7 @@ import data
 import lora
 import runs
 import spiel
-from generate import generate
+from generate import answer, exact_match
 from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, base_fingerprint, check_checkpoint, default_device,
                    default_dtype, find_tokenizer, load_model, matrix_shape, target_linears)
 from runs import BELOW_1, COUNT, FRACTION, NONNEG, NONNEG_INT, POSITIVE, Parser
@@ -169,19 +169,6 @@ def evaluate(model, examples, batch_size, pad_id, device) -> float:
         n += int((y != IGNORE_INDEX).sum())
     model.train()
     return total / max(n, 1)
-
-
-def answer(model, tok, system, user, max_new) -> str:
-    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0, eos_id=tok.eos_id))
-
-
-def exact_match(model, tok, examples, n) -> float:
-    """the fraction of the first n examples whose greedy answer equals the reference (stripped)."""
-    hits = 0
-    for _, _, (system, turns) in examples[:n]:
-        ref = turns[0][1]
-        hits += answer(model, tok, system, turns[0][0], len(tok.encode(ref, bos=False)) + 8).strip() == ref.strip()
-    return hits / min(n, len(examples))
 
 
 def setup_distributed(device: str) -> tuple:

@@ -1015,26 +1015,27 @@ def test_ma_grows_top_outer_product(t):
     assert torch.equal(layer.values.detach()[slots_of(new, still)], vals[slots_of(idx, still)])
 
 
-def test_ma_candidates_chunked_equals_unchunked():
-    """ma_candidates(active, n, row, col, chunk) returns the top n INACTIVE positions by row[i] col[j] and
-    their scores, whatever the chunk size; with fewer than n inactive positions, just those."""
-    g = torch.Generator().manual_seed(0)
-    out_f, in_f, k, n = 13, 11, 10, 4
-    active = torch.zeros(out_f * in_f, dtype=torch.bool)
-    active[random_positions(out_f * in_f, k, g)] = True
+@pytest.mark.parametrize("seed,zeros", [(0, False), (1, False), (2, True)])
+def test_ma_candidates_equal_the_brute_force_outer_product(seed, zeros):
+    """ma_candidates(active, n, row, col) returns the top n INACTIVE positions by row[i] col[j] (as ranking the
+    whole outer product would) and their scores, without forming it; also with rows / columns whose
+    accumulators are still 0 and for every n up to all the inactive positions."""
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f, k = 13, 11, 10
+    active = random_positions(out_f * in_f, k, g)
     row, col = torch.rand(out_f, generator=g), torch.rand(in_f, generator=g)
+    if zeros:  # never visited by an active delta: score 0
+        row[[2, 7]], col[3] = 0.0, 0.0
     score = torch.outer(row, col).flatten()
-    active[score.argmax()] = True  # the best position overall is active: it must not come back
-    brute = score.masked_fill(active, -math.inf).topk(n)
-    for chunk in (2 ** 24, 1, 25, in_f * out_f - 1):
-        pos, s = ma_candidates(active, n, row, col, chunk_elems=chunk)
-        assert set(pos.tolist()) == set(brute.indices.tolist()), chunk
-        assert not active[pos].any()
+    mask = torch.zeros(out_f * in_f, dtype=torch.bool)
+    mask[active] = True
+    for n in (1, 4, 20, out_f * in_f - k):
+        pos, s = ma_candidates(active, n, row, col)
+        assert pos.numel() == n and not mask[pos].any() and pos.unique().numel() == n
         torch.testing.assert_close(s, row[pos // in_f] * col[pos % in_f], rtol=0, atol=0)
-    almost = torch.ones(out_f * in_f, dtype=torch.bool)
-    almost[[5, 77]] = False
-    pos, s = ma_candidates(almost, n, row, col, chunk_elems=30)
-    assert sorted(pos.tolist()) == [5, 77] and s.numel() == 2
+        brute = score.masked_fill(mask, -math.inf).topk(n).values
+        torch.testing.assert_close(s.sort().values, brute.sort().values, rtol=0, atol=0)  # the same scores
+    assert ma_candidates(active, 10**6, row, col)[0].numel() == out_f * in_f - k  # at most all the inactive ones
 
 
 # -----------------------------------------------------------------------------
