@@ -264,6 +264,12 @@ QUALITY = {  # name -> (train.py flags, or "plain" for the plain loop; the lr gr
     "plain-full": ("plain", {"demo": (1e-4, 3e-4, 1e-3), "transfer": (1e-3, 3e-3, 1e-2)}),
 }
 # (the grids are centred on the best of a wider 5-value scan at 300 steps, seed 0: docs/bench.md)
+# the ablation: an old default put back, at the method's best 300-step lr
+ABLATION = {"spiel-ag+clip1": ("spiel-ag", ["--grad-clip", "1"]), "spiel-ag+wd30": ("spiel-ag", ["--weight-decay", "30"]),
+            "spiel-ma+clip1": ("spiel-ma", ["--grad-clip", "1"]), "lora+clip1": ("lora", ["--grad-clip", "1"])}
+BEST_300 = {"spiel-ag": {"demo": (3e-3,), "transfer": (1e-2,)}, "spiel-ma": {"demo": (0.1,), "transfer": (0.1,)},
+            "lora": {"demo": (3e-3,), "transfer": (1e-2,)}}
+QUALITY.update({name: (QUALITY[base][0] + extra, BEST_300[base]) for name, (base, extra) in ABLATION.items()})
 
 
 def grid(method, fixture) -> tuple:
@@ -272,7 +278,7 @@ def grid(method, fixture) -> tuple:
 
 
 Q_COMMON = ["--seq-len", "96", "--batch-size", "32", "--grad-accum", "1", "--eval-every", "0", "--save-every",
-            "100000", "--device", "cpu", "--dtype", "float32", "--threads", "1"]
+            "100000", "--device", "cpu", "--dtype", "float32"]  # (one thread each: OMP_NUM_THREADS=1)
 
 
 def plain_loop(fixture, method, lr, seed, steps, out):
@@ -341,7 +347,7 @@ def quality_job(a, fixture, method, lr, seed, steps) -> dict:
         cmd = ["--plain", method, "--fixture", fixture, "--lr", str(lr), "--seed", str(seed), "--steps", str(steps)]
     else:
         fx = fixture_files(fixture)
-        cmd = [os.path.join(HERE, "train.py"), "--ckpt", fx["ckpt"], "--data", fx["data"], "--val-data", fx["val"],
+        cmd = [a.train_py, "--ckpt", fx["ckpt"], "--data", fx["data"], "--val-data", fx["val"],
                *flags, *Q_COMMON, "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps)]
     shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts over
     cmd = [sys.executable, *(cmd if flags != "plain" else [os.path.abspath(__file__), *cmd]), "--out", out]
@@ -409,10 +415,12 @@ def main(argv=None):
     # quality
     a("--quality", action="store_true", help="the quality study (see `quality` in the code)")
     a("--fixtures", nargs="+", default=list(FIXTURES), help=f"{' or '.join(FIXTURES)}, or a folder laid out alike")
-    a("--quality-methods", nargs="+", default=list(QUALITY), choices=list(QUALITY))
+    a("--quality-methods", nargs="+", default=[m for m in QUALITY if m not in ABLATION], choices=list(QUALITY))
     a("--quality-steps", type=int, nargs="+", default=[300, 1000], help="a short and a long run")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--jobs", type=int, default=n_cores(), help="quality runs at once (each on one thread)")
+    a("--train-py", default=os.path.join(HERE, "train.py"), help="the train.py the study runs (e.g. an older "
+      "version's, for a before / after table)")
     # internal: one worker / plain-loop run / score, in a fresh process
     for flag in ("--worker", "--json-out", "--plain", "--score", "--fixture", "--out"):
         a(flag, help=argparse.SUPPRESS)
