@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # tasks, fine-tuned on a third (under a minute on 2 CPU cores)
 DEMO_ARGS = ["--ckpt", os.path.join(HERE, "demo", "base"), "--data", os.path.join(HERE, "demo", "train.jsonl"),
              "--val-data", os.path.join(HERE, "demo", "val.jsonl"), "--method", "spiel-ag", "--density", "0.05",
-             "--lr", "3e-3", "--seq-len", "96", "--batch-size", "16", "--grad-accum", "1", "--max-steps", "600",
+             "--lr", "3e-3", "--seq-len", "96", "--batch-size", "16", "--grad-accum", "1", "--max-steps", "400",
              "--eval-every", "100", "--exact-match", "100", "--device", "cpu", "--threads", "1"]
 # peak learning rates by method when --lr is not given: the paper's for LLaMA 2 (section 4.2)
 DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
