@@ -272,3 +272,21 @@ def test_measure_runs_end_to_end_on_cpu(tmp_path):
         for key in ("base weights", "other weights", "trainable", "optimizer state"):
             assert run["live_persistent"][key] == run["estimate_persistent"][key], (method, key)
         assert run["live_persistent"]["gradients"] == 0 and run["live_persistent"]["AG window"] == 0
+
+
+def test_per_gpu_estimate_with_and_without_fsdp():
+    """torchrun without --fsdp replicates everything (the same per GPU as one GPU); with --fsdp the base
+    weights FSDP holds are split over the GPUs (a quantized base's buffers are not FSDP parameters: they stay
+    whole), one block is gathered whole again (two, prefetched), and full fine-tuning splits its gradients
+    and optimizer state too."""
+    args = ModelArgs(**TINY)
+    one = memory.estimate(args, "spiel-ag", None, 64, 1, True, density=0.05)
+    assert memory.estimate(args, "spiel-ag", None, 64, 1, True, density=0.05, gpus=4)["total"] == one["total"]
+    four = memory.estimate(args, "spiel-ag", None, 64, 1, True, density=0.05, gpus=4, fsdp=True)
+    assert four["base weights"] == one["base weights"] // 4 and four["trainable"] == one["trainable"]
+    assert four["unsharded blocks"] == 2 * one["base weights"] // args.n_layers and four["resident W0"] == 0
+    assert four["total"] < one["total"]
+    q = memory.estimate(args, "spiel-ma", "int8", 64, 1, True, density=0.05, gpus=4, fsdp=True)
+    assert q["base weights"] == memory.estimate(args, "spiel-ma", "int8", 64, 1, True, density=0.05)["base weights"]
+    full1, full4 = (memory.estimate(args, "full", None, 64, 1, True, gpus=n, fsdp=n > 1) for n in (1, 4))
+    assert full4["gradients"] == full1["gradients"] // 4 and full4["optimizer state"] == full1["optimizer state"] // 4
