@@ -30,7 +30,6 @@ import glob
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import statistics
@@ -182,7 +181,7 @@ def speed(a) -> dict:
     peer = results.get("peer-lora-nodrop", {}).get("step_s")
     print(f"\nshape {a.shape}: {SHAPES[a.shape]['batch']} x {SHAPES[a.shape]['seq']} tokens per step, budget LoRA rank "
           f"{RANK}, {a.threads} threads; SpIEL: mean over a reselection cycle, others: median step")
-    print(f"| method | step s | vs frozen | vs PEFT LoRA (dropout 0) | peak GB | trainable | note |\n|---|---|---|---|---|---|---|")
+    print("| method | step s | vs frozen | vs PEFT LoRA (dropout 0) | peak GB | trainable | note |\n|---|---|---|---|---|---|---|")
     for m, r in results.items():
         if "error" in r:
             print(f"| {m} | {r['error']} |")

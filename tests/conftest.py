@@ -150,3 +150,24 @@ def tiny(tmp_path_factory):
         args=args, sd=sd, tokenizer=tok,
         meta1=write_meta(sd, args, str(root / "meta1")), meta2=write_meta(sd, args, str(root / "meta2"), n_shards=2),
         hf=write_hf(sd, args, str(root / "hf"), tokenizer=tok), root=root)
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def task(tiny, tmp_path_factory):
+    """a copy task in both formats over the tiny tokenizer's words: (train.jsonl, val.jsonl)."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+
+    def rec(i):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+        if i % 2:
+            return {"instruction": "copy", "input": words, "output": words}
+        return {"messages": [{"role": "user", "content": "copy " + words}, {"role": "assistant", "content": words}]}
+
+    return write_jsonl(d / "train.jsonl", [rec(i) for i in range(160)]), write_jsonl(d / "val.jsonl", [rec(i) for i in range(16)])

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from test_train import ROOT, task  # noqa: F401  (task is a fixture)
+from test_train import ROOT
 
 RUNNER = """
 import json, os, sys

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from test_train import ROOT, cli, one_line_error, read_log, run, task  # noqa: F401  (task is a fixture)
+from test_train import ROOT, cli, one_line_error, read_log, run
 
 
 def run_cli(*argv):

@@ -3,7 +3,6 @@ masking and normalisation, merging, and bad input."""
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -13,7 +12,6 @@ from safetensors.torch import load_file
 
 import data
 import train
-from conftest import WORDS
 from llama import IGNORE_INDEX, Tokenizer, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,21 +21,6 @@ def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def task(tiny, tmp_path_factory):
-    """a copy task in both formats over the tiny tokenizer's words."""
-    d = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-
-    def rec(i):
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
-        if i % 2:
-            return {"instruction": "copy", "input": words, "output": words}
-        return {"messages": [{"role": "user", "content": "copy " + words}, {"role": "assistant", "content": words}]}
-
-    return write_jsonl(d / "train.jsonl", [rec(i) for i in range(160)]), write_jsonl(d / "val.jsonl", [rec(i) for i in range(16)])
 
 
 def run(tiny, task, out, *extra):
