@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import data
 import lora
 import spiel
+import runs
 import train
 from generate import exact_match
 from llama import PRESETS, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_model
@@ -74,7 +75,7 @@ def our_model(margs, method, device, seed):
     """-> (loss function of (inputs, targets), trainable params, optimizer, selector) for this repo's methods."""
     with torch.device(device):
         model = Transformer(margs)
-    a = train.get_parser().parse_args(["--method", method.replace("-nodrop", "") if method != "frozen" else "lora",
+    a = runs.get_parser().parse_args(["--method", method.replace("-nodrop", "") if method != "frozen" else "lora",
                                        "--lora-rank", str(RANK), "--match-lora-rank", str(RANK), "--seed", str(seed)]
                                       + (["--lora-dropout", "0"] if method == "lora-nodrop" else []))
     if method == "frozen":  # nothing trains; the embedding output is the only thing that needs a gradient

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 import spiel
+import runs
 import train
 from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, check_checkpoint, default_dtype, swap_module,
                    meta_shards, read_args)
@@ -76,7 +77,7 @@ def train_args(method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentu
     argv = ["--method", method, "--lora-rank", str(lora_rank), "--lora-dropout", str(lora_dropout),
             "--sm3-momentum", str(sm3_momentum)]
     argv += ["--density", str(density)] if density else ["--match-lora-rank", str(lora_rank)]
-    return train.get_parser().parse_args(argv)
+    return runs.get_parser().parse_args(argv)
 
 
 def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, window_open=True, **budget):

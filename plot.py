@@ -15,6 +15,7 @@ matplotlib is optional, only this script needs it: pip install -r requirements-p
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -199,9 +200,7 @@ def main(argv=None) -> int:
         ap.error("give one of: run folders (the curves), --mask (the mask picture), --quality (the study)")
     if args.labels and len(args.labels) != len(args.runs):
         ap.error(f"{len(args.labels)} labels for {len(args.runs)} runs")
-    try:
-        import matplotlib  # noqa: F401  (checked before any work)
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:  # checked before any work
         print("error: plot.py needs matplotlib: pip install -r requirements-plot.txt", file=sys.stderr)
         return 1
 

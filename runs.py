@@ -1,5 +1,6 @@
 """
-The run folder that train.py writes, and how --resume continues it exactly (and train.py's argument checks).
+A train.py run: its arguments (every knob and its one default), the folder it writes, and how --resume
+continues it exactly.
 
     runs/x/args.json          the run's arguments, input paths absolute (--resume reads them back)
     runs/x/log.jsonl          one JSON record per step, reselection, evaluation (plot.py draws them)
@@ -21,7 +22,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from llama import CheckpointError, read_json
+from llama import CheckpointError, default_device, read_json
 
 # -----------------------------------------------------------------------------
 # the arguments: one-line errors for values that cannot make sense; --resume's rules
@@ -52,6 +53,71 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):  # one line, not usage + message
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# peak learning rates by method when --lr is not given: the paper's for LLaMA 2 (section 4.2)
+DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
+# SpIEL-AG's weight decay: the authors' 30 at their lr 1e-5 shrinks every delta by lr x wd = 3e-4 per step at
+# the peak. when --weight-decay is not given, any --lr keeps that shrink (wd = 3e-4 / lr); the others: 0
+AG_DECAY_PER_STEP = 3e-4
+
+def get_parser(description: str = "") -> Parser:
+    """train.py's arguments: the one place each default is set (memory.py and bench.py read them here)."""
+    ap = Parser(prog="train.py", description=description)
+    a = ap.add_argument
+    # model and data
+    a("--ckpt", help="LLaMA 2 checkpoint folder, Meta or Hugging Face layout (omit all arguments for the demo)")
+    a("--data", help="training data, .jsonl or .json: Alpaca, prompt/completion or chat 'messages' records")
+    a("--val-data", help="validation data; default: --val-frac of --data")
+    a("--val-frac", type=BELOW_1, default=0.05, help="fraction of --data held out when --val-data is not given")
+    a("--seq-len", type=COUNT, default=2048, help="examples are truncated to this many tokens")
+    # method and budget
+    a("--method", default="spiel-ag", choices=["spiel-ag", "spiel-ma", "lora", "full"])
+    a("--density", type=FRACTION, help="SpIEL budget as a fraction of the targeted weights")
+    a("--num-tunable", type=COUNT, help="SpIEL budget as a number of deltas")
+    a("--match-lora-rank", type=COUNT, help="SpIEL budget: as many deltas as LoRA at this rank trains (default "
+                                            "when no budget is given: 64, the paper's)")
+    a("--lora-rank", type=COUNT, default=64, help="LoRA rank (--density/--num-tunable set one to match instead)")
+    a("--lora-alpha", type=POSITIVE, default=16.0)
+    a("--lora-dropout", type=BELOW_1, default=0.1)
+    # reselection (SpIEL)
+    a("--reselect-every", type=COUNT, default=20, help="steps between drop-and-regrow")
+    a("--first-reselect", type=COUNT, default=5, help="step of the first reselection (replaces all deltas); "
+                                                      "also the AG accumulation window length")
+    a("--reselect-rate", type=FRACTION, default=0.2, help="fraction replaced at a reselection, decaying to 0")
+    a("--reselect-decay", default="linear", choices=["linear", "cosine"])
+    a("--grad-path", default="auto", choices=["auto", "dense", "sparse"],
+      help="SpIEL value gradient: dense dW then gather, or only the needed entries (auto: the faster, measured)")
+    a("--sm3-momentum", type=BELOW_1, default=0.0, help="SpIEL-MA: SM3 momentum (0 keeps SM3's memory small)")
+    # optimization
+    a("--lr", type=POSITIVE, help=f"peak learning rate (default by method: {DEFAULT_LR})")
+    a("--weight-decay", type=NONNEG, help=f"decoupled weight decay (default: {AG_DECAY_PER_STEP:g} / lr for "
+                                          "spiel-ag, the authors' 30 at lr 1e-5; 0 for the others)")
+    a("--warmup", type=NONNEG, default=0.03, help="linear warmup: a fraction of the steps if < 1, else steps")
+    a("--grad-clip", type=NONNEG, default=0.0, help="clip the gradient norm (0: off, as the authors)")
+    a("--batch-size", type=COUNT, default=1, help="examples per micro-batch")
+    a("--grad-accum", type=COUNT, default=128, help="micro-batches per step and process (paper: 128 sequences)")
+    a("--epochs", type=POSITIVE, default=2.0)
+    a("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs; with --resume: extends the run)")
+    # system
+    a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base quantized")
+    a("--dtype", choices=["float32", "bfloat16"], help="base and compute dtype (default: bf16 on a GPU that has "
+                                                      "it, else fp32); deltas and optimizer state stay fp32")
+    a("--device", default=default_device())
+    a("--threads", type=COUNT, help="CPU threads (default: torch's, one per core)")
+    a("--grad-checkpoint", action="store_true", help="recompute each block in backward (less activation memory)")
+    a("--fsdp", action="store_true", help="under torchrun: shard the frozen base (full: all weights) per block")
+    a("--seed", type=NONNEG_INT, default=0)
+    # output, evaluation, resume
+    a("--out", help="output folder (default runs/<method>-<time>); an existing run is never overwritten")
+    a("--resume", action="store_true", help="continue the run in --out (with its saved arguments)")
+    a("--save-every", type=COUNT, default=200, help="steps between checkpoints (and at the end)")
+    a("--eval-every", type=NONNEG_INT, default=100, help="steps between validation loss + one sample (0: off)")
+    a("--log-every", type=COUNT, default=10, help="steps between progress lines when stdout is not a terminal")
+    a("--exact-match", type=NONNEG_INT, default=0, help="score this many validation answers by greedy exact match "
+                                                        "before and after training (single-turn data)")
+    a("--stop-at-step", type=COUNT, help="stop after this step as if interrupted (resumable)")
+    return ap
 
 
 # flags --resume accepts: what extends the run, or does not change its math; the inputs may have moved

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import runs
 import train
 from llama import IGNORE_INDEX, Tokenizer, load_model
 
@@ -168,7 +169,7 @@ def test_weight_decay_rule_and_authors_defaults(tiny):
     from llama import PRESETS, Transformer
 
     def decay(*argv):
-        a = train.get_parser().parse_args(["--density", "0.1", *argv])
+        a = runs.get_parser().parse_args(["--density", "0.1", *argv])
         _, opt, _ = train.add_trainable(Transformer(PRESETS["tiny"]), a)
         return opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"], opt
 
@@ -181,4 +182,14 @@ def test_weight_decay_rule_and_authors_defaults(tiny):
         lr, wd, opt = decay("--method", method)
         assert (lr, wd) == (want_lr, 0.0)
     assert isinstance(decay("--method", "spiel-ma")[2], sm3.SM3) and decay("--method", "spiel-ma")[2].defaults["eps"] == 1e-8
-    assert train.get_parser().parse_args([]).grad_clip == 0
+    assert runs.get_parser().parse_args([]).grad_clip == 0
+
+
+def test_learning_rate_schedule_never_exceeds_the_peak():
+    # warmup in whole steps (a fraction of the steps is rounded up), then a linear decay to peak / (total - warm)
+    for total in (7, 50, 120, 333, 1000):
+        for warmup in (0, 0.03, 0.1, 0.25, 2, 2.5):
+            lrs = [train.lr_at(s, total, 1.0, warmup) for s in range(1, total + 1)]
+            assert max(lrs) == pytest.approx(1.0) and all(lr <= 1.0 + 1e-12 for lr in lrs), (total, warmup)
+            assert all(a <= b for a, b in zip(lrs, lrs[1:max(lrs.index(max(lrs)), 1)]))
+    assert train.lr_at(4, 120, 1.0, 0.03) == 1.0 and train.lr_at(3, 120, 1.0, 0.03) == 0.75  # 3.6 -> 4 steps
