@@ -427,20 +427,20 @@ def main(argv=None):
     a("--lr", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        json.dump(worker(args), open(args.json_out, "w"))
+        runs.write_json(args.json_out, worker(args))
         return 0
     if args.plain:
         plain_loop(args.fixture, args.plain, args.lr, args.seed, args.steps, args.out)
         return 0
     if args.score:
-        json.dump(score(args.fixture, args.score), open(os.path.join(args.score, "score.json"), "w"))
+        runs.write_json(os.path.join(args.score, "score.json"), score(args.fixture, args.score))
         return 0
     os.makedirs(args.runs_dir, exist_ok=True)
     t0 = time.time()
     res = quality(args) if args.quality else grad_paths(args) if args.grad_paths else speed(args)
     res["seconds"] = time.time() - t0
     path = args.json or f"bench-{res['mode']}.json"
-    json.dump(res, open(path, "w"), indent=1)
+    runs.write_json(path, res)
     print(f"wrote {path} ({res['seconds']:.0f}s)")
     return 0
 

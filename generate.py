@@ -83,13 +83,19 @@ def main(argv=None):
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the base quantized")
     args = ap.parse_args(argv)
 
-    from merge import apply_finetune
+    from merge import apply_finetune, merge_into
     check_checkpoint(args.ckpt)
     tok = Tokenizer(find_tokenizer(args.ckpt))
     model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
                        quantize=None if args.quantize == "none" else args.quantize)
-    for path in args.delta:  # applied on the fly, nothing merged or written
-        apply_finetune(model, path)
+    if len(args.delta) == 1:  # applied on the fly (on a quantized base too), nothing written
+        apply_finetune(model, args.delta[0])
+    elif args.delta:  # several add up: merged one after the other into this in-memory copy
+        if args.quantize != "none":
+            raise ValueError("several fine-tunes at once need an unquantized base (--quantize none), or merge "
+                             "them first with merge.py")
+        for path in args.delta:
+            merge_into(model, path)
     ids = data.prompt_ids(tok, args.prompt) if args.chat else tok.encode(args.prompt)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos_id=tok.eos_id, generator=g)

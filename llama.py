@@ -544,8 +544,10 @@ def read_finetune(path: str, model: Optional[nn.Module] = None) -> tuple:
     if meta.get("finetune_id") in model.merged_ids:
         raise CheckpointError(f"{path}: already merged into this model (its config.json lists "
                               f"{meta['finetune_id']}); applying it again would add it twice")
+    # the base it was trained on: the same weights, with every fine-tune that was merged into them then
+    # merged here too (others merged since are fine: sparse fine-tunes add up, section 3)
     if meta.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model) or \
-            json.loads(meta.get("base_merged", "[]")) != model.merged_ids:
+            not set(json.loads(meta.get("base_merged", "[]"))) <= set(model.merged_ids):
         raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta.get('base_fingerprint')} "
                               f"merged {meta.get('base_merged', '[]')}; this one: {base_fingerprint(model)} merged "
                               f"{json.dumps(model.merged_ids)})")

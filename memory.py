@@ -32,7 +32,6 @@ import argparse
 import gc
 import importlib.util
 import inspect
-import json
 import math
 import sys
 import time
@@ -368,8 +367,7 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
             print(f"goal {method} < {run['goal'] / GB:.0f} GB: {'met' if ok else 'NOT met'} "
                   f"({fmt(run['peak_allocated'])} measured, {fmt(run['estimate'])} estimated)")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
+        runs.write_json(json_path, report)
     return report
 
 

@@ -63,15 +63,21 @@ def check_out(out_dir: str):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
 
 
-def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: int = 5 * 2**30, state_dict=None):
+def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: int = 5 * 2**30, state_dict=None,
+            replace: bool = False):
     """config.json, safetensors shards (+ index when sharded) and tokenizer.model, written beside out_dir and
-    renamed into place (a failed export leaves nothing half-written); a non-empty out_dir is never touched.
+    renamed into place (a failed export leaves nothing half-written); a non-empty out_dir is never touched,
+    unless `replace` (train.py's own model/ when a finished run is extended: swapped once the new one is whole).
     state_dict: the model's weights when they are not all in `model` (a sharded model gathered by its caller)."""
     from safetensors.torch import save_file
 
     if any(hasattr(m, "dequantize") for m in model.modules()):
         raise ValueError("refusing to export a quantized model: load the base in full precision and merge there")
-    check_out(out_dir)
+    if spiel.delta_layers(model) or lora.lora_layers(model):
+        raise ValueError("the model still has sparse deltas or LoRA adapters attached: merge them first "
+                         "(merge_into) or save them on their own (save_delta / save_lora)")
+    if not replace:
+        check_out(out_dir)
     meta_to_hf = {v: k for k, v in HF_TO_META.items()}
     shards, size = [{}], 0
     for key, t in (state_dict or model.state_dict()).items():
@@ -97,9 +103,11 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: i
         json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, model.merged_ids), f, indent=2)
     if tokenizer_path:
         shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)  # empty, checked above
+    old = out_dir.rstrip("/") + ".tmp-old"
+    if os.path.exists(out_dir):  # empty (checked above), or the export being replaced
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):

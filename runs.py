@@ -197,11 +197,16 @@ def prepare(args):
     write_args(args)
 
 
-def write_args(args):
-    path = os.path.join(args.out, "args.json")
+def write_json(path, obj):
+    """obj as JSON at path, written to a temporary name and renamed (never half a file)."""
     with open(path + ".tmp", "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")}, f, indent=2)
+        json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def write_args(args):
+    write_json(os.path.join(args.out, "args.json"),
+               {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")})
 
 
 def gather(obj, world: int) -> list:
@@ -249,6 +254,9 @@ def save_state(args, step, model, optimizer, selector, batches, rank, world, fin
     os.replace(os.path.join(args.out, "state.pt.tmp"), os.path.join(args.out, "state.pt"))
 
 
+STATE_KEYS = ("step", "world_size", "optimizer", "data", "trainable", "selector", "rng", "cuda_rng")
+
+
 def load_state(args, model, optimizer, selector, batches, rank, world, fingerprint) -> int:
     """put a run's resume state back in place; -> the last step it finished. Errors name state.pt."""
     path = os.path.join(args.out, "state.pt")
@@ -257,6 +265,9 @@ def load_state(args, model, optimizer, selector, batches, rank, world, fingerpri
                               f"command without --resume to start it over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
         trainable, step = state["trainable"], state["step"]
     except Exception as e:
         raise CheckpointError(f"{path}: damaged or not a resume state ({str(e).splitlines()[0]}); it is written "

@@ -31,7 +31,8 @@ from llama import CheckpointError, matrix_shape, read_finetune, save_finetune, s
 
 class SparseDeltaFn(torch.autograd.Function):
     """y = x (W0 + scatter(indices, values))^T. W0 gets no gradient; d(values) = (dy^T x)[indices].
-    The merged weight is built transiently in forward and again in backward, never kept."""
+    The merged weight is built transiently in forward and again in backward (a full-precision base instead
+    holds it in its own storage while the deltas are attached: resident_weight, section 9)."""
 
     @staticmethod
     def forward(ctx, x, values, layer):
@@ -102,6 +103,7 @@ class SparseDeltaLinear(nn.Module):
         base, values = self.base, self.values if values is None else values
         if self.resident and base.weight.dtype == dtype:
             return resident_weight(self, values)
+        release(self)  # (a resident base holding W0 + delta from an earlier call in its own dtype: W0 again)
         w = base.dequantize(dtype) if hasattr(base, "dequantize") else base.weight.to(dtype, copy=True)
         return w.view(-1).index_add_(0, self.indices, values.to(dtype)).view(self.weight_shape)
 
@@ -299,14 +301,14 @@ def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Te
         mid = (lo + hi) / 2
         above = int(per_row(mid).sum()) - (active_scores.numel() - int(torch.searchsorted(active_scores, mid)))
         lo, hi = (mid, hi) if above >= n else (lo, mid)
-    m = per_row(lo)  # (out,) how many of each row's largest columns to score
-    rows = torch.repeat_interleave(torch.arange(out_f, device=row.device), m)  # (M,)
-    rank = torch.arange(rows.numel(), device=row.device) - (m.cumsum(0) - m)[rows]  # 0.. within each row
-    cols = col_order[in_f - 1 - rank]  # the row's columns, largest first
-    pos = rows * in_f + cols
-    keep = ~member(active, pos, out_f * in_f)
-    pos, score = pos[keep], row[rows[keep]] * col[cols[keep]]
-    top = score.topk(min(n, score.numel())).indices
+    m = per_row(lo)  # (out,) how many of each row's largest columns to score; M = m.sum() ~ n + k
+    rows = torch.repeat_interleave(torch.arange(out_f, device=row.device), m)  # (M,) row of each entry
+    rank = torch.arange(rows.numel(), device=row.device) - (m.cumsum(0) - m)[rows]  # (M,) 0.. within a row
+    cols = col_order[in_f - 1 - rank]  # (M,) the row's columns, largest first
+    pos = rows * in_f + cols  # (M,) flat positions
+    keep = ~member(active, pos, out_f * in_f)  # (M,) inactive ones only
+    pos, score = pos[keep], row[rows[keep]] * col[cols[keep]]  # (M',)
+    top = score.topk(min(n, score.numel())).indices  # (n,)
     return pos[top], score[top]
 
 
@@ -339,10 +341,10 @@ def drop_and_grow(layer: SparseDeltaLinear, n: int, cand: torch.Tensor, score: t
         if int(eligible.sum()) >= n:
             break
         n = int(eligible.sum())  # too few candidates: drop fewer (which may make fewer eligible: repeat)
-    grown = top_k(score.masked_fill(~eligible, -math.inf), n)  # into cand (n,)
-    regrown = member(idx[drop], cand[grown], size)  # dropped and chosen again: keeps its slot
-    freed = drop[~member(cand[grown], idx[drop], size)]
-    new = grown[~regrown]
+    chosen = top_k(score.masked_fill(~eligible, -math.inf), n)  # (n,) into cand: the best eligible
+    again = member(idx[drop], cand[chosen], size)  # (n,) chosen, but just dropped: it keeps its slot
+    freed = drop[~member(cand[chosen], idx[drop], size)]  # (m,) dropped slots not chosen again
+    new = chosen[~again]  # (m,) into cand: the positions that move into those slots
     layer.indices[freed] = cand[new].to(layer.indices.dtype)
     layer.values[freed] = 0.0
     return freed, new
@@ -396,12 +398,12 @@ class Selector:
                 w = layer.window
                 if w is None or not w.steps:
                     raise RuntimeError(f"step {t}: {name} has no accumulated gradients (was the window open?)")
-                slots, grown = drop_and_grow(layer, n, w.candidates.long(), w.grad_sum.abs(), regrow_dropped=True)
-                seed = w.seed(grown, self.optimizer.param_groups[0]["betas"])
+                slots, new = drop_and_grow(layer, n, w.candidates.long(), w.grad_sum.abs(), regrow_dropped=True)
+                seed = w.seed(new, self.optimizer.param_groups[0]["betas"])
             else:  # candidates: the top row[i] * col[j] among inactive positions
                 zeros = [torch.zeros(d, device=layer.values.device) for d in layer.weight_shape]  # (before any step)
                 cand, score = ma_candidates(layer.indices.long(), n, state.get("row", zeros[0]), state.get("col", zeros[1]))
-                slots, grown = drop_and_grow(layer, n, cand, score, regrow_dropped=False)
+                slots, new = drop_and_grow(layer, n, cand, score, regrow_dropped=False)
                 seed = {}
             for key in PER_SLOT_STATE:  # fresh optimizer state for the grown slots: zeros, or AG's seed
                 if key in state:

@@ -94,7 +94,8 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     """linear warmup to the peak, then linear decay (the last step: peak / (total - warmup))."""
-    warm = math.ceil(warmup * total - 1e-9) if warmup < 1 else math.ceil(warmup)  # whole steps: never above peak
+    # in whole steps (rounded up), so the decay starts at the peak and never passes it
+    warm = math.ceil(warmup * total - 1e-9) if warmup < 1 else math.ceil(warmup)
     return peak * step / warm if step <= warm else peak * (total - step + 1) / max(total - warm, 1)
 
 
@@ -167,15 +168,18 @@ def load_base(args, device, dtype, say) -> tuple:
     return model, base_fingerprint(model), n_base  # (of weights fine-tuning never changes)
 
 
-STOP = []  # the first Ctrl-C finishes the step, saves and exits; a second one exits at once
+STOP = []  # the first Ctrl-C (or a SIGTERM) finishes the step, saves and exits; a second Ctrl-C
+# exits at once. Under torchrun, Ctrl-C reaches torchrun, which passes it on to every process and
+# kills them 30 s later: the processes agree to stop after the same step (see the loop).
 
 
-def on_sigint(*_):
-    if STOP:
+def on_signal(signum, _):
+    if STOP and signum == signal.SIGINT:
         raise SystemExit("quit without saving; the last checkpoint is intact")
-    STOP.append(1)
-    print("\ninterrupted: finishing this step, saving, exiting (Ctrl-C again to quit at once)",
-          file=sys.stderr)
+    if not STOP:
+        STOP.append(1)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
+              "(Ctrl-C again to quit at once)", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +249,9 @@ def main(argv):
             log({"event": "exact_match", "step": 0, "exact_match": em})
 
     # --- the training loop -----------------------------------------------------------------------
-    signal.signal(signal.SIGINT, on_sigint)
+    STOP.clear()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # a job scheduler's (or torchrun's) polite stop
     from tqdm import tqdm  # a bar in a terminal; in a log file, a plain line every --log-every
     bar = tqdm(total=total_steps, initial=start - 1, dynamic_ncols=True,
                disable=rank > 0 or not sys.stdout.isatty())
@@ -257,8 +263,8 @@ def main(argv):
         lr_now = lr_at(step, total_steps, lr, args.warmup)  # warmup, then linear decay to 0
         for group in optimizer.param_groups:
             group["lr"] = lr_now  # (set by hand: no scheduler object to save and restore)
-        if selector:  # SpIEL-AG: this step's gradients also feed the accumulation window, if open
-            selector.begin_step(step)
+        if selector:  # SpIEL-AG: while a window is open, each delta layer's backward also adds
+            selector.begin_step(step)  # the gradient at its candidates to layer.window (value_grad)
         # the step's micro-batches, every process's: the loss is normalised by all their answer
         # tokens, so N processes x G micro-batches make the same step as 1 x N*G
         micro = [batches.next() for _ in range(args.grad_accum * world)]
@@ -314,6 +320,11 @@ def main(argv):
                  f"{sample[:80]!r}")
             log({"event": "eval", "step": step, "val_loss": val_loss, "sample": sample})
         stop = bool(STOP) or step == args.stop_at_step  # Ctrl-C, or asked to stop here
+        if world > 1:  # one process stopping alone would leave the others waiting in a collective
+            flags = torch.tensor([len(STOP), stop], dtype=torch.float32, device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any process stops: all stop here
+            STOP.extend([1] * (bool(flags[0]) and not STOP))
+            stop = bool(flags[1])
         if step % args.save_every == 0 or step == total_steps or stop:  # written atomically
             runs.save_state(args, step, model, optimizer, selector, batches, rank, world,
                             fingerprint)
@@ -350,7 +361,7 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
             sd = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True,
                                                                               cpu_offload=True))
         if rank == 0:
-            save_hf(model, tok.path, os.path.join(args.out, "model"), state_dict=sd)
+            save_hf(model, tok.path, os.path.join(args.out, "model"), state_dict=sd, replace=True)
     if args.exact_match and val_set:
         em = exact_match(model, tok, val_set, args.exact_match)
         say(f"exact match after fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} "

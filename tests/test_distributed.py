@@ -104,6 +104,28 @@ def test_an_interrupted_two_process_run_resumes_exactly(tiny, task, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_in_one_process_stops_all_after_the_same_step(tiny, task, tmp_path):
+    """a Ctrl-C that reaches only rank 1 (during step 4): both processes finish step 4, save it, exit 130,
+    and the resumed run ends where an uninterrupted one does."""
+    patch = """
+import torch.distributed as dist
+lr_at = train.lr_at
+def interrupting(step, *a):
+    if dist.get_rank() == 1 and step == 4:
+        train.STOP.append(1)  # as the signal handler does
+    return lr_at(step, *a)
+train.lr_at = interrupting
+"""
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    p = torchrun(tmp_path, [args(tiny, task, split, "spiel-ag", 1)], patch=patch, timeout=120)
+    assert p.returncode != 0 and "stopped after step 4" in p.stdout, p.stderr[-3000:]
+    assert torch.load(split / "state.pt", weights_only=True)["step"] == 4
+    p = torchrun(tmp_path, [["--out", str(split), "--resume"], args(tiny, task, whole, "spiel-ag", 1)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = trained(whole, "spiel-ag"), trained(split, "spiel-ag")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_processes_that_disagree_on_the_indices_stop_with_a_message(tiny, task, tmp_path):
     patch = """
 import torch.distributed as dist

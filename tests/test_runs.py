@@ -2,6 +2,7 @@
 anywhere (Ctrl-C), one-line errors for damaged run files and senseless flags, and what merge.py and
 generate.py refuse (a busy --out, a fine-tune applied twice)."""
 
+import io
 import json
 import os
 import shutil
@@ -86,6 +87,25 @@ def test_extending_a_run_continues_on_the_longer_runs_schedule_and_data(tiny, ta
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_extending_a_finished_full_fine_tune_replaces_its_exported_model(tiny, task, tmp_path):
+    """model/ of a finished full fine-tune is the run's own: an extension exports the longer run in its place
+    (whole, nothing left beside it); an export with deltas still attached is refused."""
+    import merge
+    import spiel
+    from llama import load_model
+    out = tmp_path / "full"
+    assert run(tiny, task, out, "--method", "full", "--max-steps", "3") == 0
+    first = load_file(out / "model" / "model.safetensors")
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "5"]) == 0
+    second = load_file(out / "model" / "model.safetensors")
+    assert max(steps(out)) == 5 and any(not torch.equal(first[k], second[k]) for k in first)
+    assert sorted(os.listdir(tmp_path)) == ["full"]  # no temp folder left beside it
+    model = load_model(tiny.hf, dtype=torch.float32)
+    spiel.add_sparse_deltas(model, density=0.05)
+    with pytest.raises(ValueError, match="still has sparse deltas"):
+        merge.save_hf(model, None, str(tmp_path / "x"))
+
+
 def test_flags_that_would_change_the_math_are_refused_on_resume(tiny, task, tmp_path, capsys):
     out = str(tmp_path / "r")
     assert run(tiny, task, out, "--max-steps", "4", "--stop-at-step", "2") == 0
@@ -108,7 +128,8 @@ def test_interrupt_before_the_loop_leaves_a_folder_that_can_be_started_again(tin
     assert p.returncode == 0 and "starting it over" in p.stdout, p.stderr
 
 
-def test_ctrl_c_in_the_loop_saves_and_the_run_resumes(tiny, task, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, a scheduler's polite stop
+def test_ctrl_c_in_the_loop_saves_and_the_run_resumes(tiny, task, tmp_path, sig):
     out = tmp_path / "r"
     argv = [sys.executable, "train.py", "--ckpt", tiny.hf, "--data", task[0], "--device", "cpu", "--out", str(out),
             "--max-steps", "2000", "--density", "0.1", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "48",
@@ -118,7 +139,7 @@ def test_ctrl_c_in_the_loop_saves_and_the_run_resumes(tiny, task, tmp_path):
         time.sleep(0.1)
         if (out / "log.jsonl").exists() and len(steps(out)) >= 3:
             break
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in stderr, stderr
     saved = torch.load(out / "state.pt", weights_only=True)["step"]
@@ -133,6 +154,10 @@ def test_damaged_or_missing_run_files_give_one_line(tiny, task, tmp_path):
     state = (out / "state.pt").read_bytes()
     (out / "state.pt").write_bytes(state[:len(state) // 2])
     one_line(["--out", str(out), "--resume"], "state.pt: damaged")
+    whole = torch.load(io.BytesIO(state), weights_only=True)
+    for key in ("selector", "rng"):  # a state.pt from another tool (or an older version) lacking a key
+        torch.save({k: v for k, v in whole.items() if k != key}, out / "state.pt")
+        one_line(["--out", str(out), "--resume"], f"state.pt: damaged or not a resume state (no {key})")
     (out / "state.pt").write_bytes(state)
     args = (out / "args.json").read_text()
     (out / "args.json").write_text(args + "}")

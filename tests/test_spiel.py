@@ -228,6 +228,22 @@ def test_merge_and_merged_logits():
     assert torch.equal(model(x)[0], sparse_logits)
 
 
+def test_resident_weight_then_another_dtype_adds_the_deltas_once():
+    """a resident base (W0 + delta in its storage after an fp32 forward) asked for the weight in another dtype
+    gives W0 + delta, not W0 + 2 delta; the fp32 weight is right again afterwards."""
+    base = nn.Linear(8, 6, bias=False)
+    w0 = base.weight.detach().clone()
+    layer = SparseDeltaLinear(base, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(10))
+    want = w0.double().view(-1).index_add(0, layer.indices.long(), layer.values.detach().double()).view(6, 8)
+    layer(torch.randn(3, 8))  # resident now
+    torch.testing.assert_close(layer.merged_weight(torch.float64), want)
+    torch.testing.assert_close(layer.merged_weight(torch.float32), want.float())
+    spiel.release(layer)
+    assert torch.equal(base.weight, w0)
+
+
 def test_merge_bf16_rounds_once():
     """a bf16 base is summed in fp32 and rounded once to bf16."""
     base = nn.Linear(8, 6, bias=False).to(torch.bfloat16)
@@ -347,6 +363,41 @@ def test_load_delta_errors(tmp_path):
     with pytest.raises(CheckpointError, match="already added") as e:
         load_delta(with_deltas, good)
     assert good in str(e.value) and delta_layers(with_deltas) == before
+
+
+def test_two_fine_tunes_of_one_base_add_up(tmp_path):
+    """two deltas trained apart on one base merge one after the other into W0 + both scatters; a delta trained
+    on a base with a fine-tune merged in loads where that one is merged (with others) but not on the bare base."""
+    import merge
+
+    files = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        model = tiny_model()
+        add_sparse_deltas(model, density=0.05, seed=seed)
+        set_random_values(model)
+        files[name] = str(tmp_path / f"{name}.safetensors")
+        save_delta(model, files[name], meta={"finetune_id": name})
+        files[name + "_layers"] = delta_layers(model)
+    target = tiny_model()
+    w0 = {n: m.weight.detach().clone() for n, m in target.named_modules() if n in files["a_layers"]}
+    merge.merge_into(target, files["a"])
+    merge.merge_into(target, files["b"])  # was refused: trained on a base without "a"
+    assert target.merged_ids == ["a", "b"]
+    modules = dict(target.named_modules())
+    for n, w in w0.items():
+        a, b = files["a_layers"][n], files["b_layers"][n]
+        want = w + dense_scatter(a.indices, a.values.detach(), w.shape) + dense_scatter(b.indices, b.values.detach(),
+                                                                                        w.shape)
+        torch.testing.assert_close(modules[n].weight, want, rtol=0, atol=1e-6)
+    on_a = tiny_model()
+    on_a.merged_ids = ["a"]
+    add_sparse_deltas(on_a, density=0.05, seed=3)
+    set_random_values(on_a)
+    c = str(tmp_path / "c.safetensors")
+    save_delta(on_a, c, meta={"finetune_id": "c"})
+    load_delta(target, c)  # a and b merged: fine
+    with pytest.raises(CheckpointError, match="another base"):
+        load_delta(tiny_model(), c)
 
 
 @pytest.mark.parametrize("bad_matrix", ["layers.0.attention.wq", "layers.1.feed_forward.w3"])
