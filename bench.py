@@ -360,15 +360,24 @@ def quality_job(a, fixture, method, lr, seed, steps) -> dict:
 
 
 def quality(a) -> dict:
+    if a.lr_from:  # a long run at the lr each method did best with in an earlier (shorter) study
+        best = json.load(open(a.lr_from))["results"]
+        steps0 = {k.split("/")[0] for k in best}
+        picked = {(fx, m): (best[f"{s}/{fx}/{m}"]["best_lr"],) for s in steps0 for fx in a.fixtures
+                  for m in a.quality_methods if f"{s}/{fx}/{m}" in best}
+        missing = [f"{fx}/{m}" for fx in a.fixtures for m in a.quality_methods if (fx, m) not in picked]
+        if missing:
+            raise SystemExit(f"error: {a.lr_from}: no best lr for {', '.join(missing)}")
+    grids = picked if a.lr_from else {(fx, m): grid(m, fx) for fx in a.fixtures for m in a.quality_methods}
     jobs = [(fx, m, lr, seed, steps) for steps in a.quality_steps for fx in a.fixtures for m in a.quality_methods
-            for lr in grid(m, fx) for seed in a.seeds]
+            for lr in grids[(fx, m)] for seed in a.seeds]
     with ThreadPoolExecutor(a.jobs) as pool:
         scores = dict(zip(jobs, pool.map(lambda j: quality_job(a, *j), jobs)))
     table, report = [], {}
     for steps in a.quality_steps:
         for fx in a.fixtures:
             for m in a.quality_methods:
-                runs = {lr: [scores[(fx, m, lr, s, steps)] for s in a.seeds] for lr in grid(m, fx)}
+                runs = {lr: [scores[(fx, m, lr, s, steps)] for s in a.seeds] for lr in grids[(fx, m)]}
                 ok = {lr: r for lr, r in runs.items() if all("error" not in x for x in r)}
                 if not ok:
                     table.append(f"| {steps} | {fx} | {m} | failed: {next(iter(runs.values()))[0]} |")
@@ -382,7 +391,7 @@ def quality(a) -> dict:
                                                **{k: ms(k) for k in ("test", "retained", "val_loss")}}
                 cell = lambda key: f"{100 * ms(key)[0]:.0f} ± {100 * ms(key)[1]:.0f}"  # noqa: E731
                 lrs = " / ".join(f"{lr:g}: {100 * statistics.fmean(x['dev'] for x in ok[lr]):.0f}" if lr in ok else
-                                 f"{lr:g}: failed" for lr in grid(m, fx))
+                                 f"{lr:g}: failed" for lr in grids[(fx, m)])
                 table.append(f"| {steps} | {os.path.basename(fx.rstrip('/'))} | {m} | {best:g} | {cell('test')} | {cell('retained')} | "
                              f"{ms('val_loss')[0]:.3f} | {lrs} |")
     print(f"\nquality: {len(a.seeds)} seeds, mean ± std (%) of held-out exact match at each method's best lr "
@@ -418,6 +427,7 @@ def main(argv=None):
     a("--quality-methods", nargs="+", default=[m for m in QUALITY if m not in ABLATION], choices=list(QUALITY))
     a("--quality-steps", type=int, nargs="+", default=[300, 1000], help="a short and a long run")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a("--lr-from", help="a --quality JSON: run each method only at the best lr found there (a long run)")
     a("--jobs", type=int, default=n_cores(), help="quality runs at once (each on one thread)")
     a("--train-py", default=os.path.join(HERE, "train.py"), help="the train.py the study runs (e.g. an older "
       "version's, for a before / after table)")

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import bench
 import spiel
 from conftest import WORDS
@@ -80,3 +82,12 @@ def test_quality_study_on_a_tiny_fixture(tiny, tmp_path, capsys, monkeypatch):
     mtime = os.path.getmtime(runs / "spiel-ag-lr0.001-seed0" / "score.json")
     assert bench.main(argv) == 0
     assert os.path.getmtime(runs / "spiel-ag-lr0.001-seed0" / "score.json") == mtime
+    # a longer run at each method's best lr of that study: one lr per method
+    long = ["--quality", "--fixtures", str(fx), "--quality-steps", "4", "--seeds", "0", "--jobs", "2",
+            "--quality-methods", "spiel-ag", "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "l.json"),
+            "--lr-from", str(out)]
+    assert bench.main(long) == 0
+    got = json.loads((tmp_path / "l.json").read_text())["results"][f"4/{fx}/spiel-ag"]
+    assert list(got["grid"]) == [str(res[f"3/{fx}/spiel-ag"]["best_lr"])]
+    with pytest.raises(SystemExit, match="no best lr for .*lora"):
+        bench.main([*long, "--quality-methods", "lora"])
