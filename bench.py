@@ -363,8 +363,8 @@ def quality(a) -> dict:
     if a.lr_from:  # a long run at the lr each method did best with in an earlier (shorter) study
         best = json.load(open(a.lr_from))["results"]
         steps0 = {k.split("/")[0] for k in best}
-        picked = {(fx, m): (best[f"{s}/{fx}/{m}"]["best_lr"],) for s in steps0 for fx in a.fixtures
-                  for m in a.quality_methods if f"{s}/{fx}/{m}" in best}
+        picked = {(fx, m): (best[f"{s}/{fx}/{m}"]["best_lr"],) for s in sorted(steps0, key=int)  # longest wins
+                  for fx in a.fixtures for m in a.quality_methods if f"{s}/{fx}/{m}" in best}
         missing = [f"{fx}/{m}" for fx in a.fixtures for m in a.quality_methods if (fx, m) not in picked]
         if missing:
             raise SystemExit(f"error: {a.lr_from}: no best lr for {', '.join(missing)}")
@@ -377,17 +377,17 @@ def quality(a) -> dict:
     for steps in a.quality_steps:
         for fx in a.fixtures:
             for m in a.quality_methods:
-                runs = {lr: [scores[(fx, m, lr, s, steps)] for s in a.seeds] for lr in grids[(fx, m)]}
-                ok = {lr: r for lr, r in runs.items() if all("error" not in x for x in r)}
+                by_lr = {lr: [scores[(fx, m, lr, s, steps)] for s in a.seeds] for lr in grids[(fx, m)]}
+                ok = {lr: r for lr, r in by_lr.items() if all("error" not in x for x in r)}
                 if not ok:
-                    table.append(f"| {steps} | {fx} | {m} | failed: {next(iter(runs.values()))[0]} |")
+                    table.append(f"| {steps} | {fx} | {m} | failed: {next(iter(by_lr.values()))[0]} |")
                     continue
                 # the best lr by mean dev exact match (ties: lower val loss)
                 best = max(ok, key=lambda lr: (statistics.fmean(x["dev"] for x in ok[lr]),
                                                -statistics.fmean(x["val_loss"] for x in ok[lr])))
                 ms = lambda key: (statistics.fmean(x[key] for x in ok[best]),  # noqa: E731
                                   statistics.pstdev(x[key] for x in ok[best]))
-                report[f"{steps}/{fx}/{m}"] = {"best_lr": best, "grid": {str(k): v for k, v in runs.items()},
+                report[f"{steps}/{fx}/{m}"] = {"best_lr": best, "grid": {str(k): v for k, v in by_lr.items()},
                                                **{k: ms(k) for k in ("test", "retained", "val_loss")}}
                 cell = lambda key: f"{100 * ms(key)[0]:.0f} ± {100 * ms(key)[1]:.0f}"  # noqa: E731
                 lrs = " / ".join(f"{lr:g}: {100 * statistics.fmean(x['dev'] for x in ok[lr]):.0f}" if lr in ok else

@@ -15,7 +15,7 @@ import torch
 
 import data
 from llama import CheckpointError, Tokenizer, Transformer, check_checkpoint, default_device, default_dtype, \
-    find_tokenizer, load_model
+    find_tokenizer, load_model, read_finetune
 
 
 def sample_top_p(probs, top_p: float, generator=None):
@@ -84,16 +84,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from merge import apply_finetune, merge_into
-    check_checkpoint(args.ckpt)
+    check_checkpoint(args.ckpt)  # everything that can be checked before the (slow) load of the base
+    for path in args.delta:
+        read_finetune(path)
+    if len(set(args.delta)) != len(args.delta):
+        raise ValueError("the same fine-tune is given twice (--delta)")
+    if len(args.delta) > 1 and args.quantize != "none":
+        raise ValueError("several fine-tunes at once need an unquantized base (--quantize none), or merge "
+                         "them first with merge.py")
     tok = Tokenizer(find_tokenizer(args.ckpt))
     model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
                        quantize=None if args.quantize == "none" else args.quantize)
     if len(args.delta) == 1:  # applied on the fly (on a quantized base too), nothing written
         apply_finetune(model, args.delta[0])
-    elif args.delta:  # several add up: merged one after the other into this in-memory copy
-        if args.quantize != "none":
-            raise ValueError("several fine-tunes at once need an unquantized base (--quantize none), or merge "
-                             "them first with merge.py")
+    else:  # several add up: merged one after the other into this in-memory copy
         for path in args.delta:
             merge_into(model, path)
     ids = data.prompt_ids(tok, args.prompt) if args.chat else tok.encode(args.prompt)

@@ -104,6 +104,7 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: i
     if tokenizer_path:
         shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
     old = out_dir.rstrip("/") + ".tmp-old"
+    shutil.rmtree(old, ignore_errors=True)  # (left by an earlier export killed at the end)
     if os.path.exists(out_dir):  # empty (checked above), or the export being replaced
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)

@@ -265,13 +265,15 @@ def load_state(args, model, optimizer, selector, batches, rank, world, fingerpri
                               f"command without --resume to start it over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in STATE_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-        trainable, step = state["trainable"], state["step"]
     except Exception as e:
-        raise CheckpointError(f"{path}: damaged or not a resume state ({str(e).splitlines()[0]}); it is written "
+        raise CheckpointError(f"{path}: damaged ({(str(e).splitlines() or [type(e).__name__])[0]}); it is written "
                               f"atomically, so this is a copy or disk fault: restore the folder, or start a new run") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["dict"]
+    if missing or not len(state["rng"]) == len(state["cuda_rng"]) == state["world_size"] or \
+            not {"epoch", "index"} <= set(state["data"]):
+        raise CheckpointError(f"{path}: not a resume state of this train.py (no {', '.join(missing) or 'rank data'}); "
+                              f"start a new run")
+    trainable, step = state["trainable"], state["step"]
     if state.get("base_fingerprint", fingerprint) != fingerprint:
         raise CheckpointError(f"{args.ckpt}: not the base this run trained on (its fingerprint differs from {path}'s)")
     if state["world_size"] != world:

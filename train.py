@@ -93,7 +93,7 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """linear warmup to the peak, then linear decay (the last step: peak / (total - warmup))."""
+    """linear warmup to the peak, then linear decay (the last step: peak / (total - warm))."""
     # in whole steps (rounded up), so the decay starts at the peak and never passes it
     warm = math.ceil(warmup * total - 1e-9) if warmup < 1 else math.ceil(warmup)
     return peak * step / warm if step <= warm else peak * (total - step + 1) / max(total - warm, 1)
@@ -230,7 +230,8 @@ def main(argv):
     if args.resume:
         last = runs.load_state(args, model, optimizer, selector, batches, rank, world, fingerprint)
         start = last + 1
-        if start > total_steps:
+        exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
+        if start > total_steps and exported:  # (a full fine-tune cut off in its export: redo it)
             say(f"{args.out} already finished at step {start - 1}; extend it with --resume "
                 f"--max-steps N (N > {start - 1})")
             return 0
@@ -257,14 +258,14 @@ def main(argv):
                disable=rank > 0 or not sys.stdout.isatty())
     note = bar.write if rank == 0 else (lambda *a: None)
     model.train()
-    t_start, tokens_seen, last_saved = time.time(), 0, start - 1
+    t_start, tokens_seen, last_saved, code = time.time(), 0, start - 1, None  # code: ended early
     for step in range(start, total_steps + 1):
         t_step = time.time()
         lr_now = lr_at(step, total_steps, lr, args.warmup)  # warmup, then linear decay to 0
         for group in optimizer.param_groups:
             group["lr"] = lr_now  # (set by hand: no scheduler object to save and restore)
-        if selector:  # SpIEL-AG: while a window is open, each delta layer's backward also adds
-            selector.begin_step(step)  # the gradient at its candidates to layer.window (value_grad)
+        if selector:  # SpIEL-AG: while a window is open, each delta layer's backward also
+            selector.begin_step(step)  # adds the gradient at its candidates to layer.window
         # the step's micro-batches, every process's: the loss is normalised by all their answer
         # tokens, so N processes x G micro-batches make the same step as 1 x N*G
         micro = [batches.next() for _ in range(args.grad_accum * world)]
@@ -286,7 +287,8 @@ def main(argv):
             print(f"\nerror: step {step}: the loss is {train_loss}; stopping. The last checkpoint "
                   f"in {args.out} (step {last_saved}) is intact; try a lower --lr.",
                   file=sys.stderr)
-            return 1
+            code = 1
+            break
         # clip (only if asked: the authors do not), and measure the gradient norm either way
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))
         if selector:  # SpIEL-AG: the window keeps this step's gradient as clipping scaled it
@@ -319,7 +321,8 @@ def main(argv):
             note(f"step {step}: validation loss {val_loss:.4f} | {turns[0][0][:60]!r} -> "
                  f"{sample[:80]!r}")
             log({"event": "eval", "step": step, "val_loss": val_loss, "sample": sample})
-        stop = bool(STOP) or step == args.stop_at_step  # Ctrl-C, or asked to stop here
+        # Ctrl-C, or asked to stop here (at the last step, the run finishes instead)
+        stop = (bool(STOP) or step == args.stop_at_step) and step < total_steps
         if world > 1:  # one process stopping alone would leave the others waiting in a collective
             flags = torch.tensor([len(STOP), stop], dtype=torch.float32, device=device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any process stops: all stop here
@@ -330,11 +333,15 @@ def main(argv):
                             fingerprint)
             last_saved = step  # what a NaN message points back to
         if stop:
-            bar.close()
-            say(f"stopped after step {step}; continue with: python train.py --out {args.out} "
-                "--resume")
-            return 130 if STOP else 0  # 130: interrupted, as a shell reports Ctrl-C
+            note(f"stopped after step {step}; continue with: python train.py --out {args.out} "
+                 "--resume")
+            code = 130 if STOP else 0  # 130: interrupted, as a shell reports Ctrl-C
+            break
     bar.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C interrupts
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if code is not None:
+        return code
     finish(args, model, tok, val_set, time.time() - t_start, tokens_seen, start, total_steps,
            device, rank, say, log)
     if demo:
@@ -384,8 +391,8 @@ def cli(argv):
             spiel.RanksDisagree) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing was saved: run the same command again",
-              file=sys.stderr)
+        print("interrupted outside the training loop: run the same command again (with --resume "
+              "if it saved a checkpoint)", file=sys.stderr)
         sys.exit(130)
 
 

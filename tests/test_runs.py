@@ -94,12 +94,15 @@ def test_extending_a_finished_full_fine_tune_replaces_its_exported_model(tiny, t
     import spiel
     from llama import load_model
     out = tmp_path / "full"
-    assert run(tiny, task, out, "--method", "full", "--max-steps", "3") == 0
-    first = load_file(out / "model" / "model.safetensors")
+    assert run(tiny, task, out, "--method", "full", "--max-steps", "3", "--stop-at-step", "3") == 0
+    first = load_file(out / "model" / "model.safetensors")  # a stop at the last step finishes the run
+    shutil.rmtree(out / "model")  # as if interrupted during the export: a resume exports again
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert all(torch.equal(first[k], v) for k, v in load_file(out / "model" / "model.safetensors").items())
     assert train.main(["--out", str(out), "--resume", "--max-steps", "5"]) == 0
     second = load_file(out / "model" / "model.safetensors")
     assert max(steps(out)) == 5 and any(not torch.equal(first[k], second[k]) for k in first)
-    assert sorted(os.listdir(tmp_path)) == ["full"]  # no temp folder left beside it
+    assert not [n for n in os.listdir(out) if ".tmp" in n]  # nothing left beside it
     model = load_model(tiny.hf, dtype=torch.float32)
     spiel.add_sparse_deltas(model, density=0.05)
     with pytest.raises(ValueError, match="still has sparse deltas"):
@@ -157,7 +160,7 @@ def test_damaged_or_missing_run_files_give_one_line(tiny, task, tmp_path):
     whole = torch.load(io.BytesIO(state), weights_only=True)
     for key in ("selector", "rng"):  # a state.pt from another tool (or an older version) lacking a key
         torch.save({k: v for k, v in whole.items() if k != key}, out / "state.pt")
-        one_line(["--out", str(out), "--resume"], f"state.pt: damaged or not a resume state (no {key})")
+        one_line(["--out", str(out), "--resume"], f"state.pt: not a resume state of this train.py (no {key})")
     (out / "state.pt").write_bytes(state)
     args = (out / "args.json").read_text()
     (out / "args.json").write_text(args + "}")

@@ -158,7 +158,7 @@ def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path):
     for seed in (1, 2):
         model = load_model(tiny.hf, dtype=torch.float32)
         for layer in spiel.add_sparse_deltas(model, density=0.05, seed=seed).values():
-            layer.values.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+            layer.values.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
         files += ["--delta", str(tmp_path / f"d{seed}.safetensors")]
         spiel.save_delta(model, files[-1], meta={"finetune_id": f"d{seed}"})
     gen = ["--prompt", "copy the cat", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]
@@ -168,6 +168,8 @@ def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path):
                "float32").returncode == 0
     merged = cli("generate.py", "--ckpt", str(tmp_path / "m"), *gen)
     assert merged.returncode == 0 and merged.stdout == both.stdout, (merged.stderr, both.stdout)
+    alone = [cli("generate.py", "--ckpt", tiny.hf, *extra, *gen).stdout for extra in ([], files[:2], files[2:])]
+    assert len({both.stdout, *alone}) == 4, alone  # each delta changes the text: none was left out
     one_line_error(cli("generate.py", "--ckpt", tiny.hf, *files, *gen, "--quantize", "int8"), "unquantized")
 
 
