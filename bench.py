@@ -263,7 +263,8 @@ QUALITY = {  # name -> (train.py flags, or "plain" for the plain loop; the lr gr
     "plain-lora": ("plain", {"demo": (1e-3, 3e-3, 1e-2), "transfer": (3e-3, 1e-2, 3e-2)}),  # as "lora"
     "plain-full": ("plain", {"demo": (1e-4, 3e-4, 1e-3), "transfer": (1e-3, 3e-3, 1e-2)}),
 }
-# (the grids are centred on the best of a wider 5-value scan at 300 steps, seed 0: docs/bench.md)
+# (each grid was centred on the best of a wider 5-value scan, 300 steps, seed 0; the study's table shows
+# where each method's best lr falls in its grid: docs/bench.md)
 # the ablation: an old default put back, at the method's best 300-step lr
 ABLATION = {"spiel-ag+clip1": ("spiel-ag", ["--grad-clip", "1"]), "spiel-ag+wd30": ("spiel-ag", ["--weight-decay", "30"]),
             "spiel-ma+clip1": ("spiel-ma", ["--grad-clip", "1"]), "lora+clip1": ("lora", ["--grad-clip", "1"])}
@@ -318,7 +319,18 @@ def plain_loop(fixture, method, lr, seed, steps, out):
         save_hf(model, tok.path, os.path.join(out, "model"))
 
 
-def score(fixture, out) -> dict:
+def without_fingerprint(path) -> str:
+    """a copy of a fine-tune file without its base fingerprint (older versions computed it otherwise)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    copy = path + ".score.safetensors"
+    save_file(tensors, copy, metadata={k: v for k, v in meta.items() if k != "base_fingerprint"})
+    return copy
+
+
+def score(fixture, out, other_version=False) -> dict:
     """exact match of a finished run on dev / test halves of val.jsonl and on retain.jsonl, and its val loss."""
     from merge import apply_finetune
     fx = fixture_files(fixture)
@@ -326,7 +338,10 @@ def score(fixture, out) -> dict:
         model = load_model(os.path.join(out, "model"), dtype=torch.float32)
     else:
         model = load_model(fx["ckpt"], dtype=torch.float32)
-        apply_finetune(model, glob.glob(os.path.join(out, "*.safetensors"))[0])
+        path = glob.glob(os.path.join(out, "*.safetensors"))[0]
+        if other_version:  # its base fingerprint may be computed otherwise; the fixture's base is the same
+            path = without_fingerprint(path)
+        apply_finetune(model, path)
     tok = Tokenizer(find_tokenizer(fx["ckpt"]))
     val, _ = data.load_examples(fx["val"], tok, 96)
     retain, _ = data.load_examples(fx["retain"], tok, 96)
@@ -354,7 +369,8 @@ def quality_job(a, fixture, method, lr, seed, steps) -> dict:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--score", out, "--fixture", fixture], env=env,
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--score", out, "--fixture", fixture,
+                        "--train-py", a.train_py], env=env,
                        capture_output=True, text=True)
     return json.load(open(os.path.join(out, "score.json"))) if p.returncode == 0 else {"error": p.stderr[-300:]}
 
@@ -442,8 +458,9 @@ def main(argv=None):
     if args.plain:
         plain_loop(args.fixture, args.plain, args.lr, args.seed, args.steps, args.out)
         return 0
-    if args.score:
-        runs.write_json(os.path.join(args.score, "score.json"), score(args.fixture, args.score))
+    if args.score:  # (a run of another version's train.py: --train-py names it)
+        other = not os.path.samefile(args.train_py, os.path.join(HERE, "train.py"))
+        runs.write_json(os.path.join(args.score, "score.json"), score(args.fixture, args.score, other))
         return 0
     os.makedirs(args.runs_dir, exist_ok=True)
     t0 = time.time()

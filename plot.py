@@ -178,9 +178,10 @@ def draw_quality(path: str, out: str):
                    label="learned (held-out)" if what == "test" else "retained (what the base knew)")
         steps, fixture = panel.split("/")[0], os.path.basename(panel.split("/", 1)[1].rstrip("/"))
         ax.set(title=f"{fixture}, {steps} steps", ylabel="exact match %", ylim=(0, 105),
-               xticks=[i + 0.2 for i in range(len(methods))], xticklabels=methods)
+               xticks=[i + 0.2 for i in range(len(methods))])
+        ax.set_xticklabels(methods, rotation=20, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars
     fig.savefig(out, dpi=120)
 
 
