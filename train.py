@@ -16,9 +16,8 @@ Every knob and its default: runs.get_parser (python train.py --help).
 
 import os
 
-# idle torch threads sleep instead of spinning: beside another PyTorch process on the same cores,
-# spinning threads made the demo 40x slower (docs/bench.md). it must be set before torch starts
-# its threads, so the imports come after it
+# idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
+# demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import json
 import math
@@ -41,8 +40,7 @@ from sm3 import SM3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")
-# `python train.py` with no arguments runs exactly this: the tiny base demo.py pre-trained on two
-# string tasks, fine-tuned on a third (under a minute on one CPU thread)
+# `python train.py` with no arguments: demo.py's tiny base, fine-tuned on a new task (on a CPU)
 DEMO_ARGS = ["--ckpt", os.path.join(DEMO, "base"), "--data", os.path.join(DEMO, "train.jsonl"),
              "--val-data", os.path.join(DEMO, "val.jsonl"), "--method", "spiel-ag",
              "--density", "0.05", "--lr", "3e-3", "--seq-len", "96", "--batch-size", "16",
@@ -93,8 +91,8 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """linear warmup to the peak, then linear decay (the last step: peak / (total - warm))."""
-    # in whole steps (rounded up), so the decay starts at the peak and never passes it
+    """linear warmup to the peak in whole steps (rounded up: never above the peak), then linear
+    decay (the last step: peak / (total - warm))."""
     warm = math.ceil(warmup * total - 1e-9) if warmup < 1 else math.ceil(warmup)
     return peak * step / warm if step <= warm else peak * (total - step + 1) / max(total - warm, 1)
 
@@ -112,9 +110,21 @@ def evaluate(model, examples, batch_size, pad_id, device) -> float:
     return total / max(n, 1)
 
 
+def report_quality(args, model, tok, val_set, device, step, say, log):
+    """before fine-tuning (step 0: also the validation loss) or after: held-out exact match."""
+    if step == 0:
+        val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
+        say(f"validation loss before fine-tuning: {val_loss:.4f}")
+        log({"event": "eval", "step": 0, "val_loss": val_loss})
+    if args.exact_match:
+        em = exact_match(model, tok, val_set, args.exact_match)
+        say(f"exact match {'after' if step else 'before'} fine-tuning: {em:.1%} of "
+            f"{min(args.exact_match, len(val_set))} held-out answers")
+        log({"event": "exact_match", "step": step, "exact_match": em})
+
+
 def setup_distributed(device: str) -> tuple:
-    """torchrun's environment -> (rank, world size, this process's device); NCCL on CUDA, gloo on
-    the CPU."""
+    """torchrun's environment -> (rank, world size, this process's device); NCCL / gloo."""
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.startswith("cuda"):
@@ -240,14 +250,7 @@ def main(argv):
             runs.write_args(args)  # an extension or a moved input is now the run's
     log = runs.Log(os.path.join(args.out, "log.jsonl") if rank == 0 else None)
     if start == 1 and val_set and (args.eval_every or args.exact_match):
-        val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
-        say(f"validation loss before fine-tuning: {val_loss:.4f}")
-        log({"event": "eval", "step": 0, "val_loss": val_loss})
-        if args.exact_match:
-            em = exact_match(model, tok, val_set, args.exact_match)
-            n = min(args.exact_match, len(val_set))
-            say(f"exact match before fine-tuning: {em:.1%} of {n} held-out answers")
-            log({"event": "exact_match", "step": 0, "exact_match": em})
+        report_quality(args, model, tok, val_set, device, 0, say, log)  # the base's
 
     # --- the training loop -----------------------------------------------------------------------
     STOP.clear()
@@ -370,10 +373,7 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
         if rank == 0:
             save_hf(model, tok.path, os.path.join(args.out, "model"), state_dict=sd, replace=True)
     if args.exact_match and val_set:
-        em = exact_match(model, tok, val_set, args.exact_match)
-        say(f"exact match after fine-tuning: {em:.1%} of {min(args.exact_match, len(val_set))} "
-            "held-out answers")
-        log({"event": "exact_match", "step": total_steps, "exact_match": em})
+        report_quality(args, model, tok, val_set, device, total_steps, say, log)
     name = {"lora": "lora.safetensors", "full": "model"}.get(args.method, "delta.safetensors")
     artifact = os.path.join(args.out, name)
     prompt = val_set[0][2][1][0][0] if val_set else "..."
@@ -383,8 +383,7 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
 
 
 def cli(argv):
-    """the command line: a bad input or an interruption ends in one line on stderr, never a
-    traceback."""
+    """the command line: a bad input or an interruption ends in one line on stderr."""
     try:
         sys.exit(main(argv))
     except (CheckpointError, data.DataError, ValueError, FileExistsError,
