@@ -150,9 +150,11 @@ def test_a_delta_for_another_model_is_refused(tiny, task, tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
-def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path):
+def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path, capsys):
     """two deltas trained apart on one base: generate.py applies both (merged in memory), merge.py merges both
     (one after the other), and both give the same greedy text; on a quantized base generate.py says why not."""
+    import generate
+    import merge
     import spiel
     files = []
     for seed in (1, 2):
@@ -162,14 +164,17 @@ def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path):
         files += ["--delta", str(tmp_path / f"d{seed}.safetensors")]
         spiel.save_delta(model, files[-1], meta={"finetune_id": f"d{seed}"})
     gen = ["--prompt", "copy the cat", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]
-    both = cli("generate.py", "--ckpt", tiny.hf, *files, *gen)
-    assert both.returncode == 0, both.stderr
-    assert cli("merge.py", "--ckpt", tiny.hf, *files, "--out", str(tmp_path / "m"), "--dtype",
-               "float32").returncode == 0
-    merged = cli("generate.py", "--ckpt", str(tmp_path / "m"), *gen)
-    assert merged.returncode == 0 and merged.stdout == both.stdout, (merged.stderr, both.stdout)
-    alone = [cli("generate.py", "--ckpt", tiny.hf, *extra, *gen).stdout for extra in ([], files[:2], files[2:])]
-    assert len({both.stdout, *alone}) == 4, alone  # each delta changes the text: none was left out
+
+    def generated(*argv):  # generate.py's main in this process (no interpreter start-up): what it prints
+        generate.main([*argv, *gen])
+        return capsys.readouterr().out
+
+    both = generated("--ckpt", tiny.hf, *files)
+    merge.main(["--ckpt", tiny.hf, *files, "--out", str(tmp_path / "m"), "--dtype", "float32"])
+    capsys.readouterr()
+    assert generated("--ckpt", str(tmp_path / "m")) == both
+    alone = [generated("--ckpt", tiny.hf, *extra) for extra in ([], files[:2], files[2:])]
+    assert len({both, *alone}) == 4, alone  # each delta changes the text: none was left out
     one_line_error(cli("generate.py", "--ckpt", tiny.hf, *files, *gen, "--quantize", "int8"), "unquantized")
 
 
