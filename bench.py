@@ -26,7 +26,6 @@ Quality: see `quality` below. Gradient paths: the table in docs/bench.md behind 
 """
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 import data
 import lora
-import spiel
 import runs
+import spiel
 import train
 from generate import exact_match
 from llama import PRESETS, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_model
@@ -325,7 +325,7 @@ def without_fingerprint(path) -> str:
     from safetensors.torch import save_file
     with safe_open(path, framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    copy = path + ".score.safetensors"
+    copy = os.path.join(tempfile.mkdtemp(), os.path.basename(path))  # (the run's folder stays as it was)
     save_file(tensors, copy, metadata={k: v for k, v in meta.items() if k != "base_fingerprint"})
     return copy
 
@@ -338,7 +338,8 @@ def score(fixture, out, other_version=False) -> dict:
         model = load_model(os.path.join(out, "model"), dtype=torch.float32)
     else:
         model = load_model(fx["ckpt"], dtype=torch.float32)
-        path = glob.glob(os.path.join(out, "*.safetensors"))[0]
+        path = next(p for p in (os.path.join(out, f) for f in ("delta.safetensors", "lora.safetensors"))
+                    if os.path.isfile(p))
         if other_version:  # its base fingerprint may be computed otherwise; the fixture's base is the same
             path = without_fingerprint(path)
         apply_finetune(model, path)
@@ -377,7 +378,10 @@ def quality_job(a, fixture, method, lr, seed, steps) -> dict:
 
 def quality(a) -> dict:
     if a.lr_from:  # a long run at the lr each method did best with in an earlier (shorter) study
-        best = json.load(open(a.lr_from))["results"]
+        try:
+            best = json.load(open(a.lr_from))["results"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: {a.lr_from}: not a bench.py --quality result ({e})") from None
         steps0 = {k.split("/")[0] for k in best}
         picked = {(fx, m): (best[f"{s}/{fx}/{m}"]["best_lr"],) for s in sorted(steps0, key=int)  # longest wins
                   for fx in a.fixtures for m in a.quality_methods if f"{s}/{fx}/{m}" in best}

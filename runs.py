@@ -61,6 +61,7 @@ DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
 # the peak. when --weight-decay is not given, any --lr keeps that shrink (wd = 3e-4 / lr); the others: 0
 AG_DECAY_PER_STEP = 3e-4
 
+
 def get_parser(description: str = "") -> Parser:
     """train.py's arguments: the one place each default is set (memory.py and bench.py read them here)."""
     ap = Parser(prog="train.py", description=description)

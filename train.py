@@ -227,10 +227,11 @@ def main(argv):
     say(spiel.budget_summary(model) if selector else f"{args.method}: {len(params)} tensors train")
     say(f"trainable: {n_trainable:,} of {n_base:,} parameters ({n_trainable / n_base:.3%}); "
         f"lr {lr:g}, weight decay {wd:g}, gradient clipping {args.grad_clip or 'off'}")
-    if selector and args.density is None and args.num_tunable is None and \
-            n_trainable > 0.1 * sum(math.prod(m.weight_shape) for m in selector.layers.values()):
-        say("warning: this budget is over 10% of the targeted weights (the paper's is 2.5% on 7B: "
-            "LoRA rank 64 matched); on a small model pass --density (e.g. 0.05)")
+    targeted = sum(math.prod(m.weight_shape) for m in selector.layers.values()) if selector else 1
+    default_budget = args.density is None and args.num_tunable is None
+    if selector and default_budget and n_trainable > targeted / 10:
+        say(f"warning: this budget is {n_trainable / targeted:.0%} of the targeted weights (the "
+            "paper's: 2.5% on 7B); on a small model pass --density (e.g. 0.05)")
     if args.fsdp and not runs.full_fsdp(args):
         shard(model, params, full=False)
 
