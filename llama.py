@@ -499,17 +499,41 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def give_umask_mode(path: str):
+    """the mode the user's umask gives a new file (safetensors creates its files 600: colleagues could not
+    read a fine-tune on a shared cluster)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def write_whole(path: str, write):
+    """write(tmp) to a temporary name beside `path`, then rename it to `path`: an interruption never leaves half
+    a file. A failed write (a full disk: any OSError) removes the temporary file and raises one line naming
+    `path`; whatever was at `path` before is untouched."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        give_umask_mode(tmp)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: not written ({e.strerror or e})") from None
+        raise
+    os.replace(tmp, path)
+
+
 def save_finetune(model: nn.Module, path: str, fmt: str, shapes: dict, tensors: dict, meta: dict):
-    """a spiel safetensors file (delta or LoRA): the tensors, the shape of each matrix, the base they were
-    trained on (its fingerprint and the fine-tunes already merged into it), and `meta`. Written to a temp
-    name and renamed: a crash never leaves a half-written file."""
+    """a spiel safetensors file (delta or LoRA), written whole: the tensors, the shape of each matrix, the base
+    they were trained on (its fingerprint and the fine-tunes already merged into it), and `meta`."""
     from safetensors.torch import save_file
 
     meta = {"format": fmt, "shapes": json.dumps({n: list(s) for n, s in shapes.items()}), "row_order": "meta",
             "base_fingerprint": base_fingerprint(model), "base_merged": json.dumps(model.merged_ids),
             **{k: str(v) for k, v in meta.items()}}
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_finetune(path: str, model: Optional[nn.Module] = None) -> tuple:

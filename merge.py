@@ -20,8 +20,8 @@ import torch
 
 import lora
 import spiel
-from llama import HF_TO_META, CheckpointError, ModelArgs, Transformer, check_checkpoint, find_tokenizer, load_model, \
-    read_finetune, rename
+from llama import HF_TO_META, CheckpointError, ModelArgs, Transformer, check_checkpoint, find_tokenizer, \
+    give_umask_mode, load_model, read_finetune, rename
 
 
 def apply_finetune(model, path: str) -> dict:
@@ -63,8 +63,10 @@ def check_out(out_dir: str):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
 
 
-def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: int = 5 * 2**30, state_dict=None,
-            replace: bool = False):
+MAX_SHARD_BYTES = 5 * 2**30  # as transformers' save_pretrained
+
+
+def save_hf(model: Transformer, tokenizer_path, out_dir: str, state_dict=None, replace: bool = False):
     """config.json, safetensors shards (+ index when sharded) and tokenizer.model, written beside out_dir and
     renamed into place (a failed export leaves nothing half-written); a non-empty out_dir is never touched,
     unless `replace` (train.py's own model/ when a finished run is extended: swapped once the new one is whole).
@@ -83,7 +85,7 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: i
     for key, t in (state_dict or model.state_dict()).items():
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = permute_meta_to_hf(t, model.args.n_heads if ".wq." in key else model.args.n_kv_heads)
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
+        if shards[-1] and size + t.nbytes > MAX_SHARD_BYTES:
             shards, size = shards + [{}], 0
         shards[-1][rename(key, meta_to_hf)] = t.detach().contiguous().cpu()
         size += t.nbytes
@@ -92,17 +94,24 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, max_shard_bytes: i
     os.makedirs(tmp)
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
-                 "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, model.merged_ids), f, indent=2)
-    if tokenizer_path:
-        shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    try:
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            give_umask_mode(os.path.join(tmp, name))  # (safetensors writes 600)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
+                     "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, model.merged_ids), f, indent=2)
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    except BaseException as e:  # (a full disk, an interruption): nothing is left that looks like an export
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{out_dir}: not written ({e.strerror or e}); nothing was left there") from None
+        raise
     old = out_dir.rstrip("/") + ".tmp-old"
     shutil.rmtree(old, ignore_errors=True)  # (left by an earlier export killed at the end)
     if os.path.exists(out_dir):  # empty (checked above), or the export being replaced

@@ -7,22 +7,28 @@ continues it exactly.
     runs/x/state.pt           the resume state: trainable tensors, optimizer, open AG windows, step, data
                               position, every process's RNG (plain tensors: torch.load(weights_only=True))
     runs/x/delta.safetensors  SpIEL's deltas (lora.safetensors for LoRA; model/ after full fine-tuning)
+    runs/x/lock               while a run lives: who writes the folder (pid, host); one writer per folder
 
-Every file is written to a temporary name and renamed, so an interruption never leaves half a file. Until
-its first checkpoint a folder holds only args.json and log.jsonl: starting the same run again reuses it.
+Every file is written to a temporary name and renamed, so an interruption never leaves half a file, and a
+failed write (a full disk) leaves the previous one intact. The folder is created once the inputs have
+passed their checks; until its first checkpoint it holds only args.json and log.jsonl: starting the same
+run again reuses it.
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
+import shlex
+import socket
 import time
 import uuid
 
 import torch
 import torch.distributed as dist
 
-from llama import CheckpointError, default_device, read_json
+from llama import CheckpointError, default_device, read_json, write_whole
 
 # -----------------------------------------------------------------------------
 # the arguments: one-line errors for values that cannot make sense; --resume's rules
@@ -153,7 +159,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"{stored[key]}: not found ({flag} stored in {args.out}/args.json); pass {flag} "
                                   f"with its new place")
-    return argparse.Namespace(**{**vars(parser.parse_args([])), "finetune_id": None, "data_sha256": None, **stored,
+    return argparse.Namespace(**{**vars(parser.parse_args([])), "finetune_id": None, "data_sha256": None,
+                                 "total_steps": None, **stored,
                                  "out": os.path.abspath(args.out), "resume": True, "stop_at_step": args.stop_at_step})
 
 
@@ -162,16 +169,22 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
 
 
 class Log:
-    """log.jsonl: one JSON record per line (rank 0 writes; the others pass path None)."""
+    """log.jsonl: one JSON record per line (rank 0 writes; the others pass path None). A line that cannot be
+    written whole (a full disk) is taken back, so the log stays readable, and the error names the file."""
 
     def __init__(self, path):
-        self.file = open(path, "a") if path else None
+        self.path, self.file = path, open(path, "a") if path else None
 
     def __call__(self, record: dict):
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
+            end = self.file.tell()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.file = open(self.path, "a")  # (the old handle may still hold the unwritten line)
+                self.file.truncate(end)
+                raise CheckpointError(f"{self.path}: not written ({e.strerror or e})") from None
 
 
 def sha256(path) -> str:
@@ -182,32 +195,106 @@ def sha256(path) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(args):
-    """a new run's folder: refuses one that holds anything but a run stopped before its first checkpoint."""
+class RunLock:
+    """one writer per run folder: an exclusive flock on <folder>/lock, whose text names the holder (pid, host).
+    The OS drops a flock when its process ends, however it ends, so a lock left by a killed process never
+    blocks a resume. (Under torchrun only rank 0 takes it.)"""
+
+    def __init__(self):
+        self.file = None
+
+    def acquire(self, folder: str):
+        path = os.path.join(folder, "lock")
+        while True:
+            f = open(path, "a+")  # (creates it, leaving a holder's text alone)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that is starting"
+                f.close()
+                raise CheckpointError(f"{folder}: in use by another train.py ({holder}); wait for it to end or "
+                                      f"stop it, or choose another --out") from None
+            try:  # the lock file we hold must still be the one at `path` (a holder removes it when it ends)
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+
+    def release(self):
+        if self.file:
+            os.remove(self.file.name)
+            self.file.close()
+            self.file = None
+
+
+RESTARTABLE = {"args.json", "log.jsonl"}  # all a run holds before its first checkpoint
+
+
+def claim(args, lock: RunLock):
+    """before anything slow: --out of a new run (default runs/<method>-<time>) must be new, or hold only a run
+    stopped before its first checkpoint; a folder that exists (a resume's always does) is locked now, so a
+    second train.py on a live run stops at once. Nothing is created here."""
     args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    files = set(os.listdir(args.out)) if os.path.isdir(args.out) else set()
-    if files and not files <= {"args.json", "log.jsonl"}:
-        raise FileExistsError(f"{args.out}: exists and is not empty; use --resume or another --out")
+    if os.path.isdir(args.out):
+        lock.acquire(args.out)
+        if not args.resume and set(os.listdir(args.out)) - RESTARTABLE - {"lock"}:
+            lock.release()
+            raise FileExistsError(f"{args.out}: exists and is not empty; use --resume or another --out")
+    elif os.path.exists(args.out):
+        raise FileExistsError(f"{args.out}: exists and is not a folder; choose another --out")
+
+
+def prepare(args, lock: RunLock, total_steps: int):
+    """a new run's folder, once its inputs have passed their checks: created (or a run stopped before its first
+    checkpoint cleared), locked, and its args.json written."""
+    os.makedirs(args.out, exist_ok=True)
+    if not lock.file:
+        claim(args, lock)
+    files = set(os.listdir(args.out)) & RESTARTABLE
     if files:
         print(f"note: {args.out} holds a run stopped before its first checkpoint; starting it over")
         for name in files:
             os.remove(os.path.join(args.out, name))
-    os.makedirs(args.out, exist_ok=True)
     args.finetune_id = uuid.uuid4().hex[:16]  # recorded in the delta, and by merge.py in what it merges into
     args.data_sha256 = sha256(args.data) if os.path.isfile(args.data) else None  # a resume checks the data
+    args.total_steps = total_steps  # what --resume --max-steps extends (or shortens)
     write_args(args)
 
 
 def write_json(path, obj):
-    """obj as JSON at path, written to a temporary name and renamed (never half a file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """obj as JSON at path, written whole (a temporary name, renamed)."""
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_whole(path, dump)
 
 
 def write_args(args):
     write_json(os.path.join(args.out, "args.json"),
                {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")})
+
+
+def shown(path: str) -> str:
+    """a path as a user types it here: relative to the working directory when inside it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def resume_command(out: str, world: int) -> str:
+    """the command that continues the run in `out`, ready to paste into a shell: torchrun with the same number
+    of processes when it ran under torchrun."""
+    script = shlex.quote(shown(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launch = "python" if world == 1 else f"torchrun --nproc_per_node {world}" if local == world else \
+        f"torchrun --nnodes {world // local} --nproc_per_node {local}"
+    return f"{launch} {script} --out {shlex.quote(shown(out))} --resume"
 
 
 def gather(obj, world: int) -> list:
@@ -230,7 +317,8 @@ def trainable_state(model, method) -> dict:
 
 def save_state(args, step, model, optimizer, selector, batches, rank, world, fingerprint):
     """the resume state (and SpIEL's delta / LoRA's adapter), written by rank 0; every process takes part
-    (its RNG state, and with --fsdp on full fine-tuning, its shard of the weights and the optimizer)."""
+    (its RNG state, and with --fsdp on full fine-tuning, its shard of the weights and the optimizer). Each
+    file is written whole or not at all (a full disk: one line naming it, the last checkpoint intact)."""
     if full_fsdp(args):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         trainable, opt = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
@@ -251,8 +339,8 @@ def save_state(args, step, model, optimizer, selector, batches, rank, world, fin
     state = {"step": step, "world_size": world, "base_fingerprint": fingerprint, "optimizer": opt,
              "data": {"epoch": batches.epoch, "index": batches.index}, "trainable": trainable,
              "selector": selector.state_dict() if selector else {}, "rng": rngs, "cuda_rng": cuda_rngs}
-    torch.save(state, os.path.join(args.out, "state.pt.tmp"))
-    os.replace(os.path.join(args.out, "state.pt.tmp"), os.path.join(args.out, "state.pt"))
+    # last: a failed write of the delta leaves the previous checkpoint whole, and state.pt is what --resume reads
+    write_whole(os.path.join(args.out, "state.pt"), lambda tmp: torch.save(state, tmp))
 
 
 STATE_KEYS = ("step", "world_size", "optimizer", "data", "trainable", "selector", "rng", "cuda_rng")
@@ -278,9 +366,8 @@ def load_state(args, model, optimizer, selector, batches, rank, world, fingerpri
     if state.get("base_fingerprint", fingerprint) != fingerprint:
         raise CheckpointError(f"{args.ckpt}: not the base this run trained on (its fingerprint differs from {path}'s)")
     if state["world_size"] != world:
-        raise CheckpointError(f"{path}: saved by {state['world_size']} processes, resumed by {world}; resume with "
-                              f"torchrun --nproc_per_node {state['world_size']}" if state["world_size"] > 1 else
-                              f"{path}: saved by 1 process, resumed by {world}; resume without torchrun")
+        raise CheckpointError(f"{path}: saved by {state['world_size']} process(es), resumed by {world}; resume "
+                              f"with: {resume_command(args.out, state['world_size'])}")
     if full_fsdp(args):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, optimizer, model_state_dict=trainable, optim_state_dict=state["optimizer"],

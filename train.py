@@ -188,14 +188,23 @@ def on_signal(signum, _):
         raise SystemExit("quit without saving; the last checkpoint is intact")
     if not STOP:
         STOP.append(1)
-        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
-              "(Ctrl-C again to quit at once)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun every process gets it: one line is enough)
+            print(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
+                  "(Ctrl-C again to quit at once)", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv):
+    lock = runs.RunLock()  # one writer per run folder: rank 0 holds it while the run lives
+    try:
+        return fine_tune(argv, lock)
+    finally:
+        lock.release()
+
+
+def fine_tune(argv, lock):
     demo = not argv
     args = runs.resolve_args(runs.get_parser(__doc__), DEMO_ARGS if demo else argv)
     if args.quantize != "none" and args.method == "full":
@@ -208,8 +217,8 @@ def main(argv):
         shown = [os.path.relpath(x, HERE) if x.startswith(HERE) else x for x in DEMO_ARGS]
         say("demo: python train.py " + " ".join(shown))
     check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
-    if not args.resume and rank == 0:
-        runs.prepare(args)  # until its first checkpoint, the folder can be started over
+    if rank == 0:
+        runs.claim(args, lock)  # a live run's folder is refused at once, naming its holder
     torch.manual_seed(args.seed + rank)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
@@ -234,6 +243,8 @@ def main(argv):
             "paper's: 2.5% on 7B); on a small model pass --density (e.g. 0.05)")
     if args.fsdp and not runs.full_fsdp(args):
         shard(model, params, full=False)
+    if not args.resume and rank == 0:  # the inputs passed their checks: now the run's folder
+        runs.prepare(args, lock, total_steps)  # (until its first checkpoint, it can be started over)
 
     # --- resume, or evaluate the base ------------------------------------------------------------
     batches = data.Batches(train_set, args.batch_size, args.seed)
@@ -246,7 +257,10 @@ def main(argv):
             say(f"{args.out} already finished at step {start - 1}; extend it with --resume "
                 f"--max-steps N (N > {start - 1})")
             return 0
-        say(f"resumed {args.out} at step {start} of {total_steps}")
+        planned, args.total_steps = args.total_steps, total_steps
+        change = "" if planned in (None, total_steps) else \
+            f"; --max-steps {'extends' if total_steps > planned else 'shortens'} it from {planned} steps"
+        say(f"resumed {args.out} at step {start} of {total_steps}{change}")
         if rank == 0:
             runs.write_args(args)  # an extension or a moved input is now the run's
     log = runs.Log(os.path.join(args.out, "log.jsonl") if rank == 0 else None)
@@ -332,13 +346,17 @@ def main(argv):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any process stops: all stop here
             STOP.extend([1] * (bool(flags[0]) and not STOP))
             stop = bool(flags[1])
-        if step % args.save_every == 0 or step == total_steps or stop:  # written atomically
-            runs.save_state(args, step, model, optimizer, selector, batches, rank, world,
-                            fingerprint)
+        if step % args.save_every == 0 or step == total_steps or stop:  # each file whole or not at all
+            try:
+                runs.save_state(args, step, model, optimizer, selector, batches, rank, world,
+                                fingerprint)
+            except CheckpointError as e:  # a full disk: say what is left and how to go on
+                raise CheckpointError(f"{e}; " + (f"the checkpoint of step {last_saved} is intact: free "
+                                      f"some space, then {runs.resume_command(args.out, world)}"
+                                      if last_saved else "free some space and start again")) from None
             last_saved = step  # what a NaN message points back to
         if stop:
-            note(f"stopped after step {step}; continue with: python train.py --out {args.out} "
-                 "--resume")
+            note(f"stopped after step {step}; continue with: {runs.resume_command(args.out, world)}")
             code = 130 if STOP else 0  # 130: interrupted, as a shell reports Ctrl-C
             break
     bar.close()

@@ -1,12 +1,15 @@
 """train.py under torchrun on the CPU (gloo, 2 processes started here): 2 processes x grad-accum 1 give the same
 run as 1 process x grad-accum 2, with and without --fsdp, for every method; an interrupted 2-process run
-resumes exactly; processes that disagree on the indices stop with a message; one failing process ends all.
+resumes exactly; processes that disagree on the indices stop with a message; one failing process ends all; a
+Ctrl-C to torchrun prints one line and a resume command that works.
 Each torchrun call runs several configurations in the same 2 processes (train.main, one after another)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,13 +31,19 @@ for argv in json.load(open(sys.argv[1])):
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # the same sums, added in another order
 
 
-def torchrun(tmp_path, configs, patch="", timeout=300):
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+
+
+def torchrun_command(tmp_path, configs, patch=""):
     (tmp_path / "configs.json").write_text(json.dumps(configs))
     (tmp_path / "runner.py").write_text(RUNNER.format(root=ROOT, patch=patch))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "runner.py"), str(tmp_path / "configs.json")],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(tmp_path / "runner.py"), str(tmp_path / "configs.json")]
+
+
+def torchrun(tmp_path, configs, patch="", timeout=300):
+    return subprocess.run(torchrun_command(tmp_path, configs, patch), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ENV)
 
 
 def args(tiny, task, out, method, accum, *extra):
@@ -96,7 +105,7 @@ def test_an_interrupted_two_process_run_resumes_exactly(tiny, task, tmp_path):
     state = torch.load(split / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["selector"]  # inside an open window
     # one process cannot continue a two-process run
-    with pytest.raises(Exception, match="saved by 2 processes, resumed by 1"):
+    with pytest.raises(Exception, match=r"saved by 2 process\(es\), resumed by 1; resume with: torchrun --nproc_per_node 2"):
         train.main(["--out", str(split), "--resume"])
     p = torchrun(tmp_path, [["--out", str(split), "--resume"]])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -154,3 +163,27 @@ data.Batches.next = failing
 """
     p = torchrun(tmp_path, [args(tiny, task, tmp_path / "r", "lora", 1)], patch=patch, timeout=120)
     assert p.returncode != 0 and "rank 1 failed on purpose" in p.stderr
+
+
+def test_a_stop_under_torchrun_prints_one_line_and_a_resume_command_that_works(tiny, task, tmp_path):
+    """SIGINT to torchrun (Ctrl-C in its terminal): torchrun passes it on; rank 0 alone says so, both
+    processes save the same step, and the command printed to continue works when pasted into a shell."""
+    out = tmp_path / "r"
+    slow = "import time\nlr_at = train.lr_at\ntrain.lr_at = lambda *a: (time.sleep(0.2), lr_at(*a))[1]\n"
+    command = torchrun_command(tmp_path, [args(tiny, task, out, "spiel-ag", 1, "--max-steps", "30")], patch=slow)
+    p = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):  # until a few steps are logged
+        time.sleep(0.1)
+        if (out / "log.jsonl").exists() and sum('"loss"' in line for line in open(out / "log.jsonl")) >= 3:
+            break
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    saved = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert 3 <= saved < 30 and stderr.count("SIGINT: finishing this step") == 1, stderr[-3000:]
+    hints = [line for line in stdout.splitlines() if "continue with: " in line]
+    assert len(hints) == 1 and f"stopped after step {saved}; " in hints[0], stdout
+    resume = hints[0].split("continue with: ")[1]
+    assert resume.startswith("torchrun --nproc_per_node 2 train.py --out ") and resume.endswith(" --resume")
+    p = subprocess.run(["bash", "-c", resume], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 30

@@ -141,10 +141,12 @@ def test_tokenizer_bos_eos_and_lookup(tiny):
         find_tokenizer(str(tiny.root / "nowhere"))
 
 
-def test_save_hf_round_trip(tiny, tmp_path):
+def test_save_hf_round_trip(tiny, tmp_path, monkeypatch):
+    import merge
     model = load_model(tiny.meta2, dtype=torch.float32)
     out = tmp_path / "export"
-    save_hf(model, tiny.tokenizer, str(out), max_shard_bytes=100_000)  # small shards: exercises the index
+    monkeypatch.setattr(merge, "MAX_SHARD_BYTES", 100_000)  # small shards: exercises the index
+    save_hf(model, tiny.tokenizer, str(out))
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.model").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 2

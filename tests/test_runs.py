@@ -118,14 +118,20 @@ def test_flags_that_would_change_the_math_are_refused_on_resume(tiny, task, tmp_
 
 
 def test_interrupt_before_the_loop_leaves_a_folder_that_can_be_started_again(tiny, task, tmp_path):
+    """Ctrl-C while loading leaves nothing (the folder is made once the inputs passed their checks); Ctrl-C
+    after that (here: evaluating the base) leaves args.json, and the same command starts the run over."""
     out = str(tmp_path / "r")
     argv = ["--ckpt", tiny.hf, "--data", task[0], "--device", "cpu", "--out", out, "--max-steps", "2",
             "--density", "0.1", "--batch-size", "4", "--grad-accum", "1", "--seq-len", "48"]
     boom = "def boom(*a, **k): raise KeyboardInterrupt\n"
-    p = subprocess.run([sys.executable, "-c", f"import sys, train\n{boom}train.load_model = boom\ntrain.cli(sys.argv[1:])",
-                        *argv], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 130 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert sorted(os.listdir(out)) == ["args.json"]
+    for patched in ("load_model", "evaluate"):
+        p = subprocess.run([sys.executable, "-c", f"import sys, train\n{boom}train.{patched} = boom\n"
+                            "train.cli(sys.argv[1:])", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 130 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, \
+            p.stderr
+        if patched == "load_model":
+            assert not os.path.exists(out)
+    assert sorted(os.listdir(out)) == ["args.json", "log.jsonl"]
     one_line_error(cli("train.py", "--out", out, "--resume"), "stopped before its first checkpoint")
     p = cli("train.py", *argv)  # the same command again: starts over in the same folder
     assert p.returncode == 0 and "starting it over" in p.stdout, p.stderr
@@ -237,3 +243,151 @@ def test_one_checker_one_message_for_a_broken_checkpoint_folder(tmp_path):
     one_line_error(a, "config.json found but no")
     assert a.stderr == b.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: one writer per run folder, failed writes, file modes, no folder left by bad input
+
+SLOW = "import sys, time, train\nlr = train.lr_at\ntrain.lr_at = lambda *a: (time.sleep({}), lr(*a))[1]\n" \
+       "train.cli(sys.argv[1:])"  # train.py, each step slowed down (nothing else changes)
+
+
+def slow_run(argv, seconds=0.1):
+    return subprocess.Popen([sys.executable, "-c", SLOW.format(seconds), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(p, out, step):
+    for _ in range(1200):
+        if os.path.exists(os.path.join(out, "log.jsonl")) and max(steps(out), default=0) >= step:
+            return
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {out} after 60 s")
+
+
+def small_run_args(tiny, task, out, *extra):
+    return ["--ckpt", tiny.hf, "--data", task[0], "--val-data", task[1], "--seq-len", "48", "--batch-size", "4",
+            "--grad-accum", "1", "--device", "cpu", "--dtype", "float32", "--out", str(out), "--lr", "1e-2",
+            "--density", "0.1", "--first-reselect", "2", "--reselect-every", "5", "--eval-every", "0",
+            "--threads", "1", *extra]
+
+
+def test_a_second_train_py_on_a_live_run_is_refused_and_the_first_is_untouched(tiny, task, tmp_path):
+    live, alone = tmp_path / "live", tmp_path / "alone"
+    argv = small_run_args(tiny, task, live, "--max-steps", "30", "--save-every", "5")
+    p = slow_run(argv)
+    try:
+        wait_for_step(p, live, 6)  # (past its first checkpoint: --resume would otherwise start)
+        for second in (argv, ["--out", str(live), "--resume"]):  # the same command again, and a resume
+            code, message = run_cli(*second)
+            assert code not in (0, None) and "\n" not in message, message
+            assert f"{live}: in use by another train.py (pid {p.pid} on " in message, message
+        assert p.poll() is None  # still running
+    finally:
+        stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert not (live / "lock").exists()  # released at the end
+    assert train.main(small_run_args(tiny, task, alone, "--max-steps", "30", "--save-every", "5")) == 0
+    a, b = load_file(live / "delta.safetensors"), load_file(alone / "delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if it had been alone
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_resume(tiny, task, tmp_path):
+    out = tmp_path / "r"
+    p = slow_run(small_run_args(tiny, task, out, "--max-steps", "30", "--save-every", "2"))
+    wait_for_step(p, out, 3)
+    p.kill()  # SIGKILL: no handler runs, the lock file stays behind
+    p.communicate()
+    assert f"pid {p.pid} on " in (out / "lock").read_text()
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert max(steps(out)) == 30 and not (out / "lock").exists()
+
+
+def failing_on_call(real, n, path_arg=1):
+    """real(...), except that call number n writes half a file and fails as a full disk does"""
+    calls = []
+
+    def fake(*a, **k):
+        calls.append(1)
+        if len(calls) != n:
+            return real(*a, **k)
+        with open(a[path_arg], "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+    return fake
+
+
+@pytest.mark.parametrize("what", ["state.pt", "delta.safetensors"])
+def test_a_save_that_fails_mid_write_keeps_the_last_checkpoint_resumable(tiny, task, tmp_path, monkeypatch, what):
+    import safetensors.torch
+    out, whole = tmp_path / "r", tmp_path / "whole"
+    argv = small_run_args(tiny, task, out, "--max-steps", "6", "--save-every", "2")
+    if what == "state.pt":  # the 2nd checkpoint (step 4) fails
+        monkeypatch.setattr(torch, "save", failing_on_call(torch.save, 2))
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", failing_on_call(safetensors.torch.save_file, 2))
+    code, message = run_cli(*argv)
+    monkeypatch.undo()
+    assert code == f"error: {out / what}: not written (No space left on device); the checkpoint of step 2 is " \
+                   f"intact: free some space, then python train.py --out {out} --resume", message
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2  # the last good checkpoint
+    assert not [n for n in os.listdir(out) if "tmp" in n] and not (out / "lock").exists()
+    assert train.main(["--out", str(out), "--resume"]) == 0  # once there is space again
+    assert train.main(small_run_args(tiny, task, whole, "--max-steps", "6", "--save-every", "2")) == 0
+    a, b = load_file(out / "delta.safetensors"), load_file(whole / "delta.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_merge_that_fails_mid_write_leaves_nothing_that_looks_finished(tiny, task, tmp_path, monkeypatch):
+    import merge
+    assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
+    argv = ["--ckpt", tiny.hf, "--delta", str(tmp_path / "r" / "delta.safetensors"), "--out", str(tmp_path / "m"),
+            "--dtype", "float32"]
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_on_call(safetensors.torch.save_file, 2))
+    monkeypatch.setattr(merge, "MAX_SHARD_BYTES", 50_000)  # several shards: the 2nd one fails
+    with pytest.raises(Exception, match=r"/m: not written \(No space left on device\); nothing was left there"):
+        merge.main(argv)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["r"]  # neither m nor a temporary folder
+    p = cli("merge.py", *argv)  # and the same command works once there is space
+    assert p.returncode == 0 and (tmp_path / "m" / "config.json").exists(), p.stderr
+
+
+def test_written_files_honour_the_umask(tiny, task, tmp_path):
+    import merge
+    old = os.umask(0o027)
+    try:
+        assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
+        assert run(tiny, task, tmp_path / "l", "--max-steps", "2", "--method", "lora") == 0
+        merge.main(["--ckpt", tiny.hf, "--delta", str(tmp_path / "r" / "delta.safetensors"), "--out",
+                    str(tmp_path / "m"), "--dtype", "float32"])
+    finally:
+        os.umask(old)
+    files = [tmp_path / "r" / n for n in ("delta.safetensors", "state.pt", "args.json", "log.jsonl")]
+    files += [tmp_path / "l" / "lora.safetensors"] + [tmp_path / "m" / n for n in os.listdir(tmp_path / "m")]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o640" for f in files}
+
+
+def test_a_run_that_fails_its_input_checks_leaves_no_folder(tiny, task, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 1}\n')
+    for data in ("typo.jsonl", str(bad)):  # a typo'd --data, a malformed line
+        for out in ([], ["--out", "given"]):  # the default --out (runs/<method>-<time>) or a new one
+            code, message = run_cli("--ckpt", tiny.hf, "--data", data, "--device", "cpu", *out)
+            assert code not in (0, None) and "\n" not in message
+    code, message = run_cli("--ckpt", tiny.hf, "--data", task[0], "--device", "cpu", "--density", "1e-9")
+    assert code not in (0, None) and "budget" in message, message  # the model loaded, the budget is senseless
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def test_resume_says_plainly_when_max_steps_shortens_or_extends_the_run(tiny, task, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run(tiny, task, out, "--max-steps", "10", "--stop-at-step", "4") == 0
+    capsys.readouterr()
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "6", "--stop-at-step", "5"]) == 0
+    assert "resumed" in (line := capsys.readouterr().out) and "--max-steps shortens it from 10 steps" in line, line
+    assert train.main(["--out", str(out), "--resume", "--max-steps", "8"]) == 0
+    assert "--max-steps extends it from 6 steps" in capsys.readouterr().out
