@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -422,6 +424,39 @@ def hf_tensors(path: str, args: ModelArgs):
             yield key, t, file
 
 
+# -----------------------------------------------------------------------------
+# progress of the long steps (reading, quantizing or writing 7B takes minutes)
+
+PROGRESS_SECONDS = 10.0  # outside a terminal: a plain line at most this often
+
+
+class Progress:
+    """bytes done of `total`: a tqdm bar when stdout is a terminal, else a plain line at most every
+    PROGRESS_SECONDS, so that a log file (or a job scheduler's output) stays readable. Only rank 0 reports."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done, self.t0 = what, max(total, 1), 0, time.time()
+        self.last, self.bar = self.t0, None
+        self.quiet = os.environ.get("RANK", "0") != "0"
+        if not self.quiet and sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=what, unit="B", unit_scale=True, leave=False, delay=1,
+                            dynamic_ncols=True)
+
+    def update(self, n: int):
+        self.done += n
+        if self.bar:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= PROGRESS_SECONDS:
+            self.last = time.time()
+            print(f"{self.what}: {self.done / 1e9:.1f} of {self.total / 1e9:.1f} GB ({self.done / self.total:.0%}), "
+                  f"{self.last - self.t0:.0f}s", flush=True)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
 def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional[str] = None) -> Transformer:
     """Load a LLaMA 2 checkpoint in either layout. The model is built on the meta device and each tensor is
     assigned as it is read (mmap'ed, weights_only=True), so host memory stays near one copy of the weights;
@@ -447,6 +482,10 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional
                                                                                    "load_weight")}
     want |= {n + ".weight": tuple(m.weight_shape) for n, m in modules.items() if hasattr(m, "load_weight")}
     seen = set()
+    files = glob.glob(os.path.join(path, "consolidated.*.pth" if layout == "meta" else "*.safetensors")) or \
+        glob.glob(os.path.join(path, "pytorch_model*.bin"))
+    progress = Progress(f"loading {path}" + (f" (quantizing to {quantize})" if quantize else ""),
+                        sum(os.path.getsize(f) for f in files))
     for key, t, src in tensors:
         if key not in want or key in seen:
             raise CheckpointError(f"{src}: {'duplicate' if key in seen else 'unexpected'} key {key}")
@@ -455,11 +494,13 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional
                                   f"(from the config and the number of shards)")
         seen.add(key)
         module_name, _, leaf = key.rpartition(".")
-        module, t = modules[module_name], t.to(device=device, dtype=dtype)
+        read, module, t = t.numel() * t.element_size(), modules[module_name], t.to(device=device, dtype=dtype)
         if hasattr(module, "load_weight"):
             module.load_weight(t)  # quantized now; the full-precision tensor is dropped right after
         else:
             setattr(module, leaf, nn.Parameter(t, requires_grad=False))
+        progress.update(read)
+    progress.close()
     missing = sorted(want.keys() - seen)
     if missing:
         raise CheckpointError(f"{path}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)"

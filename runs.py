@@ -22,6 +22,8 @@ import json
 import os
 import shlex
 import socket
+import sys
+import threading
 import time
 import uuid
 
@@ -279,6 +281,58 @@ def write_json(path, obj):
 def write_args(args):
     write_json(os.path.join(args.out, "args.json"),
                {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step")})
+
+
+# -----------------------------------------------------------------------------
+# what a run costs: its own peak memory
+
+
+def anon_rss() -> int:
+    """bytes of this process's anonymous resident memory (what it allocated itself; Linux), else 0."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class PeakMemory:
+    """the peak of this process's own memory from now on. CUDA: torch's peaks of allocated and reserved memory.
+    CPU (Linux): the anonymous resident memory (RssAnon), sampled every 10 ms by a thread. The usual peak RSS
+    (ru_maxrss) also counts the pages of an mmap'ed checkpoint read while loading: page cache the OS drops when
+    it needs the room, which would make 7B look twice its size."""
+
+    def __init__(self):
+        self.peak, self.done = anon_rss(), threading.Event()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        if self.peak:
+            threading.Thread(target=self.sample, daemon=True).start()
+
+    def sample(self):
+        while not self.done.wait(0.01):
+            self.peak = max(self.peak, anon_rss())
+
+    def stop(self):
+        self.done.set()
+
+    def report(self, device) -> dict:
+        """-> {"peak_gb": ..., "what": ...} (CUDA: also "reserved_gb")"""
+        if str(device).startswith("cuda"):
+            return {"peak_gb": torch.cuda.max_memory_allocated() / 1e9, "reserved_gb":
+                    torch.cuda.max_memory_reserved() / 1e9, "what": "GPU memory allocated by torch"}
+        if self.peak:
+            return {"peak_gb": self.peak / 1e9, "what": "the process's own memory (anonymous RSS; the page cache "
+                                                       "of the mmap'ed checkpoint not counted)"}
+        import resource  # (no /proc: the plain peak RSS, page cache included; bytes on macOS)
+        return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9 * (1 if sys.platform ==
+                "darwin" else 1024), "what": "peak RSS (includes the mmap'ed checkpoint's page cache)"}
+
+
+def per_second(count: float, seconds: float, unit: str = "tokens") -> str:
+    """a rate that reads right at any speed: 1,234 tokens/s, 12.3 tokens/s, 0.421 tokens/s."""
+    rate = count / max(seconds, 1e-9)
+    return f"{rate:,.0f} {unit}/s" if rate >= 100 else f"{rate:.3g} {unit}/s"
 
 
 def shown(path: str) -> str:

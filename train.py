@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import json
 import math
-import resource
 import signal
 import sys
 import time
@@ -198,13 +197,15 @@ def on_signal(signum, _):
 
 def main(argv):
     lock = runs.RunLock()  # one writer per run folder: rank 0 holds it while the run lives
+    memory = runs.PeakMemory()  # the run's own peak memory, from here on
     try:
-        return fine_tune(argv, lock)
+        return fine_tune(argv, lock, memory)
     finally:
         lock.release()
+        memory.stop()
 
 
-def fine_tune(argv, lock):
+def fine_tune(argv, lock, memory):
     demo = not argv
     args = runs.resolve_args(runs.get_parser(__doc__), DEMO_ARGS if demo else argv)
     if args.quantize != "none" and args.method == "full":
@@ -324,14 +325,15 @@ def fine_tune(argv, lock):
             log({"event": "reselect", "step": step, "changed": n, "of": k, "by_matrix": changed})
 
         # --- log, evaluate, save ---------------------------------------------------------------
-        tok_s = tokens_seen / (time.time() - t_start)  # non-padding tokens per second, so far
+        elapsed = time.time() - t_start
         log({"step": step, "loss": train_loss, "lr": lr_now, "grad_norm": grad_norm,
-             "step_time": time.time() - t_step, "tokens_per_s": tok_s})
+             "step_time": time.time() - t_step, "tokens_per_s": tokens_seen / elapsed})
         bar.update()  # (a no-op outside a terminal, where the line below prints instead)
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tok_s:.0f}")
+        speed = runs.per_second(tokens_seen, elapsed)  # non-padding tokens per second, so far
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_now:.2e}", speed=speed)
         if bar.disable and (step % args.log_every == 0 or step == total_steps):
-            say(f"step {step}/{total_steps}: loss {train_loss:.4f}, lr {lr_now:.2e}, "
-                f"{tok_s:.0f} tokens/s", flush=True)
+            say(f"step {step}/{total_steps}: loss {train_loss:.4f}, lr {lr_now:.2e}, {speed}",
+                flush=True)
         if args.eval_every and val_set and (step % args.eval_every == 0 or step == total_steps):
             val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
             _, _, (system, turns) = val_set[0]
@@ -365,7 +367,7 @@ def fine_tune(argv, lock):
     if code is not None:
         return code
     finish(args, model, tok, val_set, time.time() - t_start, tokens_seen, start, total_steps,
-           device, rank, say, log)
+           device, rank, say, log, memory.report(device))
     if demo:
         say("to fine-tune LLaMA 2 7B the same way on one GPU:\n  python train.py --ckpt "
             "llama-2-7b --data your.jsonl --quantize int8 --grad-checkpoint   (see README.md)")
@@ -373,15 +375,14 @@ def fine_tune(argv, lock):
 
 
 def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, device, rank, say,
-           log):
+           log, memory):
     """the end of a run: what it cost, what it gave, where it is, and how to sample from it."""
-    cuda = device.startswith("cuda")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    say(f"done: {total_steps - start + 1} steps in {elapsed:.0f}s, {tokens_seen / elapsed:.0f} "
-        f"tokens/s, peak {'GPU memory allocated' if cuda else 'RSS'} {peak:.2f} GB")
+    reserved = f" ({memory['reserved_gb']:.2f} GB reserved)" if "reserved_gb" in memory else ""
+    say(f"done: {total_steps - start + 1} steps in {elapsed:.0f}s, "
+        f"{runs.per_second(tokens_seen, elapsed)}; peak memory {memory['peak_gb']:.2f} GB{reserved}: "
+        f"{memory['what']}")
     log({"event": "end", "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed,
-         "peak_memory_gb": peak})
+         "peak_memory_gb": memory["peak_gb"], "memory_counts": memory["what"]})
     if args.method == "full":
         from merge import save_hf
         sd = None
