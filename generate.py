@@ -78,7 +78,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=default_device())
-    ap.add_argument("--delta", action="append", default=[], help="sparse delta or LoRA file to apply (repeatable)")
+    ap.add_argument("--delta", action="append", default=[],
+                    help="sparse delta or LoRA file, or PEFT LoRA / SFT folder, to apply (repeatable)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template used for training")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the base quantized")
     args = ap.parse_args(argv)

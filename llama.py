@@ -578,19 +578,23 @@ def save_finetune(model: nn.Module, path: str, fmt: str, shapes: dict, tensors: 
 
 
 def read_finetune(path: str, model: Optional[nn.Module] = None) -> tuple:
-    """(format, tensors, metadata, shapes) of a spiel delta or LoRA file. Given a model, also checks that it
-    fits: every matrix is a plain linear of that shape, the base is the one it was trained on, and it is
-    not already merged into it. Errors name the file."""
+    """(format, tensors, metadata, shapes) of a spiel delta or LoRA file, or of a PEFT LoRA or SFT adapter folder
+    (convert.py). Given a model, also checks that it fits: every matrix is a plain linear of that shape, the base
+    is the one it was trained on, and it is not already merged into it. Errors name the file."""
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
+    if os.path.isdir(path):  # a PEFT LoRA or the authors' SFT folder, read into the same form by convert.py
+        import convert
+        fmt, tensors, meta, shapes = convert.read_folder(path, None if model is None else model.args)
+    elif not os.path.isfile(path):
         raise CheckpointError(f"{path}: fine-tune file not found")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        fmt, shapes = meta.get("format"), {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+    else:
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            fmt, shapes = meta.get("format"), {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
     if fmt not in ("spiel-delta", "spiel-lora"):
         raise CheckpointError(f"{path}: neither a spiel delta nor a LoRA adapter (format {fmt!r})")
     if not shapes or len(tensors) != 2 * len(shapes):

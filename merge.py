@@ -4,6 +4,7 @@ and by transformers' `from_pretrained`). Several deltas add up: sparse fine-tune
 arXiv 2401.16405, section 3: W = W0 + the sum of the scattered deltas).
 
     python merge.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --out llama-2-7b-merged
+    python merge.py --ckpt llama-2-7b --out llama-2-7b-hf   # no fine-tune: the base in the HF layout
 
 Merging happens in a full-precision copy of the base (never into int8/NF4 weights), one matrix at a
 time in fp32, rounded once to --dtype. The export's config.json lists what was merged into it
@@ -123,7 +124,8 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, state_dict=None, r
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="the base checkpoint the fine-tunes were trained on")
-    ap.add_argument("--delta", action="append", required=True, help="delta or LoRA file (repeat to add several)")
+    ap.add_argument("--delta", action="append", default=[], help="delta or LoRA file, or PEFT LoRA / SFT folder "
+                    "(repeat to add several; none: the base alone, e.g. a Meta-layout base in the HF layout)")
     ap.add_argument("--out", required=True, help="new folder for the merged model (never overwritten)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args(argv)
