@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 import data
-from llama import CheckpointError, Tokenizer, Transformer, check_checkpoint, default_device, default_dtype, \
-    find_tokenizer, load_model, read_finetune
+from llama import CheckpointError, Tokenizer, Transformer, check_checkpoint, check_vocab, default_device, \
+    default_dtype, find_tokenizer, load_model, read_finetune
 
 
 def sample_top_p(probs, top_p: float, generator=None):
@@ -27,9 +27,9 @@ def sample_top_p(probs, top_p: float, generator=None):
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95,
-             eos_id: Optional[int] = None, generator=None) -> list:
+             eos_id: Optional[int] = None, generator=None, n_words: Optional[int] = None) -> list:
     """continue one prompt (token ids) with the KV cache: the whole prompt first, then one token at a time.
-    -> the new ids only"""
+    n_words: the ids the tokenizer can decode; a padded embedding's extra rows are never picked. -> the new ids"""
     total = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
     if len(prompt) >= total:
         return []
@@ -41,7 +41,7 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
         for _ in range(total - len(prompt)):
             logits, _ = model(tokens, start_pos=pos)
             pos += tokens.shape[1]
-            last = logits[:, -1]  # (1, vocab)
+            last = logits[:, -1, :n_words]  # (1, vocab): only ids the tokenizer has
             nxt = last.argmax(-1, keepdim=True) if temperature <= 0 else \
                 sample_top_p(torch.softmax(last / temperature, dim=-1), top_p, generator)
             out.append(nxt.item())
@@ -56,7 +56,8 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
 
 def answer(model, tok, system, user, max_new) -> str:
     """the greedy answer to one chat turn (the prompt exactly as training tokenized it: data.prompt_ids)."""
-    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0, eos_id=tok.eos_id))
+    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0, eos_id=tok.eos_id,
+                               n_words=tok.n_words))
 
 
 def exact_match(model, tok, examples, n) -> float:
@@ -94,6 +95,7 @@ def main(argv=None):
         raise ValueError("several fine-tunes at once need an unquantized base (--quantize none), or merge "
                          "them first with merge.py")
     tok = Tokenizer(find_tokenizer(args.ckpt))
+    check_vocab(args.ckpt, tok)
     model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
                        quantize=None if args.quantize == "none" else args.quantize)
     if len(args.delta) == 1:  # applied on the fly (on a quantized base too), nothing written
@@ -103,7 +105,8 @@ def main(argv=None):
             merge_into(model, path)
     ids = data.prompt_ids(tok, args.prompt) if args.chat else tok.encode(args.prompt)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos_id=tok.eos_id, generator=g)
+    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos_id=tok.eos_id, generator=g,
+                   n_words=tok.n_words)
     print(args.prompt + ("\n" if args.chat else "") + tok.decode(new))
 
 

@@ -357,6 +357,25 @@ def read_args(path: str, layout: str) -> ModelArgs:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
+def read_shapes(path: str) -> ModelArgs:
+    """the shapes of a checkpoint (either layout) from its config, without loading a weight (Meta's vocab_size -1:
+    the embedding's rows, read from the mmap'ed file)."""
+    args = read_args(path, check_checkpoint(path, tokenizer=False))
+    if args.vocab_size == -1:
+        args.vocab_size = meta_shards(path)[1][0]["tok_embeddings.weight"].shape[0]
+    return args
+
+
+def check_vocab(path: str, tok: Tokenizer):
+    """the embedding needs a row for every piece of the tokenizer. More rows than pieces is a padded vocabulary
+    (e.g. 32,001 rows for an added pad token): it trains as it is, and sampling never picks a row the tokenizer
+    cannot decode (generate.py)."""
+    rows = read_shapes(path).vocab_size
+    if rows < tok.n_words:
+        raise CheckpointError(f"{path}: its embedding has {rows:,} rows but {tok.path} has {tok.n_words:,} pieces: "
+                              f"this tokenizer is not the model's")
+
+
 def meta_shards(path: str) -> tuple:
     """the file names and mmap'ed tensors (nothing read into memory yet) of a Meta checkpoint's shards."""
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))

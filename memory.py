@@ -43,8 +43,7 @@ import torch.nn as nn
 import spiel
 import runs
 import train
-from llama import (PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, check_checkpoint, default_dtype, swap_module,
-                   meta_shards, read_args)
+from llama import PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, default_dtype, read_shapes, swap_module
 from quantize import quantize_model
 from sm3 import SM3
 
@@ -426,15 +425,6 @@ def layer_caches(model) -> int:
 # command line
 
 
-def model_args(ckpt: str) -> ModelArgs:
-    """the shapes of a checkpoint (Meta or HF layout), read from its config; no weights are loaded."""
-    layout = check_checkpoint(ckpt)
-    args = read_args(ckpt, layout)
-    if args.vocab_size == -1:  # params.json leaves it to the tokenizer: the embedding's shape (mmap'ed)
-        args.vocab_size = meta_shards(ckpt)[1][0]["tok_embeddings.weight"].shape[0]
-    return args
-
-
 def main(argv=None):
     defaults = {k: p.default for k, p in inspect.signature(estimate).parameters.items()}  # one source of defaults
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -472,7 +462,7 @@ def main(argv=None):
               f"{args.batch_size} per GPU, grad checkpointing, the paper's budget (LoRA rank 64):\n")
         print(gpu_table(args.seq_len, args.batch_size))
         return 0
-    margs = model_args(args.ckpt) if args.ckpt else PRESETS[args.preset]
+    margs = read_shapes(args.ckpt) if args.ckpt else PRESETS[args.preset]
     if args.measure:
         measure(margs, args.device, "int8" if args.quantize is None else quantize, args.seq_len, args.batch_size,
                 args.steps, args.lora_rank, args.density, args.json)

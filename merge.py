@@ -21,8 +21,8 @@ import torch
 
 import lora
 import spiel
-from llama import HF_TO_META, CheckpointError, ModelArgs, Transformer, check_checkpoint, find_tokenizer, \
-    give_umask_mode, load_model, read_finetune, rename
+from llama import HF_TO_META, CheckpointError, ModelArgs, Tokenizer, Transformer, check_checkpoint, check_vocab, \
+    find_tokenizer, give_umask_mode, load_model, read_finetune, rename
 
 
 def apply_finetune(model, path: str) -> dict:
@@ -132,6 +132,7 @@ def main(argv=None):
 
     check_out(args.out)  # everything that can be checked before the (slow) load of the base
     check_checkpoint(args.ckpt)
+    check_vocab(args.ckpt, Tokenizer(find_tokenizer(args.ckpt)))  # (the export carries this tokenizer)
     for path in args.delta:
         read_finetune(path)
     model = load_model(args.ckpt, dtype=getattr(torch, args.dtype))

@@ -34,7 +34,7 @@ import runs
 import spiel
 from generate import answer, exact_match
 from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, base_fingerprint, check_checkpoint,
-                   default_dtype, find_tokenizer, load_model, matrix_shape, target_linears)
+                   check_vocab, default_dtype, find_tokenizer, load_model, matrix_shape, target_linears)
 from sm3 import SM3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -225,6 +225,7 @@ def fine_tune(argv, lock, memory):
 
     # --- data and model ------------------------------------------------------------------------
     tok = Tokenizer(find_tokenizer(args.ckpt))
+    check_vocab(args.ckpt, tok)  # (more embedding rows than pieces is fine: a padded vocabulary)
     train_set, val_set, total_steps = load_data(args, tok, world, say)
     model, fingerprint, n_base = load_base(args, device, dtype, say)
 

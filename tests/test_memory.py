@@ -21,7 +21,7 @@ import memory  # noqa: E402
 import spiel  # noqa: E402
 import train  # noqa: E402
 from conftest import TINY, random_state_dict  # noqa: E402
-from llama import PRESETS, ModelArgs, Transformer, load_model, matrix_shape, target_linears  # noqa: E402
+from llama import PRESETS, ModelArgs, Transformer, load_model, matrix_shape, read_shapes, target_linears  # noqa: E402
 from sm3 import SM3  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +237,7 @@ def test_saved_activations_match_autograd(method, quantize, dropout, dtype):
 
 def test_cli_breakdown_and_ckpt_shapes(tiny):
     for path in (tiny.meta1, tiny.hf):
-        a = memory.model_args(path)
+        a = read_shapes(path)
         assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim) == \
                (tiny.args.dim, tiny.args.n_layers, tiny.args.n_heads, tiny.args.n_kv_heads, tiny.args.vocab_size,
                 tiny.args.ffn_dim)
