@@ -19,9 +19,9 @@ import os
 # idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
 # demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import json
 import math
 import resource
+import shlex
 import signal
 import sys
 import time
@@ -377,10 +377,11 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
         report_quality(args, model, tok, val_set, device, total_steps, say, log)
     name = {"lora": "lora.safetensors", "full": "model"}.get(args.method, "delta.safetensors")
     artifact = os.path.join(args.out, name)
-    prompt = val_set[0][2][1][0][0] if val_set else "..."
-    ckpt = f"{artifact}" if args.method == "full" else f"{args.ckpt} --delta {artifact}"
-    say(f"saved {artifact}; sample with: python generate.py --ckpt {ckpt} --chat --temperature 0 "
-        f"--prompt {json.dumps(prompt)}")
+    system, turns = val_set[0][2] if val_set else (None, [("...", "")])  # a validation prompt, as scored
+    ckpt = [artifact] if args.method == "full" else [args.ckpt, "--delta", artifact]
+    hint = ["python", "generate.py", "--ckpt", *ckpt, "--chat", "--temperature", "0", "--prompt", turns[0][0],
+            *(["--system", system] if system is not None else [])]
+    say(f"saved {artifact}; sample with: {shlex.join(hint)}")  # quoted for a shell: newlines, quotes, $
 
 
 def cli(argv):
