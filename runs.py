@@ -62,6 +62,12 @@ DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
 AG_DECAY_PER_STEP = 3e-4
 
 
+def lr_and_decay(method: str, lr=None, weight_decay=None) -> tuple:
+    """the peak learning rate and weight decay a run uses: the given ones, else the method's defaults."""
+    lr = lr or DEFAULT_LR[method]
+    return lr, weight_decay if weight_decay is not None else AG_DECAY_PER_STEP / lr if method == "spiel-ag" else 0.0
+
+
 def get_parser(description: str = "") -> Parser:
     """train.py's arguments: the one place each default is set (memory.py and bench.py read them here)."""
     ap = Parser(prog="train.py", description=description)
@@ -144,9 +150,10 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
     stored = read_json(os.path.join(args.out, "args.json"), "not a run folder, or its args.json is damaged")
     for key in given:
         value = os.path.abspath(getattr(args, key)) if key in PATHS else getattr(args, key)
-        if value != stored.get(key) and key not in RESUME_FLAGS:
-            parser.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has {stored.get(key)!r}); "
-                         f"start a new run with another --out")
+        was, named = run_value(stored, key)
+        if value != was and key not in RESUME_FLAGS:
+            parser.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has {named}); start a new "
+                         f"run with another --out")
         stored[key] = value
     for key in PATHS:
         if stored.get(key) and not os.path.exists(stored[key]):
@@ -155,6 +162,17 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
                                   f"with its new place")
     return argparse.Namespace(**{**vars(parser.parse_args([])), "finetune_id": None, "data_sha256": None, **stored,
                                  "out": os.path.abspath(args.out), "resume": True, "stop_at_step": args.stop_at_step})
+
+
+def run_value(stored: dict, key: str) -> tuple:
+    """(the value a run used for an argument, how a resume refusal names it): a default that depends on the
+    method (--lr, --weight-decay) is worked out."""
+    if stored.get(key) is None and key in ("lr", "weight_decay"):
+        method = stored.get("method", "spiel-ag")
+        lr, wd = lr_and_decay(method, stored.get("lr"), stored.get("weight_decay"))
+        value = float(f"{lr if key == 'lr' else wd:.12g}")  # (3e-4 / 1e-5 is 29.999999999999996; one types 30)
+        return value, f"{value:g}, the default for {method}" + (f" at lr {lr:g}" if key != "lr" and wd else "")
+    return stored.get(key), "its default" if stored.get(key) is None else repr(stored[key])
 
 
 # -----------------------------------------------------------------------------

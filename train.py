@@ -54,9 +54,7 @@ DEMO_ARGS = ["--ckpt", os.path.join(DEMO, "base"), "--data", os.path.join(DEMO, 
 def add_trainable(model, a, total_steps: int = 1) -> tuple:
     """the trainable part of `model` for a.method, its optimizer, and (SpIEL) the Selector that
     moves the deltas. -> (params, optimizer, selector or None)"""
-    lr = a.lr or runs.DEFAULT_LR[a.method]
-    wd = a.weight_decay if a.weight_decay is not None else \
-        runs.AG_DECAY_PER_STEP / lr if a.method == "spiel-ag" else 0.0
+    lr, wd = runs.lr_and_decay(a.method, a.lr, a.weight_decay)
     budget = {"density": a.density, "num_tunable": a.num_tunable, "lora_rank": a.match_lora_rank}
     if a.method in ("spiel-ag", "spiel-ma"):
         if all(v is None for v in budget.values()):

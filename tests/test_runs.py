@@ -238,6 +238,25 @@ def test_the_sample_hint_pasted_into_bash_gives_generate_the_prompt_that_was_sco
     assert seen == [data.prompt_ids(Tokenizer(tiny.tokenizer), turns[0][0], system)]
 
 
+def test_a_refused_flag_names_the_value_the_run_used(tmp_path, capsys):
+    """a run that took its method's default --lr / --weight-decay: a resume that changes them names the value
+    it used, not None; passing that same value is no change."""
+    import runs
+    for method, flag, value, named in (("lora", "--lr", "1e-3", "0.0001, the default for lora"),
+                                       ("spiel-ag", "--lr", "1e-3", "1e-05, the default for spiel-ag"),
+                                       ("spiel-ag", "--weight-decay", "1", "30, the default for spiel-ag at lr 1e-05"),
+                                       ("spiel-ma", "--weight-decay", "1", "0, the default for spiel-ma")):
+        out = tmp_path / method
+        out.mkdir(exist_ok=True)
+        stored = vars(runs.get_parser().parse_args(["--ckpt", str(out), "--data", str(out), "--method", method]))
+        (out / "args.json").write_text(json.dumps(stored))
+        with pytest.raises(SystemExit):
+            runs.resolve_args(runs.get_parser(), ["--out", str(out), "--resume", flag, value])
+        assert f"{flag} cannot change when resuming (the run has {named}); " in capsys.readouterr().err
+        same = {"--lr": named.split(",")[0], "--weight-decay": named.split(",")[0]}[flag]
+        assert runs.resolve_args(runs.get_parser(), ["--out", str(out), "--resume", flag, same]).resume
+
+
 def test_a_fine_tune_is_never_applied_twice_and_busy_outputs_are_refused_first(tiny, task, tmp_path):
     assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
     delta = str(tmp_path / "r" / "delta.safetensors")
