@@ -273,6 +273,27 @@ def save_state(args, step, model, optimizer, selector, batches, rank, world, fin
     os.replace(os.path.join(args.out, "state.pt.tmp"), os.path.join(args.out, "state.pt"))
 
 
+def finished_step(args):
+    """the last step of a finished run that --resume has nothing to add to, read without loading the data or
+    the model (state.pt memory-mapped, log.jsonl's end record); None if it is not finished or cannot tell."""
+    try:
+        step = torch.load(os.path.join(args.out, "state.pt"), mmap=True, weights_only=True)["step"]
+        with open(os.path.join(args.out, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        last = max((i for i, r in enumerate(records) if r.get("step") == step and "loss" in r), default=len(records))
+        ended = any(r.get("event") == "end" for r in records[last:])  # finish() ran after the saved step
+    except Exception:
+        return None  # missing or damaged: load_state says which
+    if not (step >= args.max_steps if args.max_steps else ended):  # (--epochs: the length needs the data)
+        return None
+    exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
+    return step if exported else None  # (a full fine-tune cut off in its export: redo it)
+
+
+def finished(out, step) -> str:
+    return f"{out} already finished at step {step}; extend it with --resume --max-steps N (N > {step})"
+
+
 STATE_KEYS = ("step", "world_size", "optimizer", "data", "trainable", "selector", "rng", "cuda_rng")
 
 

@@ -205,6 +205,9 @@ def main(argv):
     if demo:
         shown = [os.path.relpath(x, HERE) if x.startswith(HERE) else x for x in DEMO_ARGS]
         say("demo: python train.py " + " ".join(shown))
+    if args.resume and (done := runs.finished_step(args)) is not None:  # said before anything loads
+        say(runs.finished(args.out, done))
+        return 0
     check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
     if not args.resume and rank == 0:
         runs.prepare(args)  # until its first checkpoint, the folder can be started over
@@ -241,8 +244,7 @@ def main(argv):
         start = last + 1
         exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
         if start > total_steps and exported:  # (a full fine-tune cut off in its export: redo it)
-            say(f"{args.out} already finished at step {start - 1}; extend it with --resume "
-                f"--max-steps N (N > {start - 1})")
+            say(runs.finished(args.out, start - 1))
             return 0
         say(f"resumed {args.out} at step {start} of {total_steps}")
         if rank == 0:

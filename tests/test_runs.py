@@ -257,6 +257,24 @@ def test_a_refused_flag_names_the_value_the_run_used(tmp_path, capsys):
         assert runs.resolve_args(runs.get_parser(), ["--out", str(out), "--resume", flag, same]).resume
 
 
+def test_resuming_a_finished_run_says_so_before_loading_anything(tiny, task, tmp_path, capsys, monkeypatch):
+    """--resume on a finished run, or --resume --max-steps N below where it finished: the message, exit 0, and
+    neither the data nor the model is loaded; the same for a run sized by --epochs once it has ended."""
+    assert run(tiny, task, tmp_path / "steps", "--max-steps", "3") == 0
+    assert run(tiny, task, tmp_path / "epochs", "--epochs", "0.1") == 0  # 16 examples, 8 per step: 2 steps
+    capsys.readouterr()
+
+    def boom(*a, **k):
+        raise AssertionError("loaded")
+
+    for name in ("load_base", "load_data", "load_model", "Tokenizer"):
+        monkeypatch.setattr(train, name, boom)
+    for out, extra, step in (("steps", [], 3), ("steps", ["--max-steps", "2"], 3), ("epochs", [], 2)):
+        assert train.main(["--out", str(tmp_path / out), "--resume", *extra]) == 0
+        assert capsys.readouterr().out.strip().endswith(
+            f"{tmp_path / out} already finished at step {step}; extend it with --resume --max-steps N (N > {step})")
+
+
 def test_a_fine_tune_is_never_applied_twice_and_busy_outputs_are_refused_first(tiny, task, tmp_path):
     assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
     delta = str(tmp_path / "r" / "delta.safetensors")
