@@ -312,6 +312,8 @@ def torch_load(path):
 def check_checkpoint(path: str, tokenizer: bool = True) -> str:
     """the layout of a checkpoint folder ("meta" or "hf") once its config, weight files and (tokenizer=True)
     tokenizer are there: the one check train.py, generate.py and merge.py run before anything slow."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path}: a checkpoint folder is expected, and this is {what_file(path)}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint folder not found")
     layout = "meta" if os.path.isfile(os.path.join(path, "params.json")) else \
@@ -325,6 +327,27 @@ def check_checkpoint(path: str, tokenizer: bool = True) -> str:
     if tokenizer:
         find_tokenizer(path)
     return layout
+
+
+def what_file(path: str) -> str:
+    """what a file given as a checkpoint folder is, and what to pass instead (for check_checkpoint's message)."""
+    name, folder = os.path.basename(path), os.path.dirname(os.path.abspath(path))
+    fmt = None
+    if name.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception:
+            pass  # not readable as safetensors: described by its name below
+    if fmt in ("spiel-delta", "spiel-lora"):
+        return (f"a {'sparse delta' if fmt == 'spiel-delta' else 'LoRA adapter'} file: pass the base model's folder "
+                f"(generate.py and merge.py take this file with --delta)")
+    if name == "tokenizer.model":
+        return "a tokenizer: pass the checkpoint folder (its tokenizer.model sits in it or one level up)"
+    if name.endswith((".safetensors", ".pth", ".bin", ".pt")) or name in ("config.json", "params.json"):
+        return f"a file of a checkpoint: pass the folder that holds it ({folder})"
+    return "a file"
 
 
 def find_tokenizer(ckpt_dir: str) -> str:
