@@ -569,11 +569,15 @@ def read_finetune(path: str, model: Optional[nn.Module] = None) -> tuple:
                               f"{meta['finetune_id']}); applying it again would add it twice")
     # the base it was trained on: the same weights, with every fine-tune that was merged into them then
     # merged here too (others merged since are fine: sparse fine-tunes add up, section 3)
-    if meta.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model) or \
-            not set(json.loads(meta.get("base_merged", "[]"))) <= set(model.merged_ids):
-        raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta.get('base_fingerprint')} "
-                              f"merged {meta.get('base_merged', '[]')}; this one: {base_fingerprint(model)} merged "
-                              f"{json.dumps(model.merged_ids)})")
+    if meta.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model):
+        raise CheckpointError(f"{path}: this fine-tune was trained on another base model (it expects the base whose "
+                              f"fingerprint is {meta['base_fingerprint']}; this base's is {base_fingerprint(model)}); "
+                              f"pass the --ckpt it was trained on")
+    missing = [i for i in json.loads(meta.get("base_merged", "[]")) if i not in model.merged_ids]
+    if missing:
+        raise CheckpointError(f"{path}: this fine-tune was trained on another base model: this one with fine-tune"
+                              f"{'s' * (len(missing) > 1)} {', '.join(missing)} merged into it (by merge.py); "
+                              f"pass that merged model as --ckpt")
     return fmt, tensors, meta, shapes
 
 

@@ -286,3 +286,30 @@ def test_a_file_given_as_the_checkpoint_folder_says_what_it_is(tiny, tmp_path):
         f"folder (generate.py and merge.py take this file with --delta)"], p.stderr
 
 
+def test_a_fine_tune_for_another_base_is_refused_in_plain_words(tmp_path):
+    """another base's weights: says so and what to pass; a base that lacks a fine-tune merged into the one it
+    was trained on: names that fine-tune, in words (no fingerprint lists, no "merged []")."""
+    import spiel
+    from llama import PRESETS, Transformer, read_finetune
+
+    def base(seed, merged=()):
+        torch.manual_seed(seed)
+        model = Transformer(PRESETS["tiny"])
+        model.merged_ids = list(merged)
+        return model
+
+    trained_on = base(0, merged=["3fa2c1"])  # a base with one fine-tune merged into it
+    spiel.add_sparse_deltas(trained_on, density=0.05)
+    path = str(tmp_path / "delta.safetensors")
+    spiel.save_delta(trained_on, path, meta={"finetune_id": "d1"})
+    with pytest.raises(CheckpointError) as e:
+        read_finetune(path, base(1, merged=["3fa2c1"]))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: this fine-tune was trained on another base model (it expects the base whose "
+                          f"fingerprint is ") and msg.endswith("; pass the --ckpt it was trained on"), msg
+    assert "merged" not in msg and "[" not in msg
+    with pytest.raises(CheckpointError) as e:
+        read_finetune(path, base(0))
+    assert str(e.value) == f"{path}: this fine-tune was trained on another base model: this one with fine-tune " \
+                           f"3fa2c1 merged into it (by merge.py); pass that merged model as --ckpt"
+    assert read_finetune(path, base(0, merged=["3fa2c1", "another"]))[0] == "spiel-delta"  # merged since: fine
