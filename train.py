@@ -153,6 +153,9 @@ def load_data(args, tok, world, say) -> tuple:
     if dropped:
         say(f"data: dropped {dropped} examples left with no answer token after truncation to "
             f"{args.seq_len}")
+    warning = data.unknown_warning(tok, train_set)  # text the tokenizer can only write as <unk>
+    if warning:
+        say(warning)
     per_step = args.batch_size * args.grad_accum * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / per_step))
     n_label = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in train_set)
