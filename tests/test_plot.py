@@ -107,6 +107,13 @@ def test_mask_figure_left_panel_varies_when_every_matrix_has_the_same_density(tm
     assert grid.shape == (2, 7) and np.isfinite(grid).all() and grid.std() > 0.01 * grid.mean()
 
 
+def test_readme_installs_the_plotting_extra_before_its_test_command():
+    """a user who follows the README runs plot.py's tests too (they skip without matplotlib)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert readme.index("requirements-plot.txt") < readme.index("python -m pytest")
+
+
 def test_occupancy_bins():
     full = plot.occupancy(np.arange(300 * 20), (300, 20))  # rows binned 300 -> 256 (uneven bins)
     assert full.shape == (256, 20) and (full == 1).all()
