@@ -143,6 +143,27 @@ def load_examples(path: str, tok, seq_len: int) -> tuple:
     return examples, dropped
 
 
+def unknown_warning(tok, examples, share: float = 0.01):
+    """one warning line when more than `share` of the answer tokens are <unk> (text the tokenizer cannot write,
+    so the model cannot learn it), with the counts and the characters of the first such answer; else None."""
+    unk = tok.sp.unk_id()
+    n_label = n_unk = n_prompt = n_prompt_unk = 0
+    first = None  # the first answer with an <unk>
+    for x, y, (_, turns) in examples:
+        is_label = y != IGNORE_INDEX  # (T,) the answers and their EOS: y[t] is token t + 1
+        in_prompt = torch.cat([torch.tensor([True]), ~is_label[:-1]])  # (T,) x[t] is a prompt token
+        n_label, n_unk = n_label + int(is_label.sum()), n_unk + int((y[is_label] == unk).sum())
+        n_prompt, n_prompt_unk = n_prompt + int(in_prompt.sum()), n_prompt_unk + int((x[in_prompt] == unk).sum())
+        if first is None and (y[is_label] == unk).any():
+            first = next((a for _, a in turns if unk in tok.encode(a, bos=False)), None)
+    if n_unk <= share * n_label:
+        return None
+    chars = sorted({c for c in first or "" if unk in tok.encode(c, bos=False)})  # what it cannot write
+    example = f"cannot write {' '.join(map(repr, chars))} (e.g. in {first[:60]!r})" if chars else "cannot write some"
+    return (f"warning: {n_unk:,} of {n_label:,} answer tokens ({n_unk / n_label:.1%}) are <unk> (and {n_prompt_unk:,} "
+            f"of {n_prompt:,} prompt tokens): the tokenizer {example}; the model cannot learn what it cannot write")
+
+
 # -----------------------------------------------------------------------------
 # batching
 

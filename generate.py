@@ -82,8 +82,11 @@ def main(argv=None):
     ap.add_argument("--delta", action="append", default=[],
                     help="sparse delta or LoRA file, or PEFT LoRA / SFT folder, to apply (repeatable)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template used for training")
+    ap.add_argument("--system", help="with --chat: the system prompt (as chat training data's system message)")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the base quantized")
     args = ap.parse_args(argv)
+    if args.system is not None and not args.chat:
+        ap.error("--system needs --chat (a system prompt is part of the chat template)")
 
     from merge import apply_finetune, merge_into
     check_checkpoint(args.ckpt)  # everything that can be checked before the (slow) load of the base
@@ -103,7 +106,7 @@ def main(argv=None):
     else:  # several add up: merged one after the other into this in-memory copy
         for path in args.delta:
             merge_into(model, path)
-    ids = data.prompt_ids(tok, args.prompt) if args.chat else tok.encode(args.prompt)
+    ids = data.prompt_ids(tok, args.prompt, args.system) if args.chat else tok.encode(args.prompt)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos_id=tok.eos_id, generator=g,
                    n_words=tok.n_words)

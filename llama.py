@@ -314,6 +314,8 @@ def torch_load(path):
 def check_checkpoint(path: str, tokenizer: bool = True) -> str:
     """the layout of a checkpoint folder ("meta" or "hf") once its config, weight files and (tokenizer=True)
     tokenizer are there: the one check train.py, generate.py and merge.py run before anything slow."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path}: a checkpoint folder is expected, and this is {what_file(path)}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint folder not found")
     layout = "meta" if os.path.isfile(os.path.join(path, "params.json")) else \
@@ -327,6 +329,27 @@ def check_checkpoint(path: str, tokenizer: bool = True) -> str:
     if tokenizer:
         find_tokenizer(path)
     return layout
+
+
+def what_file(path: str) -> str:
+    """what a file given as a checkpoint folder is, and what to pass instead (for check_checkpoint's message)."""
+    name, folder = os.path.basename(path), os.path.dirname(os.path.abspath(path))
+    fmt = None
+    if name.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception:
+            pass  # not readable as safetensors: described by its name below
+    if fmt in ("spiel-delta", "spiel-lora"):
+        return (f"a {'sparse delta' if fmt == 'spiel-delta' else 'LoRA adapter'} file: pass the base model's folder "
+                f"(generate.py and merge.py take this file with --delta)")
+    if name == "tokenizer.model":
+        return "a tokenizer: pass the checkpoint folder (its tokenizer.model sits in it or one level up)"
+    if name.endswith((".safetensors", ".pth", ".bin", ".pt")) or name in ("config.json", "params.json"):
+        return f"a file of a checkpoint: pass the folder that holds it ({folder})"
+    return "a file"
 
 
 def find_tokenizer(ckpt_dir: str) -> str:
@@ -634,11 +657,15 @@ def read_finetune(path: str, model: Optional[nn.Module] = None) -> tuple:
                               f"{meta['finetune_id']}); applying it again would add it twice")
     # the base it was trained on: the same weights, with every fine-tune that was merged into them then
     # merged here too (others merged since are fine: sparse fine-tunes add up, section 3)
-    if meta.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model) or \
-            not set(json.loads(meta.get("base_merged", "[]"))) <= set(model.merged_ids):
-        raise CheckpointError(f"{path}: trained on another base model (fingerprint {meta.get('base_fingerprint')} "
-                              f"merged {meta.get('base_merged', '[]')}; this one: {base_fingerprint(model)} merged "
-                              f"{json.dumps(model.merged_ids)})")
+    if meta.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model):
+        raise CheckpointError(f"{path}: this fine-tune was trained on another base model (it expects the base whose "
+                              f"fingerprint is {meta['base_fingerprint']}; this base's is {base_fingerprint(model)}); "
+                              f"pass the --ckpt it was trained on")
+    missing = [i for i in json.loads(meta.get("base_merged", "[]")) if i not in model.merged_ids]
+    if missing:
+        raise CheckpointError(f"{path}: this fine-tune was trained on another base model: this one with fine-tune"
+                              f"{'s' * (len(missing) > 1)} {', '.join(missing)} merged into it (by merge.py); "
+                              f"pass that merged model as --ckpt")
     return fmt, tensors, meta, shapes
 
 

@@ -8,8 +8,8 @@ Pictures of a fine-tune: how runs trained, and where a SpIEL delta put its budge
 The run figure has four panels, every run on the same axes: training loss per step, validation loss,
 learning rate, and the fraction of deltas replaced at each reselection (SpIEL section 3, drop and grow).
 A resumed run repeats the steps after its last checkpoint; the last record of each step wins.
-The mask figure shows the density of deltas per layer and projection, and where one matrix's active
-positions are (binned to at most 256 x 256).
+The mask figure shows how large the deltas are per layer and projection (the mean |delta|, with each
+matrix's count of deltas), and where one matrix's active positions are (binned to at most 256 x 256).
 
 matplotlib is optional, only this script needs it: pip install -r requirements-plot.txt
 """
@@ -60,7 +60,8 @@ def read_log(path: str) -> dict:
 
 
 def read_delta(path: str, matrix: str = None):
-    """(shapes, deltas per matrix, the chosen matrix's name and flat indices) of a spiel delta file."""
+    """(shapes, deltas per matrix, mean |delta| per matrix, the chosen matrix's name and flat indices) of a
+    spiel delta file."""
     from safetensors import safe_open
 
     try:
@@ -73,12 +74,13 @@ def read_delta(path: str, matrix: str = None):
     try:
         shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
         counts = {n: f.get_slice(n + ".indices").get_shape()[0] for n in shapes}
+        size = {n: float(abs(f.get_tensor(n + ".values")).mean()) if counts[n] else 0.0 for n in shapes}
     except Exception as e:
         raise PlotError(f"{path}: bad spiel delta file ({e})") from None
     matrix = matrix or next(iter(shapes))
     if matrix not in shapes:
         raise PlotError(f"{path}: no matrix {matrix!r} (the first is {next(iter(shapes))!r})")
-    return shapes, counts, matrix, f.get_tensor(matrix + ".indices").astype("int64")
+    return shapes, counts, size, matrix, f.get_tensor(matrix + ".indices").astype("int64")
 
 
 def occupancy(indices, shape, bins: int = 256):
@@ -121,11 +123,12 @@ def draw_runs(logs: list, out: str):
 
 
 def draw_mask(path: str, matrix: str, out: str):
-    """density per layer x projection, and the positions of one matrix's deltas."""
+    """the mean |delta| per layer x projection (with each matrix's count of deltas), and the positions of one
+    matrix's deltas. -> the figure"""
     import numpy as np
     from matplotlib.figure import Figure
 
-    shapes, counts, matrix, indices = read_delta(path, matrix)
+    shapes, counts, size, matrix, indices = read_delta(path, matrix)
     cells = {}  # (layer, projection) -> name
     for name in shapes:
         m = re.fullmatch(r"layers\.(\d+)\.\w+\.(\w+)", name)
@@ -136,18 +139,20 @@ def draw_mask(path: str, matrix: str, out: str):
     n_layers = max(layer for layer, _ in cells) + 1
     grid = np.full((n_layers, len(PROJECTIONS)), np.nan)  # nan: a matrix without deltas
     for (layer, p), name in cells.items():
-        grid[layer, p] = counts[name] / (shapes[name][0] * shapes[name][1])
+        grid[layer, p] = size[name]  # (the density is the same everywhere under the default budget split)
 
     fig = Figure(figsize=(12, max(4, 1.5 + 0.25 * n_layers)), layout="constrained")
     ax, ax2 = fig.subplots(1, 2, width_ratios=(1, 1.4))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)  # from 0: equal budgets look equal
-    ax.set(title=f"density of deltas ({sum(counts.values()):,} in all)", xlabel="projection", ylabel="layer",
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)  # from 0: no change is dark
+    total = sum(counts.values()) / sum(shapes[n][0] * shapes[n][1] for n in cells.values())
+    ax.set(title=f"mean |delta| per matrix\n{sum(counts.values()):,} deltas, {total:.2%} of the weights",
+           xlabel="projection" + (" (in each cell: its number of deltas)" if n_layers <= 12 else ""), ylabel="layer",
            xticks=range(len(PROJECTIONS)), xticklabels=PROJECTIONS, yticks=range(n_layers))
     if n_layers <= 12:  # small enough to read the counts in the cells
         for (layer, p), name in cells.items():
             dark = im.norm(grid[layer, p]) < 0.5  # white text on the dark end of the colour map
             ax.text(p, layer, f"{counts[name]:,}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
-    fig.colorbar(im, ax=ax, label="deltas / matrix size")
+    fig.colorbar(im, ax=ax, label="mean |delta| of the matrix")
 
     n_out, n_in = shapes[matrix]
     im2 = ax2.imshow(occupancy(indices, (n_out, n_in)), aspect="auto", cmap="magma", interpolation="nearest",
@@ -156,6 +161,7 @@ def draw_mask(path: str, matrix: str, out: str):
             ylabel="output (row, Meta's RoPE order)")
     fig.colorbar(im2, ax=ax2, label="fraction of the cell active")
     fig.savefig(out, dpi=120)
+    return fig
 
 
 def draw_quality(path: str, out: str):

@@ -70,6 +70,12 @@ DEFAULT_LR = {"spiel-ag": 1e-5, "spiel-ma": 1e-3, "lora": 1e-4, "full": 2e-5}
 AG_DECAY_PER_STEP = 3e-4
 
 
+def lr_and_decay(method: str, lr=None, weight_decay=None) -> tuple:
+    """the peak learning rate and weight decay a run uses: the given ones, else the method's defaults."""
+    lr = lr or DEFAULT_LR[method]
+    return lr, weight_decay if weight_decay is not None else AG_DECAY_PER_STEP / lr if method == "spiel-ag" else 0.0
+
+
 def get_parser(description: str = "") -> Parser:
     """train.py's arguments: the one place each default is set (memory.py and bench.py read them here)."""
     ap = Parser(prog="train.py", description=description)
@@ -152,9 +158,10 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
     stored = read_json(os.path.join(args.out, "args.json"), "not a run folder, or its args.json is damaged")
     for key in given:
         value = os.path.abspath(getattr(args, key)) if key in PATHS else getattr(args, key)
-        if value != stored.get(key) and key not in RESUME_FLAGS:
-            parser.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has {stored.get(key)!r}); "
-                         f"start a new run with another --out")
+        was, named = run_value(stored, key)
+        if value != was and key not in RESUME_FLAGS:
+            parser.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has {named}); start a new "
+                         f"run with another --out")
         stored[key] = value
     for key in PATHS:
         if stored.get(key) and not os.path.exists(stored[key]):
@@ -164,6 +171,17 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
     return argparse.Namespace(**{**vars(parser.parse_args([])), "finetune_id": None, "data_sha256": None,
                                  "total_steps": None, **stored,
                                  "out": os.path.abspath(args.out), "resume": True, "stop_at_step": args.stop_at_step})
+
+
+def run_value(stored: dict, key: str) -> tuple:
+    """(the value a run used for an argument, how a resume refusal names it): a default that depends on the
+    method (--lr, --weight-decay) is worked out."""
+    if stored.get(key) is None and key in ("lr", "weight_decay"):
+        method = stored.get("method", "spiel-ag")
+        lr, wd = lr_and_decay(method, stored.get("lr"), stored.get("weight_decay"))
+        value = float(f"{lr if key == 'lr' else wd:.12g}")  # (3e-4 / 1e-5 is 29.999999999999996; one types 30)
+        return value, f"{value:g}, the default for {method}" + (f" at lr {lr:g}" if key != "lr" and wd else "")
+    return stored.get(key), "its default" if stored.get(key) is None else repr(stored[key])
 
 
 # -----------------------------------------------------------------------------
@@ -395,6 +413,27 @@ def save_state(args, step, model, optimizer, selector, batches, rank, world, fin
              "selector": selector.state_dict() if selector else {}, "rng": rngs, "cuda_rng": cuda_rngs}
     # last: a failed write of the delta leaves the previous checkpoint whole, and state.pt is what --resume reads
     write_whole(os.path.join(args.out, "state.pt"), lambda tmp: torch.save(state, tmp))
+
+
+def finished_step(args):
+    """the last step of a finished run that --resume has nothing to add to, read without loading the data or
+    the model (state.pt memory-mapped, log.jsonl's end record); None if it is not finished or cannot tell."""
+    try:
+        step = torch.load(os.path.join(args.out, "state.pt"), mmap=True, weights_only=True)["step"]
+        with open(os.path.join(args.out, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        last = max((i for i, r in enumerate(records) if r.get("step") == step and "loss" in r), default=len(records))
+        ended = any(r.get("event") == "end" for r in records[last:])  # finish() ran after the saved step
+    except Exception:
+        return None  # missing or damaged: load_state says which
+    if not (step >= args.max_steps if args.max_steps else ended):  # (--epochs: the length needs the data)
+        return None
+    exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
+    return step if exported else None  # (a full fine-tune cut off in its export: redo it)
+
+
+def finished(out, step) -> str:
+    return f"{out} already finished at step {step}; extend it with --resume --max-steps N (N > {step})"
 
 
 STATE_KEYS = ("step", "world_size", "optimizer", "data", "trainable", "selector", "rng", "cuda_rng")

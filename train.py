@@ -19,8 +19,8 @@ import os
 # idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
 # demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import json
 import math
+import shlex
 import signal
 import sys
 import time
@@ -53,9 +53,7 @@ DEMO_ARGS = ["--ckpt", os.path.join(DEMO, "base"), "--data", os.path.join(DEMO, 
 def add_trainable(model, a, total_steps: int = 1) -> tuple:
     """the trainable part of `model` for a.method, its optimizer, and (SpIEL) the Selector that
     moves the deltas. -> (params, optimizer, selector or None)"""
-    lr = a.lr or runs.DEFAULT_LR[a.method]
-    wd = a.weight_decay if a.weight_decay is not None else \
-        runs.AG_DECAY_PER_STEP / lr if a.method == "spiel-ag" else 0.0
+    lr, wd = runs.lr_and_decay(a.method, a.lr, a.weight_decay)
     budget = {"density": a.density, "num_tunable": a.num_tunable, "lora_rank": a.match_lora_rank}
     if a.method in ("spiel-ag", "spiel-ma"):
         if all(v is None for v in budget.values()):
@@ -154,6 +152,9 @@ def load_data(args, tok, world, say) -> tuple:
     if dropped:
         say(f"data: dropped {dropped} examples left with no answer token after truncation to "
             f"{args.seq_len}")
+    warning = data.unknown_warning(tok, train_set)  # text the tokenizer can only write as <unk>
+    if warning:
+        say(warning)
     per_step = args.batch_size * args.grad_accum * world
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / per_step))
     n_label = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in train_set)
@@ -217,6 +218,9 @@ def fine_tune(argv, lock, memory):
     if demo:
         shown = [os.path.relpath(x, HERE) if x.startswith(HERE) else x for x in DEMO_ARGS]
         say("demo: python train.py " + " ".join(shown))
+    if args.resume and (done := runs.finished_step(args)) is not None:  # said before anything loads
+        say(runs.finished(args.out, done))
+        return 0
     check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
     if rank == 0:
         runs.claim(args, lock)  # a live run's folder is refused at once, naming its holder
@@ -256,8 +260,7 @@ def fine_tune(argv, lock, memory):
         start = last + 1
         exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
         if start > total_steps and exported:  # (a full fine-tune cut off in its export: redo it)
-            say(f"{args.out} already finished at step {start - 1}; extend it with --resume "
-                f"--max-steps N (N > {start - 1})")
+            say(runs.finished(args.out, start - 1))
             return 0
         planned, args.total_steps = args.total_steps, total_steps
         change = "" if planned in (None, total_steps) else \
@@ -397,10 +400,11 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
         report_quality(args, model, tok, val_set, device, total_steps, say, log)
     name = {"lora": "lora.safetensors", "full": "model"}.get(args.method, "delta.safetensors")
     artifact = os.path.join(args.out, name)
-    prompt = val_set[0][2][1][0][0] if val_set else "..."
-    ckpt = f"{artifact}" if args.method == "full" else f"{args.ckpt} --delta {artifact}"
-    say(f"saved {artifact}; sample with: python generate.py --ckpt {ckpt} --chat --temperature 0 "
-        f"--prompt {json.dumps(prompt)}")
+    system, turns = val_set[0][2] if val_set else (None, [("...", "")])  # a validation prompt, as scored
+    ckpt = [artifact] if args.method == "full" else [args.ckpt, "--delta", artifact]
+    hint = ["python", "generate.py", "--ckpt", *ckpt, "--chat", "--temperature", "0", "--prompt", turns[0][0],
+            *(["--system", system] if system is not None else [])]
+    say(f"saved {artifact}; sample with: {shlex.join(hint)}")  # quoted for a shell: newlines, quotes, $
 
 
 def cli(argv):

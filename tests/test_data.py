@@ -2,6 +2,7 @@
 the prompt/answer boundary differently."""
 
 import io
+import json
 import os
 import random
 
@@ -75,3 +76,29 @@ def test_second_turn_prompt_is_the_conversation_so_far(tok):
     history = first + a1 + [tok.eos_id] + p2
     assert p1 == first[1:] and inputs[:len(history)].tolist() == history
     assert targets[len(history) - 1] != IGNORE_INDEX and targets[len(history) - 2] == IGNORE_INDEX
+
+
+def test_answers_the_tokenizer_cannot_write_are_warned_about(tmp_path):
+    """the demo's tokenizer has no capital letters: "Stone" is <unk> + "tone". More than 1% of the answer tokens
+    as <unk> gives one warning line with the counts and the characters; train.py prints it with the data."""
+    import runs
+    import train
+    tok = Tokenizer(os.path.join(ROOT, "demo", "base", "tokenizer.model"))
+    assert tok.sp.unk_id() in tok.encode("Stone", bos=False)
+    path = tmp_path / "caps.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"name rock {LETTERS[i % 26]}", "output": "Stone Age"}) + "\n"
+                            for i in range(40)))
+    examples, _ = data.load_examples(str(path), tok, 96)
+    n_label = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in examples)
+    warning = data.unknown_warning(tok, examples)
+    assert warning.startswith(f"warning: 80 of {n_label} answer tokens ({80 / n_label:.1%}) are <unk> (and 0 of ")
+    assert "cannot write 'A' 'S' (e.g. in 'Stone Age')" in warning and "\n" not in warning
+    (tmp_path / "digit.jsonl").write_text(json.dumps({"prompt": "rock 7", "completion": "r"}) + "\n")
+    digit, _ = data.load_examples(str(tmp_path / "digit.jsonl"), tok, 96)  # no digits either: counted apart
+    assert "are <unk> (and 1 of " in data.unknown_warning(tok, examples + digit)
+    assert data.unknown_warning(tok, data.load_examples(os.path.join(ROOT, "demo", "train.jsonl"), tok, 96)[0]) is None
+    lines = []
+    args = runs.get_parser().parse_args(["--ckpt", ".", "--data", str(path), "--seq-len", "96", "--max-steps", "1"])
+    train.load_data(args, tok, 1, lines.append)
+    warned = [line for line in lines if line.startswith("warning:")]
+    assert len(warned) == 1 and "answer tokens (20.0%) are <unk>" in warned[0] and "'Stone Age'" in warned[0], lines

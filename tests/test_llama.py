@@ -260,3 +260,58 @@ def test_generate_cli(tiny):
     bad = run("--ckpt", str(tiny.root / "missing"), "--prompt", "x")
     assert bad.returncode != 0 and "checkpoint folder not found" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_given_as_the_checkpoint_folder_says_what_it_is(tiny, tmp_path):
+    """--ckpt runs/x/delta.safetensors (or a weights file, or the tokenizer): a folder is expected, and the
+    message says what the file is and what to pass instead, in one line."""
+    from safetensors.torch import save_file
+    from llama import check_checkpoint
+    delta, adapter = str(tmp_path / "delta.safetensors"), str(tmp_path / "lora.safetensors")
+    save_file({"x": torch.zeros(1)}, delta, metadata={"format": "spiel-delta"})
+    save_file({"x": torch.zeros(1)}, adapter, metadata={"format": "spiel-lora"})
+    weights = os.path.join(tiny.hf, sorted(f for f in os.listdir(tiny.hf) if f.endswith(".safetensors"))[0])
+    for path, what in ((delta, "a sparse delta file: pass the base model's folder (generate.py and merge.py take "
+                               "this file with --delta)"),
+                       (adapter, "a LoRA adapter file: pass the base model's folder"),
+                       (weights, f"a file of a checkpoint: pass the folder that holds it ({tiny.hf})"),
+                       (os.path.join(tiny.hf, "config.json"), f"pass the folder that holds it ({tiny.hf})"),
+                       (tiny.tokenizer, "a tokenizer: pass the checkpoint folder")):
+        with pytest.raises(CheckpointError) as e:
+            check_checkpoint(path)
+        assert str(e.value).startswith(f"{path}: a checkpoint folder is expected, and this is ") and \
+            what in str(e.value), str(e.value)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", delta, "--prompt", "x"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"error: {delta}: a checkpoint folder is expected, and this is a sparse delta file: pass the base model's "
+        f"folder (generate.py and merge.py take this file with --delta)"], p.stderr
+
+
+def test_a_fine_tune_for_another_base_is_refused_in_plain_words(tmp_path):
+    """another base's weights: says so and what to pass; a base that lacks a fine-tune merged into the one it
+    was trained on: names that fine-tune, in words (no fingerprint lists, no "merged []")."""
+    import spiel
+    from llama import PRESETS, Transformer, read_finetune
+
+    def base(seed, merged=()):
+        torch.manual_seed(seed)
+        model = Transformer(PRESETS["tiny"])
+        model.merged_ids = list(merged)
+        return model
+
+    trained_on = base(0, merged=["3fa2c1"])  # a base with one fine-tune merged into it
+    spiel.add_sparse_deltas(trained_on, density=0.05)
+    path = str(tmp_path / "delta.safetensors")
+    spiel.save_delta(trained_on, path, meta={"finetune_id": "d1"})
+    with pytest.raises(CheckpointError) as e:
+        read_finetune(path, base(1, merged=["3fa2c1"]))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: this fine-tune was trained on another base model (it expects the base whose "
+                          f"fingerprint is ") and msg.endswith("; pass the --ckpt it was trained on"), msg
+    assert "merged" not in msg and "[" not in msg
+    with pytest.raises(CheckpointError) as e:
+        read_finetune(path, base(0))
+    assert str(e.value) == f"{path}: this fine-tune was trained on another base model: this one with fine-tune " \
+                           f"3fa2c1 merged into it (by merge.py); pass that merged model as --ckpt"
+    assert read_finetune(path, base(0, merged=["3fa2c1", "another"]))[0] == "spiel-delta"  # merged since: fine

@@ -225,7 +225,7 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(llama.CheckpointError, match=f"{path}: layers.0.feed_forward.w1 is 192x64 in the file but 96x"):
         load_lora(tiny_model(hidden_dim=96), path)
     other = tiny_model(seed=1)
-    with pytest.raises(llama.CheckpointError, match=f"{path}: trained on another base model"):
+    with pytest.raises(llama.CheckpointError, match=f"{path}: this fine-tune was trained on another base model"):
         load_lora(other, path)
     assert lora_layers(other) == {}  # a refused file leaves the model as it was
     model = tiny_model()

@@ -97,6 +97,23 @@ def test_mask_figure(tmp_path):
     assert plot.main(["--mask", path, "--matrix", "layers.9.attention.wq", "--out", str(tmp_path / "x.png")]) == 1
 
 
+def test_mask_figure_left_panel_varies_when_every_matrix_has_the_same_density(tmp_path):
+    """the default budget split gives every matrix the same density (as write_delta does): the left panel shows
+    each matrix's mean |delta|, which varies, not a flat colour."""
+    path = write_delta(tmp_path / "delta.safetensors")
+    shapes, counts, *_ = plot.read_delta(path)
+    assert len({round(counts[n] / (o * i), 2) for n, (o, i) in shapes.items()}) == 1  # one density everywhere
+    grid = np.asarray(plot.draw_mask(path, None, str(tmp_path / "mask.png")).axes[0].images[0].get_array())
+    assert grid.shape == (2, 7) and np.isfinite(grid).all() and grid.std() > 0.01 * grid.mean()
+
+
+def test_readme_installs_the_plotting_extra_before_its_test_command():
+    """a user who follows the README runs plot.py's tests too (they skip without matplotlib)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert readme.index("requirements-plot.txt") < readme.index("python -m pytest")
+
+
 def test_occupancy_bins():
     full = plot.occupancy(np.arange(300 * 20), (300, 20))  # rows binned 300 -> 256 (uneven bins)
     assert full.shape == (256, 20) and (full == 1).all()

@@ -5,6 +5,7 @@ generate.py refuse (a busy --out, a fine-tune applied twice)."""
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -209,7 +210,75 @@ def test_hints_point_at_the_fine_tuned_model_and_a_real_prompt(tiny, task, tmp_p
     prompt = first_prompt.get("instruction", "") + "\n\n" + first_prompt["input"] if "instruction" in first_prompt \
         else first_prompt["messages"][0]["content"]
     assert f"generate.py --ckpt {tmp_path / 'full' / 'model'} " in p.stdout, p.stdout
-    assert json.dumps(prompt) in p.stdout
+    assert shlex.quote(prompt) in p.stdout
+
+
+TRICKY = "copy \"the cat\" it's $HOME `ls` \\n back\\slash\n\nthe dog "  # newlines, quotes, $, backslashes
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "system", "content": "be brief\nsay 'no' to $PATH \\"},
+                  {"role": "user", "content": TRICKY}, {"role": "assistant", "content": "the dog"}]},
+    {"instruction": "double each letter", "input": "z g $i 'd' \\i", "output": "zz gg"}], ids=["chat", "alpaca"])
+def test_the_sample_hint_pasted_into_bash_gives_generate_the_prompt_that_was_scored(tiny, task, tmp_path, record,
+                                                                                    capsys, monkeypatch):
+    """the hint at the end of a run, pasted into bash, makes generate.py start from exactly the prompt ids the
+    run scored: the first validation example's prompt, with its system prompt (--system), shell-quoted."""
+    import data
+    import generate
+    from llama import Tokenizer
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps(record) + "\n")
+    assert run(tiny, task, tmp_path / "r", "--max-steps", "1", "--val-data", str(val), "--seq-len", "128") == 0
+    out = capsys.readouterr().out
+    hint = out[out.index("sample with: ") + len("sample with: "):].removesuffix("\n")
+    assert hint.startswith("python generate.py --ckpt ")
+    p = subprocess.run(["bash", "-c", 'python() { printf "%s\\0" "$@"; }; ' + hint], capture_output=True, text=True)
+    argv = p.stdout.split("\0")[:-1]  # what bash passes to python: the hint's arguments, unquoted
+    assert p.returncode == 0 and argv[0] == "generate.py", (p.stderr, argv)
+    seen = []  # the prompt ids generate.py starts from
+    monkeypatch.setattr(generate, "generate", lambda model, ids, *a, **k: seen.append(ids) or [])
+    generate.main(argv[1:])
+    system, turns = data.to_turns(record)
+    assert ("--system" in argv) == (system is not None)
+    assert seen == [data.prompt_ids(Tokenizer(tiny.tokenizer), turns[0][0], system)]
+
+
+def test_a_refused_flag_names_the_value_the_run_used(tmp_path, capsys):
+    """a run that took its method's default --lr / --weight-decay: a resume that changes them names the value
+    it used, not None; passing that same value is no change."""
+    import runs
+    for method, flag, value, named in (("lora", "--lr", "1e-3", "0.0001, the default for lora"),
+                                       ("spiel-ag", "--lr", "1e-3", "1e-05, the default for spiel-ag"),
+                                       ("spiel-ag", "--weight-decay", "1", "30, the default for spiel-ag at lr 1e-05"),
+                                       ("spiel-ma", "--weight-decay", "1", "0, the default for spiel-ma")):
+        out = tmp_path / method
+        out.mkdir(exist_ok=True)
+        stored = vars(runs.get_parser().parse_args(["--ckpt", str(out), "--data", str(out), "--method", method]))
+        (out / "args.json").write_text(json.dumps(stored))
+        with pytest.raises(SystemExit):
+            runs.resolve_args(runs.get_parser(), ["--out", str(out), "--resume", flag, value])
+        assert f"{flag} cannot change when resuming (the run has {named}); " in capsys.readouterr().err
+        same = {"--lr": named.split(",")[0], "--weight-decay": named.split(",")[0]}[flag]
+        assert runs.resolve_args(runs.get_parser(), ["--out", str(out), "--resume", flag, same]).resume
+
+
+def test_resuming_a_finished_run_says_so_before_loading_anything(tiny, task, tmp_path, capsys, monkeypatch):
+    """--resume on a finished run, or --resume --max-steps N below where it finished: the message, exit 0, and
+    neither the data nor the model is loaded; the same for a run sized by --epochs once it has ended."""
+    assert run(tiny, task, tmp_path / "steps", "--max-steps", "3") == 0
+    assert run(tiny, task, tmp_path / "epochs", "--epochs", "0.1") == 0  # 16 examples, 8 per step: 2 steps
+    capsys.readouterr()
+
+    def boom(*a, **k):
+        raise AssertionError("loaded")
+
+    for name in ("load_base", "load_data", "load_model", "Tokenizer"):
+        monkeypatch.setattr(train, name, boom)
+    for out, extra, step in (("steps", [], 3), ("steps", ["--max-steps", "2"], 3), ("epochs", [], 2)):
+        assert train.main(["--out", str(tmp_path / out), "--resume", *extra]) == 0
+        assert capsys.readouterr().out.strip().endswith(
+            f"{tmp_path / out} already finished at step {step}; extend it with --resume --max-steps N (N > {step})")
 
 
 def test_a_fine_tune_is_never_applied_twice_and_busy_outputs_are_refused_first(tiny, task, tmp_path):
