@@ -82,7 +82,8 @@ def get_parser(description: str = "") -> Parser:
     a = ap.add_argument
     # model and data
     a("--ckpt", help="LLaMA 2 checkpoint folder, Meta or Hugging Face layout (omit all arguments for the demo)")
-    a("--data", help="training data, .jsonl or .json: Alpaca, prompt/completion or chat 'messages' records")
+    a("--data", help="training data, .jsonl or .json: Alpaca, prompt/completion or chat 'messages' records "
+                     "(default: the demo's task, a short run)")
     a("--val-data", help="validation data; default: --val-frac of --data")
     a("--val-frac", type=BELOW_1, default=0.05, help="fraction of --data held out when --val-data is not given")
     a("--seq-len", type=COUNT, default=2048, help="examples are truncated to this many tokens")
@@ -147,7 +148,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
     args = parser.parse_args(argv)
     if not args.resume:
         if args.ckpt is None or args.data is None:
-            parser.error("--ckpt and --data are required (run with no arguments at all for the demo)")
+            parser.error("--ckpt is required (no arguments at all: the demo; --ckpt alone: the demo's task on "
+                         "that model)")
         for key in PATHS:
             setattr(args, key, getattr(args, key) and os.path.abspath(getattr(args, key)))
         return args

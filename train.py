@@ -46,6 +46,24 @@ DEMO_ARGS = ["--ckpt", os.path.join(DEMO, "base"), "--data", os.path.join(DEMO, 
              "--grad-accum", "1", "--max-steps", "400", "--eval-every", "100",
              "--exact-match", "100", "--device", "cpu", "--threads", "1"]
 
+# `python train.py --ckpt DIR` without --data: the demo's task (shift each letter by one) on that model, with
+# held-out exact match before and after: SpIEL teaching it something new. 100 steps of 8 examples; the
+# learning rate is the top of the paper's grid for a short run (the user's own flags win)
+TASK_ARGS = ["--data", os.path.join(DEMO, "train.jsonl"), "--val-data", os.path.join(DEMO, "val.jsonl"),
+             "--max-steps", "100", "--batch-size", "8", "--grad-accum", "1", "--seq-len", "64",
+             "--eval-every", "50", "--exact-match", "50"]
+TASK_LR = {"spiel-ag": 1e-4, "spiel-ma": 2e-3}  # (LoRA 1e-4 and full 2e-5: their defaults)
+
+
+def with_default_task(argv: list) -> list:
+    """argv, or (--ckpt without --data) the default task's flags followed by the user's."""
+    a = runs.get_parser().parse_args(argv)
+    if a.resume or a.data or not a.ckpt:
+        return argv
+    lr = ["--lr", str(TASK_LR[a.method])] if a.method in TASK_LR else []
+    return TASK_ARGS + lr + argv
+
+
 # -----------------------------------------------------------------------------
 # the trainable part: one setup for train.py, memory.py and bench.py
 
@@ -58,6 +76,11 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
     if a.method in ("spiel-ag", "spiel-ma"):
         if all(v is None for v in budget.values()):
             budget["lora_rank"] = 64  # the paper's budget: as many deltas as LoRA rank 64 trains
+            n, size = spiel.lora_param_count(model, 64), sum(math.prod(matrix_shape(m)) for m in
+                                                             target_linears(model).values())
+            if n > size:
+                raise ValueError(f"the default budget (as many deltas as LoRA rank 64 trains: {n:,}) does not "
+                                 f"fit this model's {size:,} targeted weights; pass --density (e.g. 0.05)")
         layers = spiel.add_sparse_deltas(model, **budget, seed=a.seed)
         spiel.set_grad_path(model, a.grad_path)
         params = [layer.values for layer in layers.values()]
@@ -207,8 +230,8 @@ def main(argv):
 
 
 def fine_tune(argv, lock, memory):
-    demo = not argv
-    args = runs.resolve_args(runs.get_parser(__doc__), DEMO_ARGS if demo else argv)
+    demo, task = not argv, with_default_task(argv) != argv
+    args = runs.resolve_args(runs.get_parser(__doc__), DEMO_ARGS if demo else with_default_task(argv))
     if args.quantize != "none" and args.method == "full":
         raise SystemExit("error: full fine-tuning needs a full-precision base (drop --quantize)")
     if args.threads:
@@ -218,6 +241,10 @@ def fine_tune(argv, lock, memory):
     if demo:
         shown = [os.path.relpath(x, HERE) if x.startswith(HERE) else x for x in DEMO_ARGS]
         say("demo: python train.py " + " ".join(shown))
+    if task:
+        say(f"no --data: fine-tuning {args.ckpt} on the demo's task (shift each letter by one, "
+            f"{runs.shown(args.data)}), {args.max_steps} steps, held-out exact match before and after. "
+            "Your own data: --data your.jsonl (README.md, Data)")
     if args.resume and (done := runs.finished_step(args)) is not None:  # said before anything loads
         say(runs.finished(args.out, done))
         return 0

@@ -221,3 +221,60 @@ def test_learning_rate_schedule_never_exceeds_the_peak():
             assert max(lrs) == pytest.approx(1.0) and all(lr <= 1.0 + 1e-12 for lr in lrs), (total, warmup)
             assert all(a <= b for a, b in zip(lrs, lrs[1:max(lrs.index(max(lrs)), 1)]))
     assert train.lr_at(4, 120, 1.0, 0.03) == 1.0 and train.lr_at(3, 120, 1.0, 0.03) == 0.75  # 3.6 -> 4 steps
+
+
+def test_ckpt_alone_runs_the_default_task_to_its_exact_match_line(tiny, tmp_path):
+    """`python train.py --ckpt DIR` with no --data: the demo's task on that model, exact match before and after
+    (shortened here; the user's flags win over the task's)."""
+    argv = ["train.py", "--ckpt", tiny.hf, "--out", str(tmp_path / "r"), "--max-steps", "2", "--exact-match", "2",
+            "--device", "cpu", "--threads", "1"]
+    one_line_error(cli(*argv), "the default budget (as many deltas as LoRA rank 64 trains: 155,648) does not fit")
+    p = cli(*argv, "--density", "0.05")  # (LLaMA 2 has room for the paper's budget; this tiny model has not)
+    assert p.returncode == 0, p.stderr
+    assert "no --data: fine-tuning" in p.stdout and "the demo's task" in p.stdout and "--data your.jsonl" in p.stdout
+    assert "exact match before fine-tuning: " in p.stdout and "exact match after fine-tuning: " in p.stdout
+    args = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert args["data"].endswith(os.path.join("demo", "train.jsonl")) and args["max_steps"] == 2
+    assert args["lr"] == train.TASK_LR["spiel-ag"] and args["batch_size"] == 8
+    p = cli("train.py", "--data", os.path.join(ROOT, "demo", "train.jsonl"))
+    one_line_error(p, "--ckpt is required")
+
+
+def test_a_padded_vocabulary_trains_generates_and_merges_and_too_few_rows_is_one_line(tiny, task, tmp_path, capsys):
+    """an embedding with more rows than the tokenizer has pieces (an added pad token: LLaMA 2 + 1 row) trains,
+    samples only ids the tokenizer can decode, and merges; fewer rows than pieces names both numbers."""
+    import generate
+    import merge
+    from conftest import random_state_dict, write_hf, write_meta
+    from llama import CheckpointError, ModelArgs
+    with open(tiny.tokenizer, "rb") as src, open(tmp_path / "tokenizer.model", "wb") as dst:
+        dst.write(src.read())  # one level above the Meta folders, as Meta ships it
+    sample = ["--prompt", "the cat", "--temperature", "2", "--top-p", "1", "--max-new-tokens", "80", "--device", "cpu"]
+    for rows in (tiny.args.vocab_size + 44, tiny.args.vocab_size - 56):
+        args = ModelArgs(**{**tiny.args.__dict__, "vocab_size": rows})
+        sd = random_state_dict(args, seed=1)
+        meta = write_meta(sd, args, str(tmp_path / f"meta{rows}"))  # vocab_size -1: the embedding's rows
+        hf = write_hf(sd, args, str(tmp_path / f"hf{rows}"), tokenizer=tiny.tokenizer)
+        out = tmp_path / f"run{rows}"
+        if rows < 256:
+            for ckpt in (meta, hf):
+                with pytest.raises(CheckpointError, match=f"{ckpt}: its embedding has {rows} rows but .* has 256 "
+                                                          "pieces: this tokenizer is not the model's"):
+                    generate.main(["--ckpt", ckpt, *sample])
+                code, message = run_cli(["--ckpt", ckpt, "--data", task[0], "--out", str(out)])
+                assert code and "has 256 pieces" in message and not out.exists()
+                with pytest.raises(CheckpointError, match="has 256 pieces"):
+                    merge.main(["--ckpt", ckpt, "--out", str(out)])
+            continue
+        generate.main(["--ckpt", hf, *sample])  # (an id >= 256 would crash the tokenizer's decoder)
+        assert run(tiny, task, out, "--ckpt", meta, "--max-steps", "2") == 0
+        generate.main(["--ckpt", meta, "--delta", str(out / "delta.safetensors"), *sample])
+        merge.main(["--ckpt", meta, "--delta", str(out / "delta.safetensors"), "--out", str(tmp_path / "m"),
+                    "--dtype", "float32"])
+        assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == rows
+
+
+def run_cli(argv):
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    return e.value.code, str(e.value.code)
