@@ -106,6 +106,21 @@ def test_nf4_matches_naive():
     assert (wd[0, :64] == 0).all()
 
 
+def test_nf4_codes_equal_the_nearest_code_search_at_every_boundary():
+    """the threshold count gives the argmin over the 16 float32 distances (ties to the lower code) exactly: on
+    the midpoints, one float32 step either side of them and of the thresholds, and on random values."""
+    from quantize import NF4_THRESHOLDS
+    t, mid = torch.tensor(NF4_THRESHOLDS), (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
+    near = [v for p in (t, mid) for v in (p, torch.nextafter(p, torch.full_like(p, 2.0)),
+                                          torch.nextafter(p, torch.full_like(p, -2.0)))]
+    x = torch.cat([*near, NF4_CODE, torch.rand(64 * 1000, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+    x = torch.cat([x, torch.zeros(-x.numel() % 63)]).view(-1, 63)  # blocks of 64 whose absmax is 1: x stays x
+    w = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+    want = (w.flatten()[:, None] - NF4_CODE).abs().argmin(-1)  # the 16 distances, first minimum
+    q = quantize_nf4(w)["qweight"].flatten()
+    assert torch.equal(torch.stack([q >> 4, q & 0xF], -1).flatten().long(), want)
+
+
 def test_nf4_shape_errors_and_bf16():
     with pytest.raises(ValueError, match=r"\(3, 5\)"):
         quantize_nf4(torch.randn(3, 5))
