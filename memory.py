@@ -167,7 +167,7 @@ def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank
 def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: int = 2048, batch_size: int = 1,
              grad_checkpoint: bool = False, density=None, lora_rank: int = 64, lora_dropout: float = 0.1,
              sm3_momentum: float = 0.0, window_open: bool = True, dtype=torch.bfloat16, gpus: int = 1,
-             fsdp: bool = False) -> dict:
+             fsdp: bool = False, device: str = "cuda") -> dict:
     """peak training memory in bytes per GPU, by kind (see the module docstring for how they add up to "total").
 
     quantize: None, "int8" or "nf4" (the frozen projections). SpIEL's budget is `density` of the targeted

@@ -290,7 +290,7 @@ def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Te
     out_f, in_f = row.numel(), col.numel()
     n = min(n, out_f * in_f - active.numel())
     col_sorted, col_order = col.sort()  # (in,) ascending
-    active_scores = (row[active // in_f] * col[active % in_f]).sort().values  # (k,) ascending
+    active_scores = row[active // in_f] * col[active % in_f]  # (k,)
 
     def per_row(tau: float):  # (out,) per row, how many columns reach tau: col[j] >= tau / row[i]
         bound = torch.where(row > 0, tau / row, math.inf if tau > 0 else -math.inf)
@@ -299,7 +299,7 @@ def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Te
     lo, hi = 0.0, float(row.max() * col.max())
     for _ in range(32):  # bisection: the largest tau that leaves at least n inactive positions at or above it
         mid = (lo + hi) / 2
-        above = int(per_row(mid).sum()) - (active_scores.numel() - int(torch.searchsorted(active_scores, mid)))
+        above = int(per_row(mid).sum()) - int((active_scores >= mid).sum())
         lo, hi = (mid, hi) if above >= n else (lo, mid)
     m = per_row(lo)  # (out,) how many of each row's largest columns to score; M = m.sum() ~ n + k
     rows = torch.repeat_interleave(torch.arange(out_f, device=row.device), m)  # (M,) row of each entry
@@ -308,15 +308,24 @@ def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Te
     pos = rows * in_f + cols  # (M,) flat positions
     keep = ~member(active, pos, out_f * in_f)  # (M,) inactive ones only
     pos, score = pos[keep], row[rows[keep]] * col[cols[keep]]  # (M',)
-    top = score.topk(min(n, score.numel())).indices  # (n,)
+    top = top_k(score, min(n, score.numel()))  # (n,)
     return pos[top], score[top]
 
 
+_SCRATCH = {}  # device -> a bool mask over the positions of the largest matrix, all False between calls
+
+
 def member(values: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
-    """which entries of x (flat positions < size) are among `values`: a transient (size,) bool mask."""
-    mask = torch.zeros(size, dtype=torch.bool, device=x.device)
+    """which entries of x (flat positions < size) are among `values`, through a bool mask over all positions.
+    The mask is kept and cleared entry by entry after use (a speed-up: zeroing a fresh (out, in) mask for
+    every call was a third of a 7B reselection; docs/fullsize.md)."""
+    mask = _SCRATCH.get(x.device)
+    if mask is None or mask.numel() < size:
+        mask = _SCRATCH[x.device] = torch.zeros(size, dtype=torch.bool, device=x.device)
     mask[values] = True
-    return mask[x]
+    hit = mask[x]
+    mask[values] = False
+    return hit
 
 
 # -----------------------------------------------------------------------------
@@ -332,9 +341,8 @@ def drop_and_grow(layer: SparseDeltaLinear, n: int, cand: torch.Tensor, score: t
     Returns (slots whose position changed (m,), index into `cand` of what grew there (m,))."""
     idx, k, size = layer.indices.long(), layer.indices.numel(), math.prod(layer.weight_shape)
     n = min(n, k)
-    smallest = layer.values.abs().topk(n, largest=False).indices  # (n,) slots, smallest |value| first
     while True:
-        drop = smallest[:n]
+        drop = top_k(-layer.values.abs(), n)  # (n,) the slots of the n smallest |value|
         stays = torch.ones(k, dtype=torch.bool, device=idx.device)
         stays[drop] = False
         eligible = ~member(idx[stays] if regrow_dropped else idx, cand, size)  # never what stays (AG) / is (MA)
@@ -619,6 +627,8 @@ def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
     """the indices of the k largest entries of x (1-D), as x.topk(k) (any k of equal ones): on a CPU a topk
     with k in the tens of thousands sorts most of x, so cut at a threshold read off a regular sample of x
     first (low enough to keep at least k) and rank only what is above it."""
+    if k >= x.numel():
+        return torch.arange(x.numel(), device=x.device)
     if x.device.type != "cpu" or 4 * k >= x.numel():
         return x.topk(k, sorted=False).indices
     sample = x[::max(1, x.numel() // 16384)]  # a regular sample of 16384 or more

@@ -349,11 +349,13 @@ def fine_tune(argv, lock, memory):
 
         # --- drop and regrow (SpIEL section 3): the smallest deltas make room for new positions --
         if selector and selector.schedule.is_reselection(step):
+            t_reselect = time.time()
             changed = selector.reselect(step)  # name -> how many positions moved in that matrix
             k, n = sum(m.indices.numel() for m in selector.layers.values()), sum(changed.values())
             note(f"step {step}: reselection replaced {n:,} of {k:,} deltas ({n / k:.1%}; "
-                 f"scheduled {selector.schedule.fraction(step):.1%})")
-            log({"event": "reselect", "step": step, "changed": n, "of": k, "by_matrix": changed})
+                 f"scheduled {selector.schedule.fraction(step):.1%}) in {time.time() - t_reselect:.1f}s")
+            log({"event": "reselect", "step": step, "changed": n, "of": k, "by_matrix": changed,
+                 "seconds": time.time() - t_reselect})
 
         # --- log, evaluate, save ---------------------------------------------------------------
         elapsed = time.time() - t_start
