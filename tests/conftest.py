@@ -6,7 +6,11 @@ import io
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
+import threading
+import time
 import types
 
 import pytest
@@ -17,6 +21,83 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama import ModelArgs  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models gain nothing from a second thread; CI's 2 cores run one test at a time
+
+
+# -----------------------------------------------------------------------------
+# subprocesses without wall-clock limits: a test fails when its processes hang, never because the machine is slow
+# (a fixed timeout made the suite fail at random on a loaded machine: bench.py's speed test, 23 s alone, passed
+# its 120 s limit with four other processes on the two cores)
+
+IDLE_SECONDS = 60  # a process tree that uses no CPU for this long is hung (e.g. processes waiting on each other)
+
+
+def cpu_seconds(root: int) -> float:
+    """user + system CPU seconds of process `root` and its live descendants (Linux /proc)."""
+    stats = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # (after the command name, which may hold spaces)
+            stats[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, new = {root}, {root}
+    while new:
+        new = {pid for pid, (ppid, _) in stats.items() if ppid in new} - tree
+        tree |= new
+    return sum(stats[pid][1] for pid in tree if pid in stats) / os.sysconf("SC_CLK_TCK")
+
+
+class Watchdog:
+    """check() fails (and kills the process group) once `p` and its children have used less than 0.2 s of CPU in
+    IDLE_SECONDS: a hang. Any amount of progress, however slow, resets it."""
+
+    def __init__(self, p: subprocess.Popen):
+        self.p, self.used, self.since, self.last = p, 0.0, time.time(), 0.0
+
+    def check(self):
+        if time.time() - self.last < 1:  # (a scan of /proc a second is enough)
+            return
+        self.last, used = time.time(), cpu_seconds(self.p.pid)
+        if used > self.used + 0.2:
+            self.used, self.since = used, time.time()
+        elif time.time() - self.since > IDLE_SECONDS and self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            raise AssertionError(f"hung: no CPU used for {IDLE_SECONDS} s by {self.p.args}")
+
+
+def popen(args, **kw) -> subprocess.Popen:
+    """subprocess.Popen in a new process group (a hung tree can be killed whole), text pipes."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kw)
+
+
+def communicate(p: subprocess.Popen) -> tuple:
+    """(stdout, stderr) of p once it ends, watched for hangs instead of timed."""
+    out, dog = {}, Watchdog(p)
+    reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), p.communicate())))
+    reader.start()
+    while reader.is_alive():
+        reader.join(2)
+        dog.check()
+    return out["stdout"], out["stderr"]
+
+
+def wait_until(p: subprocess.Popen, ready, what: str):
+    """poll ready() while p runs, watched for hangs instead of timed; an error if p ends first."""
+    dog = Watchdog(p)
+    while not ready():
+        if p.poll() is not None:
+            raise AssertionError(f"{p.args} ended before {what}: {p.communicate()}")
+        dog.check()
+        time.sleep(0.05)
+
+
+def run_watched(args, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(args, capture_output=True, text=True, **kw), watched for hangs instead of timed."""
+    p = popen(args, **kw)
+    stdout, stderr = communicate(p)
+    return subprocess.CompletedProcess(args, p.returncode, stdout, stderr)
 
 WORDS = ("the a cat dog sat on mat one two three four five six seven eight nine ten plus minus is what "
          "user assistant answer question reverse copy sort list add number red green blue hello world").split()

@@ -6,14 +6,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 import bench
 import spiel
-from conftest import WORDS
+from conftest import WORDS, run_watched
 from llama import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,9 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_speed_runs_every_method_at_the_matched_budget(tmp_path):
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--shape", "tiny", "--steps", "1", "--warmup",
-                        "1", "--threads", "1", "--json", str(out), "--runs-dir", str(tmp_path / "runs")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    p = run_watched([sys.executable, os.path.join(ROOT, "bench.py"), "--shape", "tiny", "--steps", "1", "--warmup",
+                     "1", "--threads", "1", "--json", str(out), "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "| method | step s | vs frozen |" in p.stdout
     res = json.loads(out.read_text())["methods"]

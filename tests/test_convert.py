@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import types
 
@@ -21,7 +20,7 @@ import generate
 import lora
 import merge
 import spiel
-from conftest import random_state_dict, to_hf, write_hf
+from conftest import random_state_dict, run_watched, to_hf, write_hf
 from llama import CheckpointError, load_model, read_finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,7 +285,7 @@ def test_format_errors_are_one_line(tiny, files, tmp_path, case):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return run_watched([sys.executable, *args], cwd=ROOT)
 
 
 def one_line_error(p, needle):

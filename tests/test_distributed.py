@@ -7,15 +7,14 @@ Each torchrun call runs several configurations in the same 2 processes (train.ma
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import communicate, popen, run_watched, wait_until
 from test_train import ROOT
 
 RUNNER = """
@@ -41,9 +40,8 @@ def torchrun_command(tmp_path, configs, patch=""):
             str(tmp_path / "runner.py"), str(tmp_path / "configs.json")]
 
 
-def torchrun(tmp_path, configs, patch="", timeout=300):
-    return subprocess.run(torchrun_command(tmp_path, configs, patch), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=ENV)
+def torchrun(tmp_path, configs, patch=""):
+    return run_watched(torchrun_command(tmp_path, configs, patch), cwd=ROOT, env=ENV)
 
 
 def args(tiny, task, out, method, accum, *extra):
@@ -126,7 +124,7 @@ def interrupting(step, *a):
 train.lr_at = interrupting
 """
     split, whole = tmp_path / "split", tmp_path / "whole"
-    p = torchrun(tmp_path, [args(tiny, task, split, "spiel-ag", 1)], patch=patch, timeout=120)
+    p = torchrun(tmp_path, [args(tiny, task, split, "spiel-ag", 1)], patch=patch)
     assert p.returncode != 0 and "stopped after step 4" in p.stdout, p.stderr[-3000:]
     assert torch.load(split / "state.pt", weights_only=True)["step"] == 4
     p = torchrun(tmp_path, [["--out", str(split), "--resume"], args(tiny, task, whole, "spiel-ag", 1)])
@@ -146,7 +144,7 @@ def skewed(layer, *a, **k):  # rank 1 moves one delta elsewhere: its indices no 
     return out
 spiel.drop_and_grow = skewed
 """
-    p = torchrun(tmp_path, [args(tiny, task, tmp_path / "r", "spiel-ma", 1)], patch=patch, timeout=120)
+    p = torchrun(tmp_path, [args(tiny, task, tmp_path / "r", "spiel-ma", 1)], patch=patch)
     assert p.returncode != 0
     assert "the ranks disagree on the sparse indices after reselection" in p.stderr
 
@@ -161,7 +159,7 @@ def failing(self):  # rank 1 fails during its 3rd step while rank 0 goes on to i
     return step(self)
 data.Batches.next = failing
 """
-    p = torchrun(tmp_path, [args(tiny, task, tmp_path / "r", "lora", 1)], patch=patch, timeout=120)
+    p = torchrun(tmp_path, [args(tiny, task, tmp_path / "r", "lora", 1)], patch=patch)
     assert p.returncode != 0 and "rank 1 failed on purpose" in p.stderr
 
 
@@ -169,21 +167,26 @@ def test_a_stop_under_torchrun_prints_one_line_and_a_resume_command_that_works(t
     """SIGINT to torchrun (Ctrl-C in its terminal): torchrun passes it on; rank 0 alone says so, both
     processes save the same step, and the command printed to continue works when pasted into a shell."""
     out = tmp_path / "r"
-    slow = "import time\nlr_at = train.lr_at\ntrain.lr_at = lambda *a: (time.sleep(0.2), lr_at(*a))[1]\n"
-    command = torchrun_command(tmp_path, [args(tiny, task, out, "spiel-ag", 1, "--max-steps", "30")], patch=slow)
-    p = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(1200):  # until a few steps are logged
-        time.sleep(0.1)
-        if (out / "log.jsonl").exists() and sum('"loss"' in line for line in open(out / "log.jsonl")) >= 3:
-            break
+    held = """import time
+lr_at = train.lr_at
+def held(step, *a):  # step 4 waits for the Ctrl-C (so the run cannot end before it arrives)
+    while step > 3 and not train.STOP:
+        time.sleep(0.05)
+    return lr_at(step, *a)
+train.lr_at = held
+"""
+    command = torchrun_command(tmp_path, [args(tiny, task, out, "spiel-ag", 1, "--max-steps", "30")], patch=held)
+    p = popen(command, cwd=ROOT, env=ENV)
+    wait_until(p, lambda: (out / "log.jsonl").exists() and sum('"loss"' in line for line in open(out / "log.jsonl"))
+               >= 3, "step 3")
     p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=120)
+    stdout, stderr = communicate(p)
     saved = torch.load(out / "state.pt", weights_only=True)["step"]
-    assert 3 <= saved < 30 and stderr.count("SIGINT: finishing this step") == 1, stderr[-3000:]
+    assert saved == 4 and stderr.count("SIGINT: finishing this step") == 1, stderr[-3000:]
     hints = [line for line in stdout.splitlines() if "continue with: " in line]
     assert len(hints) == 1 and f"stopped after step {saved}; " in hints[0], stdout
     resume = hints[0].split("continue with: ")[1]
     assert resume.startswith("torchrun --nproc_per_node 2 train.py --out ") and resume.endswith(" --resume")
-    p = subprocess.run(["bash", "-c", resume], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_watched(["bash", "-c", resume], cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 30

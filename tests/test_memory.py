@@ -8,7 +8,6 @@ quantized base), the activation model against what autograd actually saves, the 
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +19,7 @@ import lora  # noqa: E402
 import memory  # noqa: E402
 import spiel  # noqa: E402
 import train  # noqa: E402
-from conftest import TINY, random_state_dict  # noqa: E402
+from conftest import TINY, random_state_dict, run_watched  # noqa: E402
 from llama import PRESETS, ModelArgs, Transformer, load_model, matrix_shape, read_shapes, target_linears  # noqa: E402
 from sm3 import SM3  # noqa: E402
 
@@ -241,9 +240,8 @@ def test_cli_breakdown_and_ckpt_shapes(tiny):
         assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim) == \
                (tiny.args.dim, tiny.args.n_layers, tiny.args.n_heads, tiny.args.n_kv_heads, tiny.args.vocab_size,
                 tiny.args.ffn_dim)
-    out = subprocess.run([sys.executable, "memory.py", "--ckpt", tiny.meta1, "--method", "spiel-ma", "--quantize",
-                          "nf4", "--seq-len", "64", "--density", "0.05", "--grad-checkpoint"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_watched([sys.executable, "memory.py", "--ckpt", tiny.meta1, "--method", "spiel-ma", "--quantize",
+                       "nf4", "--seq-len", "64", "--density", "0.05", "--grad-checkpoint"], cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "peak estimate" in out.stdout and "optimizer state" in out.stdout
 
@@ -256,10 +254,9 @@ def test_measure_refuses_without_a_gpu():
 
 def test_measure_runs_end_to_end_on_cpu(tmp_path):
     out_json = tmp_path / "mem.json"
-    out = subprocess.run([sys.executable, "memory.py", "--measure", "--device", "cpu", "--preset", "tiny",
-                          "--seq-len", "32", "--batch-size", "2", "--density", "0.05", "--json", str(out_json)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=os.environ | {"OMP_NUM_THREADS": "1"})  # tiny matmuls: threads only contend
+    out = run_watched([sys.executable, "memory.py", "--measure", "--device", "cpu", "--preset", "tiny",
+                       "--seq-len", "32", "--batch-size", "2", "--density", "0.05", "--json", str(out_json)],
+                      cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"})  # tiny matmuls: threads only contend
     assert out.returncode == 0, out.stderr
     report = json.loads(out_json.read_text())
     assert set(report["runs"]) == {"spiel-ag", "spiel-ma"}

@@ -3,7 +3,6 @@ steps keep their last record, and bad input (or no matplotlib) gives one line an
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import plot  # noqa: E402
+from conftest import run_watched  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {"wq": (8, 16), "wk": (4, 16), "wv": (4, 16), "wo": (16, 8),
@@ -62,7 +62,7 @@ def write_delta(path, fmt="spiel-delta", n_layers=2):
 
 
 def run_plot(*args):
-    return subprocess.run([sys.executable, "plot.py", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return run_watched([sys.executable, "plot.py", *args], cwd=ROOT)
 
 
 def assert_png(path):
@@ -164,6 +164,6 @@ def test_bad_input_is_one_line(case, tmp_path):
 def test_without_matplotlib(tmp_path):
     code = (f"import sys; sys.modules['matplotlib'] = None; import plot; "
             f"sys.exit(plot.main(['--mask', 'missing.safetensors', '--out', {str(tmp_path / 'x.png')!r}]))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    p = run_watched([sys.executable, "-c", code], cwd=ROOT)
     assert p.returncode == 1
     assert p.stderr.strip() == "error: plot.py needs matplotlib: pip install -r requirements-plot.txt"

@@ -10,13 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import communicate, popen, wait_until
 from test_train import ROOT, cli, one_line_error, read_log, run
 
 
@@ -144,13 +144,10 @@ def test_ctrl_c_in_the_loop_saves_and_the_run_resumes(tiny, task, tmp_path, sig)
     argv = [sys.executable, "train.py", "--ckpt", tiny.hf, "--data", task[0], "--device", "cpu", "--out", str(out),
             "--max-steps", "2000", "--density", "0.1", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "48",
             "--eval-every", "0", "--threads", "1"]
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(600):  # wait until a few steps are logged
-        time.sleep(0.1)
-        if (out / "log.jsonl").exists() and len(steps(out)) >= 3:
-            break
+    p = popen(argv, cwd=ROOT)
+    wait_until(p, lambda: (out / "log.jsonl").exists() and len(steps(out)) >= 3, "step 3")  # a few steps logged
     p.send_signal(sig)
-    stdout, stderr = p.communicate(timeout=60)
+    stdout, stderr = communicate(p)
     assert p.returncode == 130 and "Traceback" not in stderr, stderr
     saved = torch.load(out / "state.pt", weights_only=True)["step"]
     assert saved >= 3 and f"stopped after step {saved}" in stdout
@@ -317,22 +314,23 @@ def test_one_checker_one_message_for_a_broken_checkpoint_folder(tmp_path):
 # -----------------------------------------------------------------------------
 # nothing lost: one writer per run folder, failed writes, file modes, no folder left by bad input
 
-SLOW = "import sys, time, train\nlr = train.lr_at\ntrain.lr_at = lambda *a: (time.sleep({}), lr(*a))[1]\n" \
-       "train.cli(sys.argv[1:])"  # train.py, each step slowed down (nothing else changes)
+GATED = """import os, sys, time, train
+lr = train.lr_at
+def gated(step, *a):  # steps after {gate} wait until the test creates {release!r}
+    while step > {gate} and not os.path.exists({release!r}):
+        time.sleep(0.05)
+    return lr(step, *a)
+train.lr_at = gated
+train.cli(sys.argv[1:])"""  # train.py held after a step, so that what the test does meanwhile is no race
 
 
-def slow_run(argv, seconds=0.1):
-    return subprocess.Popen([sys.executable, "-c", SLOW.format(seconds), *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def gated_run(argv, gate, release):
+    return popen([sys.executable, "-c", GATED.format(gate=gate, release=str(release)), *argv], cwd=ROOT)
 
 
 def wait_for_step(p, out, step):
-    for _ in range(1200):
-        if os.path.exists(os.path.join(out, "log.jsonl")) and max(steps(out), default=0) >= step:
-            return
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} in {out} after 60 s")
+    wait_until(p, lambda: os.path.exists(os.path.join(out, "log.jsonl")) and max(steps(out), default=0) >= step,
+               f"step {step}")
 
 
 def small_run_args(tiny, task, out, *extra):
@@ -345,16 +343,17 @@ def small_run_args(tiny, task, out, *extra):
 def test_a_second_train_py_on_a_live_run_is_refused_and_the_first_is_untouched(tiny, task, tmp_path):
     live, alone = tmp_path / "live", tmp_path / "alone"
     argv = small_run_args(tiny, task, live, "--max-steps", "30", "--save-every", "5")
-    p = slow_run(argv)
+    p = gated_run(argv, 6, tmp_path / "go")
     try:
-        wait_for_step(p, live, 6)  # (past its first checkpoint: --resume would otherwise start)
+        wait_for_step(p, live, 6)  # (past its first checkpoint: --resume would otherwise start), held there
         for second in (argv, ["--out", str(live), "--resume"]):  # the same command again, and a resume
             code, message = run_cli(*second)
             assert code not in (0, None) and "\n" not in message, message
             assert f"{live}: in use by another train.py (pid {p.pid} on " in message, message
         assert p.poll() is None  # still running
     finally:
-        stdout, stderr = p.communicate(timeout=120)
+        (tmp_path / "go").touch()
+        stdout, stderr = communicate(p)
     assert p.returncode == 0, stderr
     assert not (live / "lock").exists()  # released at the end
     assert train.main(small_run_args(tiny, task, alone, "--max-steps", "30", "--save-every", "5")) == 0
@@ -364,7 +363,7 @@ def test_a_second_train_py_on_a_live_run_is_refused_and_the_first_is_untouched(t
 
 def test_a_lock_left_by_a_killed_run_does_not_block_resume(tiny, task, tmp_path):
     out = tmp_path / "r"
-    p = slow_run(small_run_args(tiny, task, out, "--max-steps", "30", "--save-every", "2"))
+    p = gated_run(small_run_args(tiny, task, out, "--max-steps", "30", "--save-every", "2"), 3, tmp_path / "never")
     wait_for_step(p, out, 3)
     p.kill()  # SIGKILL: no handler runs, the lock file stays behind
     p.communicate()

@@ -3,7 +3,6 @@ masking and normalisation, merging, and bad input."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+from conftest import run_watched
 import runs
 import train
 from llama import IGNORE_INDEX, Tokenizer, load_model
@@ -112,7 +112,7 @@ def test_merge_gives_the_same_logits_as_the_unmerged_delta(tiny, task, tmp_path)
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return run_watched([sys.executable, *args], cwd=ROOT)
 
 
 def one_line_error(p, needle):
