@@ -98,10 +98,10 @@ def run(script: str, argv: list, threads) -> dict:
     return {"seconds": time.time() - t0, "peak_gb": peak / 1e9, "output": "".join(lines)}
 
 
-def timings(out: str, stdout: str) -> dict:
-    """load, step and reselection times of a train.py run, from its output and log.jsonl."""
+def timings(out: str, stdout: str, steps) -> dict:
+    """load time of a train.py run (from its output), and its step and reselection times (log.jsonl)."""
     with open(os.path.join(out, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
+        log = [r for r in map(json.loads, f) if r.get("step") in steps]
     reselect = {r["step"]: r["seconds"] for r in log if r.get("event") == "reselect"}
     steps = {r["step"]: r["step_time"] - reselect.get(r["step"], 0) for r in log if "loss" in r}
     load = re.search(r"loaded in ([\d.]+)s", stdout)
@@ -137,8 +137,8 @@ def main(argv=None):
             est = memory.estimate(shape, method, base, 64, 1, True, dtype=torch.float32, device="cpu")
             report["runs"][f"{method}, {base}"] = {
                 "peak_gb": first["peak_gb"], "estimate_gb": est["total"] / 1e9, "estimate": est,
-                "resumed_peak_gb": resumed["peak_gb"], **timings(out, first["output"]),
-                "resumed": timings(out, resumed["output"]), "wall_s": first["seconds"] + resumed["seconds"]}
+                "resumed_peak_gb": resumed["peak_gb"], **timings(out, first["output"], (1, 2)),
+                "resumed": timings(out, resumed["output"], (3,)), "wall_s": first["seconds"] + resumed["seconds"]}
     delta = os.path.join(a.dir, "runs", f"{a.methods[-1]}-{a.bases[0]}", "delta.safetensors")
     gen = run("generate.py", ["--ckpt", ckpt, "--delta", delta, "--quantize", a.bases[0], "--prompt",
                               "shift: a b c", "--chat", "--max-new-tokens", "4", "--temperature", "0", "--device",

@@ -49,6 +49,9 @@ from sm3 import SM3
 
 GB = 1e9
 METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
+# a CPU run's own memory counts the process itself: python, torch and its libraries, measured in this process
+# (which has imported what train.py imports) before any model exists
+CPU_RUNTIME = runs.anon_rss()
 GOALS = {"spiel-ma": 16 * GB, "spiel-ag": 20 * GB}  # 7B, int8 base, seq 2048, batch 1, grad checkpointing
 # peak bytes per weight element of one dense (out, in) copy of a frozen projection, as quantize.py and
 # spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
@@ -179,6 +182,13 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     model, optimizer = meta_model(args, method, quantize, dtype, window_open, density=density, lora_rank=lora_rank,
                                   lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
     est = persistent_bytes(model, optimizer)
+    if device == "cpu":  # (train.py on a CPU computes in fp32: the caller passes dtype)
+        est["runtime"] = CPU_RUNTIME
+        # the sparse value gradient's cached patterns (spiel.csr_pattern): row pointers and a column per delta,
+        # int32; an open AG window keeps its candidates' too
+        est["sparse patterns"] = sum(4 * (m.weight_shape[0] + 1 + m.indices.numel()) * (1 + bool(m.window))
+                                     for m in spiel.delta_layers(model).values()
+                                     if spiel.use_sparse_path(m, torch.device("cpu")))
     if fsdp and gpus > 1:
         est["resident W0"] = 0  # a sharded base cannot hold the deltas: the transient merged weight instead
         est["unsharded blocks"] = 2 * est["base weights"] // args.n_layers if not quantize else 0  # (whole, x2)
@@ -217,7 +227,8 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
         if isinstance(optimizer, spiel.AdamW) else TORCH_ADAMW_STEP_TENSORS * biggest.element_size()
     est["optimizer step"] = biggest.numel() * per_elem
     persistent = sum(est.get(k, 0) for k in ("base weights", "other weights", "trainable", "gradients",
-                                             "optimizer state", "AG window", "resident W0", "unsharded blocks"))
+                                             "optimizer state", "AG window", "resident W0", "unsharded blocks",
+                                             "runtime", "sparse patterns"))
     backward = est["activations"] + max(est["logits"], est["block backward"] + est["weight transient"])
     est["total"] = persistent + max(backward, est["optimizer step"])
     return est
@@ -229,8 +240,9 @@ NOTES = {
     "trainable": "deltas: fp32 values + int32 indices; LoRA: fp32 A and B; full: 0 (the weights)",
     "gradients": "of the trainable tensors, in their dtype",
     "optimizer state": "AG: AdamW m, v, age (fp32); MA: SM3 row + col (+ momentum); LoRA/full: m, v (param dtype)",
-    "AG window": "while open, per delta: candidate (int32, as the indices), fp32 step/grad/square sums "
-                 "(--grad-path sparse: + 2 positions)",
+    "AG window": "while open, per delta: candidate (int32, as the indices), fp32 step/grad/square sums",
+    "runtime": "CPU: the process before any model (interpreter, torch, its libraries), measured here",
+    "sparse patterns": "CPU, below 8% density: the sampled gradient's cached patterns, 4 B per delta (x2 in a window)",
     "activations": "saved for backward: block inputs (checkpointing) or every block's tensors",
     "logits": "fp32 logits, log-softmax and two gradients of their size (tokens x vocab)",
     "block backward": "one block recomputed + activation gradients in flight",
@@ -449,7 +461,8 @@ def main(argv=None):
     a("--measure", action="store_true", help="GPU: measure SpIEL-AG and -MA on a random-weight model")
     a("--json", help="--measure: write the results here")
     a("--steps", type=int, default=8, help=argparse.SUPPRESS)
-    a("--device", default="cuda", help=argparse.SUPPRESS)  # --device cpu --preset tiny: the measure's test
+    a("--device", default="cuda", choices=["cuda", "cpu"], help="where it trains: cuda (bf16 compute), or cpu (fp32 "
+      "compute as train.py there, plus the process itself and the sparse gradient's caches: fullsize.py checks it)")
     args = ap.parse_args(argv)
     quantize = None if args.quantize in (None, "none") else args.quantize
     if args.table:
@@ -468,7 +481,8 @@ def main(argv=None):
                 args.steps, args.lora_rank, args.density, args.json)
         return 0
     est = estimate(margs, args.method, quantize, args.seq_len, args.batch_size, args.grad_checkpoint, args.density,
-                   args.lora_rank, args.lora_dropout, args.sm3_momentum, gpus=args.gpus, fsdp=args.fsdp)
+                   args.lora_rank, args.lora_dropout, args.sm3_momentum, gpus=args.gpus, fsdp=args.fsdp,
+                   dtype=torch.float32 if args.device == "cpu" else torch.bfloat16, device=args.device)
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(margs).parameters())
     print(describe(est, f"{args.ckpt or 'LLaMA 2 ' + args.preset} ({n / 1e9:.2f}B parameters): {args.method}, base "

@@ -62,13 +62,9 @@ def value_grad(layer, dy, x) -> torch.Tensor:
         w.add(g[w.candidates])
         return g[idx]
     if use_sparse_path(layer, dy.device):  # only the needed entries of dW (section 9)
-        if w is None:
-            return sampled_grad(layer, dy, x, idx)
-        if w.positions is None:
-            w.positions = torch.cat([idx, w.candidates])  # (2k,): active, then candidates
-        both = sampled_grad(layer, dy, x, w.positions)
-        w.add(both[idx.numel():])
-        return both[:idx.numel()]
+        if w is not None:  # the candidates' entries too (their sparsity pattern is cached on the window)
+            w.add(sampled_grad(layer, dy, x, w.candidates, cache=w))
+        return sampled_grad(layer, dy, x, idx)
     g = (dy.T @ x).view(-1)  # the authors' way: dense dW (out, in), then gather
     if w is not None:
         w.add(g[w.candidates])
@@ -236,12 +232,13 @@ class Window:
     clipping scaled it, into the sums. So the statistics are those of the step gradients AdamW sees."""
 
     def __init__(self, indices: torch.Tensor):
-        self.indices, self.candidates, self.positions, self.steps = indices, None, None, 0
+        self.indices, self.candidates, self.steps, self._pattern = indices, None, 0, None
         self.step_sum = self.grad_sum = self.sq_sum = None  # (k,) fp32 once the candidates are chosen
 
     def choose(self, g: torch.Tensor):
         k = self.indices.numel()
-        self.candidates = top_k(g.abs(), k).to(self.indices.dtype)  # (k,) (top_k: x.topk(k), faster; section 9)
+        # (k,) sorted, as the indices (top_k: x.topk(k), faster; sorted: section 9 reads them row by row)
+        self.candidates = top_k(g.abs(), k).sort().values.to(self.indices.dtype)
         if dist.is_initialized():  # every rank grows from the same candidates: rank 0's
             dist.broadcast(self.candidates, src=0)
         self.step_sum, self.grad_sum, self.sq_sum = (torch.zeros(k, device=g.device) for _ in range(3))
@@ -608,19 +605,22 @@ def set_grad_path(model: nn.Module, path: str):
         layer.grad_path = path
 
 
-def csr_pattern(layer, positions: torch.Tensor) -> tuple:
+def csr_pattern(layer, positions: torch.Tensor, cache=None) -> tuple:
     """(row pointers (out + 1,), columns (m,), the order that sorts `positions` or None if they are sorted),
-    cached for this very tensor until it changes (drop-and-grow writes indices in place: a new version)."""
+    kept on `cache` (default: the layer; an AG window keeps its candidates') for this very tensor until it
+    changes (drop-and-grow writes indices in place: a new version). int32 where it fits: 4 bytes a delta."""
+    cache = layer if cache is None else cache
     key = (positions, positions._version)  # the tensor itself: a new one at a reused address is not a hit
-    if layer._pattern is None or layer._pattern[0][0] is not positions or layer._pattern[0][1] != key[1]:
+    if cache._pattern is None or cache._pattern[0][0] is not positions or cache._pattern[0][1] != key[1]:
         pos = positions.long()
         order = None if bool((pos[1:] >= pos[:-1]).all()) else pos.argsort()
         pos = pos if order is None else pos[order]
         out_f, in_f = layer.weight_shape
-        crow = torch.zeros(out_f + 1, dtype=torch.long, device=pos.device)
+        small = torch.int32 if pos.numel() < 2**31 else torch.long
+        crow = torch.zeros(out_f + 1, dtype=small, device=pos.device)
         crow[1:] = torch.bincount(pos // in_f, minlength=out_f).cumsum(0)
-        layer._pattern = (key, crow, pos % in_f, order)
-    return layer._pattern[1:]
+        cache._pattern = (key, crow, (pos % in_f).to(small), order)
+    return cache._pattern[1:]
 
 
 def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -661,11 +661,11 @@ def transposed(t: torch.Tensor, slot: str) -> torch.Tensor:
     return out
 
 
-def sampled_grad(layer, dy: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(dy^T x) at `positions` (m,) only. dy (N, out), x (N, in)."""
+def sampled_grad(layer, dy: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+    """(dy^T x) at `positions` (m,) only. dy (N, out), x (N, in); cache: where the pattern is kept."""
     if dy.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
         dy, x = dy.float(), x.float()
-    crow, col, order = csr_pattern(layer, positions)
+    crow, col, order = csr_pattern(layer, positions, cache)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
         warnings.simplefilter("ignore")
         pattern = torch.sparse_csr_tensor(crow, col, dy.new_zeros(col.numel()), layer.weight_shape,

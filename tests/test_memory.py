@@ -61,7 +61,7 @@ def real_step(model, method, density=0.05, lora_rank=4, sm3_momentum=0.0):
 
 def window_tensors(w) -> list:
     """an AG window's own tensors (its `indices` are the layer's, counted with the model)."""
-    return [t for t in (w.candidates, w.positions, w.step_sum, w.grad_sum, w.sq_sum) if t is not None]
+    return [t for t in (w.candidates, w.step_sum, w.grad_sum, w.sq_sum) if t is not None]
 
 
 def real_bytes(model, optimizer) -> dict:
@@ -102,7 +102,7 @@ def test_estimate_matches_real_tensors_after_a_step(tiny, method, quantize, extr
         k = sum(m.indices.numel() for m in spiel.delta_layers(model).values())
         for m in spiel.delta_layers(model).values():
             w = m.window
-            assert w.candidates.dtype == m.indices.dtype == torch.int32 and w.positions is None
+            assert w.candidates.dtype == m.indices.dtype == torch.int32
             assert all(t.dtype == torch.float32 and t.numel() == m.indices.numel()
                        for t in (w.step_sum, w.grad_sum, w.sq_sum))
         assert real["AG window"] == 16 * k
