@@ -27,14 +27,14 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 
 import torch
 
 import runs
 from llama import HF_TO_META, PROJECTIONS, CheckpointError, ModelArgs, Transformer, check_checkpoint, matrix_shape, \
-    permute_hf_to_meta, read_args, read_finetune, read_json, rename, target_linears, torch_load
+    permute_hf_to_meta, read_args, read_finetune, read_json, rename, target_linears, torch_load, write_folder, \
+    write_whole
 from merge import check_out, permute_meta_to_hf
 
 PREFIX = "base_model.model."  # PEFT's saved keys: PREFIX + the module's name in LlamaForCausalLM + suffix
@@ -249,22 +249,19 @@ def read_folder(path: str, args=None) -> tuple:
 # writing: a PEFT LoRA folder, an SFT folder, or our own file
 
 
-def write_folder(out_dir: str, config: dict, weights: dict, meta: dict):
+def write_adapter(out_dir: str, config: dict, weights: dict, meta: dict):
     """adapter_config.json and adapter_model.safetensors (with our metadata), written beside out_dir (absent or
     empty: convert checks) and renamed into place."""
     from safetensors.torch import save_file
 
-    tmp = out_dir.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     extra = {"spiel_" + k: str(meta[k]) for k in CARRIED if k in meta}
-    save_file({k: t.contiguous() for k, t in weights.items()}, os.path.join(tmp, "adapter_model.safetensors"),
-              metadata={"format": "pt", **extra})
-    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # (empty)
-    os.replace(tmp, out_dir)
+
+    def write(tmp):
+        save_file({k: t.contiguous() for k, t in weights.items()}, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt", **extra})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    write_folder(out_dir, write)
 
 
 def target_modules(names, args: ModelArgs) -> list:
@@ -288,7 +285,7 @@ def write_peft(out_dir: str, tensors: dict, meta: dict, shapes: dict, args: Mode
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
-    write_folder(out_dir, config, weights, meta)
+    write_adapter(out_dir, config, weights, meta)
 
 
 def write_sft(out_dir: str, tensors: dict, meta: dict, shapes: dict, args: ModelArgs, base_name: str):
@@ -304,7 +301,7 @@ def write_sft(out_dir: str, tensors: dict, meta: dict, shapes: dict, args: Model
               "num_deltas": num_deltas, "dtype": "float32", "inference_mode": True}
     if meta.get("method") in ALGORITHMS:
         config["selection_algorithm"] = ALGORITHMS[meta["method"]]
-    write_folder(out_dir, config, weights, meta)
+    write_adapter(out_dir, config, weights, meta)
 
 
 def write_spiel(path: str, fmt: str, tensors: dict, meta: dict, shapes: dict):
@@ -313,8 +310,8 @@ def write_spiel(path: str, fmt: str, tensors: dict, meta: dict, shapes: dict):
     from safetensors.torch import save_file
 
     meta = {**meta, "format": fmt, "shapes": json.dumps({n: list(s) for n, s in shapes.items()}), "row_order": "meta"}
-    save_file({k: t.contiguous() for k, t in tensors.items()}, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
+    tensors = {k: t.contiguous() for k, t in tensors.items()}
+    write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def convert(src: str, to: str, out: str, ckpt: str, base_name=None):

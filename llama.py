@@ -474,7 +474,8 @@ PROGRESS_SECONDS = 10.0  # outside a terminal: a plain line at most this often
 
 class Progress:
     """bytes done of `total`: a tqdm bar when stdout is a terminal, else a plain line at most every
-    PROGRESS_SECONDS, so that a log file (or a job scheduler's output) stays readable. Only rank 0 reports."""
+    PROGRESS_SECONDS (and one at the start, from 1 GB), so that a log file (or a job scheduler's output) stays
+    readable and never looks hung. Only rank 0 reports."""
 
     def __init__(self, what: str, total: int):
         self.what, self.total, self.done, self.t0 = what, max(total, 1), 0, time.time()
@@ -484,6 +485,8 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, desc=what, unit="B", unit_scale=True, leave=False, delay=1,
                             dynamic_ncols=True)
+        elif not self.quiet and total >= 1e9:
+            print(f"{what} ({total / 1e9:.1f} GB)", flush=True)
 
     def update(self, n: int):
         self.done += n
@@ -605,6 +608,34 @@ def write_whole(path: str, write):
             raise CheckpointError(f"{path}: not written ({e.strerror or e})") from None
         raise
     os.replace(tmp, path)
+
+
+def write_folder(out_dir: str, write, replace: bool = False):
+    """write(tmp) fills a temporary folder beside `out_dir`, which is renamed to `out_dir` once whole (an existing
+    one is swapped out only with `replace`; callers check it is absent or empty otherwise). A failed or
+    interrupted write leaves neither a half-written `out_dir` nor the temporary folder; a full disk is one line.
+    Files get the mode the user's umask gives."""
+    import shutil
+
+    tmp, old = out_dir.rstrip("/") + ".tmp-export", out_dir.rstrip("/") + ".tmp-old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            give_umask_mode(os.path.join(tmp, name))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{out_dir}: not written ({e.strerror or e}); nothing was left there") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # (left by an earlier write killed at the end)
+    if os.path.exists(out_dir):  # empty, or the one being replaced
+        if not replace and os.listdir(out_dir):
+            raise FileExistsError(f"{out_dir}: exists and is not empty")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_finetune(model: nn.Module, path: str, fmt: str, shapes: dict, tensors: dict, meta: dict):

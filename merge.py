@@ -21,8 +21,8 @@ import torch
 
 import lora
 import spiel
-from llama import HF_TO_META, CheckpointError, ModelArgs, Tokenizer, Transformer, check_checkpoint, check_vocab, \
-    find_tokenizer, give_umask_mode, load_model, read_finetune, rename
+from llama import HF_TO_META, CheckpointError, ModelArgs, Progress, Tokenizer, Transformer, check_checkpoint, \
+    check_vocab, find_tokenizer, load_model, read_finetune, rename, write_folder
 
 
 def apply_finetune(model, path: str) -> dict:
@@ -90,17 +90,18 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, state_dict=None, r
             shards, size = shards + [{}], 0
         shards[-1][rename(key, meta_to_hf)] = t.detach().contiguous().cpu()
         size += t.nbytes
-    tmp = out_dir.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    try:
+    total = sum(t.nbytes for s in shards for t in s.values())
+
+    def write(tmp):
+        progress = Progress(f"writing {out_dir}", total)
         for name, shard in zip(names, shards):
             save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            give_umask_mode(os.path.join(tmp, name))  # (safetensors writes 600)
+            progress.update(sum(t.nbytes for t in shard.values()))
+        progress.close()
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
+            index = {"metadata": {"total_size": total},
                      "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
@@ -108,17 +109,7 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, state_dict=None, r
             json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, model.merged_ids), f, indent=2)
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-    except BaseException as e:  # (a full disk, an interruption): nothing is left that looks like an export
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{out_dir}: not written ({e.strerror or e}); nothing was left there") from None
-        raise
-    old = out_dir.rstrip("/") + ".tmp-old"
-    shutil.rmtree(old, ignore_errors=True)  # (left by an earlier export killed at the end)
-    if os.path.exists(out_dir):  # empty (checked above), or the export being replaced
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    write_folder(out_dir, write, replace)  # (beside out_dir, renamed when whole: a failure leaves nothing)
 
 
 def main(argv=None):

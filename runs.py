@@ -30,7 +30,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from llama import CheckpointError, default_device, read_json, write_whole
+from llama import CheckpointError, Progress, default_device, read_json, write_whole
 
 # -----------------------------------------------------------------------------
 # the arguments: one-line errors for values that cannot make sense; --resume's rules
@@ -406,15 +406,28 @@ def save_state(args, step, model, optimizer, selector, batches, rank, world, fin
     import lora
     import spiel
     meta = {"method": args.method, "step": step, "finetune_id": args.finetune_id}
+    state = {"step": step, "world_size": world, "base_fingerprint": fingerprint, "optimizer": opt,
+             "data": {"epoch": batches.epoch, "index": batches.index}, "trainable": trainable,
+             "selector": selector.state_dict() if selector else {}, "rng": rngs, "cuda_rng": cuda_rngs}
+    size = tensor_bytes(state)  # (2.6 GB with the delta at 7B: a bar in a terminal, a line in a log)
+    progress = Progress(f"saving step {step} to {args.out}", size + tensor_bytes(trainable) * (args.method != "full"))
     if args.method in ("spiel-ag", "spiel-ma"):
         spiel.save_delta(model, os.path.join(args.out, "delta.safetensors"), meta)
     elif args.method == "lora":
         lora.save_lora(model, os.path.join(args.out, "lora.safetensors"), meta)
-    state = {"step": step, "world_size": world, "base_fingerprint": fingerprint, "optimizer": opt,
-             "data": {"epoch": batches.epoch, "index": batches.index}, "trainable": trainable,
-             "selector": selector.state_dict() if selector else {}, "rng": rngs, "cuda_rng": cuda_rngs}
+    progress.update(tensor_bytes(trainable) * (args.method != "full"))
     # last: a failed write of the delta leaves the previous checkpoint whole, and state.pt is what --resume reads
     write_whole(os.path.join(args.out, "state.pt"), lambda tmp: torch.save(state, tmp))
+    progress.update(size)
+    progress.close()
+
+
+def tensor_bytes(obj) -> int:
+    """bytes of the tensors in nested dicts and lists."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in items)
 
 
 def finished_step(args):

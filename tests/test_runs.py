@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import communicate, popen, wait_until
+from conftest import communicate, popen, run_watched, wait_until
 from test_train import ROOT, cli, one_line_error, read_log, run
 
 
@@ -459,3 +459,43 @@ def test_resume_says_plainly_when_max_steps_shortens_or_extends_the_run(tiny, ta
     assert "resumed" in (line := capsys.readouterr().out) and "--max-steps shortens it from 10 steps" in line, line
     assert train.main(["--out", str(out), "--resume", "--max-steps", "8"]) == 0
     assert "--max-steps extends it from 6 steps" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# what a long run shows: progress while loading, an honest memory line, rates below one per second
+
+
+def test_progress_lines_appear_in_piped_output_while_loading(tiny, task, tmp_path):
+    """outside a terminal, loading reports plain lines (here every 0 s instead of 10, the model being tiny)."""
+    code = "import sys, llama, train\nllama.PROGRESS_SECONDS = 0\ntrain.cli(sys.argv[1:])"
+    p = run_watched([sys.executable, "-c", code, *small_run_args(tiny, task, tmp_path / "r", "--max-steps", "1")],
+                    cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stdout.splitlines() if line.startswith(f"loading {tiny.hf}: ")]
+    assert len(lines) >= 3 and lines[-1].split(": ")[1].startswith("0.0 of 0.0 GB (100%)"), p.stdout
+    assert "\r" not in p.stdout  # no bar redraws in a log
+
+
+def test_the_memory_line_leaves_out_the_page_cache_of_an_mmaped_checkpoint(tmp_path):
+    """reading a 400 MB file through mmap (as loading a checkpoint does) raises the usual peak RSS by its size;
+    PeakMemory, what train.py's closing line reports on the CPU, stays where the process's own memory is."""
+    torch.save({"w": torch.ones(100_000_000)}, tmp_path / "ckpt.pth")
+    code = f"""import torch, runs
+def hwm():  # the usual peak RSS of this process (ru_maxrss would also hold the parent's, from before exec)
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+memory = runs.PeakMemory()
+before = hwm()
+t = torch.load({str(tmp_path / "ckpt.pth")!r}, mmap=True, weights_only=True)["w"]
+assert float(t.sum()) == 1e8  # every page read
+print(before, hwm(), memory.report("cpu")["peak_gb"] * 1e9, memory.report("cpu")["what"])"""
+    p = run_watched([sys.executable, "-c", code], cwd=ROOT)
+    before, maxrss, peak = map(float, p.stdout.split()[:3])
+    assert maxrss - before > 350e6, p.stdout  # the usual peak counts the mapped file
+    assert peak < before + 100e6, p.stdout  # ours does not
+    assert "page cache of the mmap'ed checkpoint not counted" in p.stdout
+
+
+def test_rates_read_right_at_any_speed():
+    from runs import per_second
+    assert per_second(123456, 10) == "12,346 tokens/s" and per_second(123, 10) == "12.3 tokens/s"
+    assert per_second(64, 152) == "0.421 tokens/s" and per_second(1, 3600) == "0.000278 tokens/s"
