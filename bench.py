@@ -159,6 +159,7 @@ def worker(a) -> dict:
                           if selector and selector.method == "ag" and selector.schedule.window_open(t) else "plain")
     step_s = statistics.fmean(times) if selector else statistics.median(times)
     return {"method": method, "note": NOTES.get(method, ""), "shape": a.shape, "device": a.device,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"),
             "dtype": a.dtype or shape["dtype"], "threads": a.threads, "torch": torch.__version__,
             "trainable": sum(p.numel() for p in params), "tokens_per_step": B * T, "step_times": times,
             "phases": phases, "step_s": step_s, "tokens_per_s": B * T / step_s,
@@ -167,33 +168,54 @@ def worker(a) -> dict:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+# how idle OpenMP threads wait, set alike for our workers and the peers': libgomp's default (they spin a while
+# before sleeping: how any PyTorch program runs, a PEFT user's included) or PASSIVE (they sleep at once)
+WAIT_POLICIES = {"spinning": None, "passive": "PASSIVE"}
+
+
+def run_worker(a, method, policy) -> dict:
+    """one method in a fresh process (a peer in the --peer interpreter) under one wait policy."""
+    out = os.path.join(a.runs_dir, f"speed-{method}-{policy}.json")
+    cmd = [a.peer if method.startswith("peer") else sys.executable, os.path.abspath(__file__), "--worker", method,
+           "--json-out", out] + [x for k in ("shape", "device", "dtype", "steps", "warmup", "grad_path", "threads",
+                                              "seed") if getattr(a, k) is not None
+                                 for x in ("--" + k.replace("_", "-"), str(getattr(a, k)))]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": WAIT_POLICIES[policy]} if WAIT_POLICIES[policy] else {}
+    p = subprocess.run(cmd, env=env)
+    return json.load(open(out)) if p.returncode == 0 else {"error": f"exit code {p.returncode}"}
+
+
 def speed(a) -> dict:
-    """each method in a fresh process (peers in the --peer interpreter); a table; every number to --json."""
-    results = {}
-    for method in a.methods + (list(PEERS) if a.peer else []):
-        out = os.path.join(a.runs_dir, f"speed-{method}.json")
-        cmd = [a.peer if method.startswith("peer") else sys.executable, os.path.abspath(__file__), "--worker", method,
-               "--json-out", out] + [x for k in ("shape", "device", "dtype", "steps", "warmup", "grad_path", "threads",
-                                                  "seed") if getattr(a, k) is not None
-                                     for x in ("--" + k.replace("_", "-"), str(getattr(a, k)))]
-        p = subprocess.run(cmd)
-        results[method] = json.load(open(out)) if p.returncode == 0 else {"error": f"exit code {p.returncode}"}
-    floor = results.get("frozen", {}).get("step_s")
-    peer = results.get("peer-lora-nodrop", {}).get("step_s")
+    """every method under every wait policy, --rounds times, the rounds alternated (a window of time favours no
+    method); per method and policy the fastest round counts. A table; every number to --json."""
+    methods = a.methods + (list(PEERS) if a.peer else [])
+    rounds = {p: {m: [] for m in methods} for p in a.wait_policies}
+    for r in range(a.rounds):
+        for policy in a.wait_policies:
+            for method in methods:
+                rounds[policy][method].append(run_worker(a, method, policy))
+    best = {p: {m: min((x for x in rs if "error" not in x), key=lambda x: x["step_s"], default=rs[-1])
+                for m, rs in by.items()} for p, by in rounds.items()}
     print(f"\nshape {a.shape}: {SHAPES[a.shape]['batch']} x {SHAPES[a.shape]['seq']} tokens per step, budget LoRA rank "
-          f"{RANK}, {a.threads} threads; SpIEL: mean over a reselection cycle, others: median step")
-    print("| method | step s | vs frozen | vs PEFT LoRA (dropout 0) | peak GB | trainable | note |\n|---|---|---|---|---|---|---|")
-    for m, r in results.items():
-        if "error" in r:
-            print(f"| {m} | {r['error']} |")
-            continue
-        rel = lambda ref: f"{r['step_s'] / ref:.2f}" if ref else "-"  # noqa: E731
-        print(f"| {m} | {r['step_s']:.3f} | {rel(floor)} | {rel(peer)} | {r['peak_memory_gb']:.2f} | "
-              f"{r['trainable']:,} | {r['note']} |")
-    for m, r in results.items():
-        if len(r.get("phase_mean_s", {})) > 1:
-            print(f"  {m} by phase: " + ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r["phase_mean_s"].items())))
-    return {"mode": "speed", "shape": a.shape, "rank": RANK, "methods": results}
+          f"{RANK}, {a.threads} threads; the fastest of {a.rounds} alternated rounds; SpIEL: the mean over a "
+          f"reselection cycle, the others: the median step")
+    head = " | ".join(f"{p}: step s (x PEFT LoRA dropout 0)" for p in a.wait_policies)
+    print(f"| method | {head} | peak GB | trainable | note |\n|---|" + "---|" * (len(a.wait_policies) + 3))
+    for m in methods:
+        cells = []
+        for p in a.wait_policies:
+            r, peer = best[p][m], best[p].get("peer-lora-nodrop", {}).get("step_s")
+            cells.append(r["error"] if "error" in r else f"{r['step_s']:.3f}" + (f" ({r['step_s'] / peer:.2f}x)"
+                                                                               if peer else ""))
+        r = best[a.wait_policies[0]][m]
+        print(f"| {m} | {' | '.join(cells)} | {r.get('peak_memory_gb', 0):.2f} | {r.get('trainable', 0):,} | "
+              f"{NOTES.get(m, '')} |")
+    for p in a.wait_policies:
+        for m, r in best[p].items():
+            if len(r.get("phase_mean_s", {})) > 1:
+                print(f"  {m} ({p}) by phase: " + ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r["phase_mean_s"].items())))
+    return {"mode": "speed", "shape": a.shape, "rank": RANK, "rounds": a.rounds, "best": best, "all": rounds}
 
 
 # -----------------------------------------------------------------------------
@@ -440,6 +462,9 @@ def main(argv=None):
     a("--grad-path", default="auto", choices=["auto", "dense", "sparse"], help="SpIEL's value gradient path")
     a("--warmup", type=int, default=2, help="untimed steps (not SpIEL: it warms up to its first reselection)")
     a("--steps", type=int, default=8, help="timed steps (not SpIEL: it times one reselection cycle)")
+    a("--rounds", type=int, default=3, help="alternated rounds of every method; the fastest counts")
+    a("--wait-policies", nargs="+", default=list(WAIT_POLICIES), choices=list(WAIT_POLICIES),
+      help="how idle threads wait, for our workers and the peers' alike (both columns by default)")
     a("--grad-paths", action="store_true", help="time the dense and sparse value gradient per matrix and density")
     # quality
     a("--quality", action="store_true", help="the quality study (see `quality` in the code)")

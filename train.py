@@ -16,9 +16,10 @@ Every knob and its default: runs.get_parser (python train.py --help).
 
 import os
 
-# idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
-# demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # (run as a script, not imported by bench.py or the tests)
+    # idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
+    # demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import math
 import shlex
 import signal
@@ -364,7 +365,8 @@ def fine_tune(argv, lock, memory):
         bar.update()  # (a no-op outside a terminal, where the line below prints instead)
         speed = runs.per_second(tokens_seen, elapsed)  # non-padding tokens per second, so far
         bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_now:.2e}", speed=speed)
-        if bar.disable and (step % args.log_every == 0 or step == total_steps):
+        slow = time.time() - t_step > 30  # (a step that slow gets its line: 7B on a CPU)
+        if bar.disable and (step % args.log_every == 0 or step == total_steps or slow):
             say(f"step {step}/{total_steps}: loss {train_loss:.4f}, lr {lr_now:.2e}, {speed}",
                 flush=True)
         if args.eval_every and val_set and (step % args.eval_every == 0 or step == total_steps):

@@ -20,11 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_speed_runs_every_method_at_the_matched_budget(tmp_path):
     out = tmp_path / "bench.json"
-    p = run_watched([sys.executable, os.path.join(ROOT, "bench.py"), "--shape", "tiny", "--steps", "1", "--warmup",
-                     "1", "--threads", "1", "--json", str(out), "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path)
+    bench_py = [sys.executable, os.path.join(ROOT, "bench.py"), "--shape", "tiny", "--steps", "1", "--warmup", "1",
+                "--threads", "1", "--json", str(out), "--runs-dir", str(tmp_path / "runs")]
+    p = run_watched([*bench_py, "--rounds", "1", "--wait-policies", "passive"], cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "| method | step s | vs frozen |" in p.stdout
-    res = json.loads(out.read_text())["methods"]
+    assert "| method | passive: step s (x PEFT LoRA dropout 0) |" in p.stdout
+    res = json.loads(out.read_text())["best"]["passive"]
+    assert all(r["omp_wait_policy"] == "PASSIVE" for r in res.values())
     assert set(res) == set(bench.METHODS)
     for m, r in res.items():
         assert "error" not in r, r
@@ -37,6 +39,16 @@ def test_speed_runs_every_method_at_the_matched_budget(tmp_path):
     # SpIEL was timed over one whole reselection cycle: plain steps, the AG window and the reselection
     assert res["spiel-ag"]["phases"].count("reselect") == 1 and "window" in res["spiel-ag"]["phases"]
     assert len(res["spiel-ma"]["phases"]) == 20 and "window" not in res["spiel-ma"]["phases"]
+    # both wait policies, set alike for every worker (the variable removed for libgomp's default), the rounds
+    # alternated and the fastest kept
+    p = run_watched([*bench_py, "--rounds", "2", "--methods", "frozen"], cwd=tmp_path,
+                    env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = json.loads(out.read_text())
+    for policy, want in (("spinning", "(libgomp's default)"), ("passive", "PASSIVE")):
+        runs = got["all"][policy]["frozen"]
+        assert len(runs) == 2 and all(r["omp_wait_policy"] == want for r in runs)
+        assert got["best"][policy]["frozen"]["step_s"] == min(r["step_s"] for r in runs)
 
 
 def write_jsonl(path, records):
