@@ -117,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--bases", nargs="+", default=["int8", "nf4"], choices=["int8", "nf4"])
     ap.add_argument("--methods", nargs="+", default=["spiel-ag", "spiel-ma"], choices=["spiel-ag", "spiel-ma"])
     ap.add_argument("--json", help="write the measurements here")
+    ap.add_argument("--checkpoint-only", action="store_true", help="write the 7B-shaped checkpoint and stop (e.g. "
+                                                                   "for train.py --ckpt on a GPU: docs/gpu.md)")
     a = ap.parse_args(argv)
     shape = ModelArgs(**{**PRESETS["7B"].__dict__, "n_layers": a.layers})
     ckpt = os.path.join(os.path.abspath(a.dir), f"llama-2-7b-shaped-{a.layers}-layers")
@@ -125,6 +127,9 @@ def main(argv=None):
         print(f"writing a random checkpoint of LLaMA 2 7B's shapes ({a.layers} layers) to {ckpt}", flush=True)
         write_checkpoint(ckpt, shape)
         print(f"  written in {time.time() - t0:.0f}s", flush=True)
+    if a.checkpoint_only:
+        print(f"checkpoint: {ckpt}")
+        return 0
     report = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "layers": a.layers,
               "threads": a.threads or torch.get_num_threads(), "runs": {}}
     for base in a.bases:

@@ -20,6 +20,13 @@ if __name__ == "__main__":  # (run as a script, not imported by bench.py or the 
     # idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
     # demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:  # glibc's malloc keeps freed blocks of up to 32 MB in its heap (its mmap threshold rises to that by
+        # itself), and at 7B the per-matrix temporaries fragment it: the 4-layer full-size check peaked at 3.69 GB
+        # that way, 3.43 GB with blocks from 1 MB up given their own mmap (returned when freed; docs/fullsize.md)
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 import math
 import shlex
 import signal
