@@ -1,26 +1,29 @@
 """
 SpIEL side by side with LoRA and full fine-tuning, and with the best peer: speed, memory and quality.
 
-    python bench.py                                    # speed + memory on the CPU bench shape (a few minutes)
+    python bench.py                                    # speed + memory on the CPU bench shape (about 20 minutes)
     python bench.py --peer /path/to/venv/bin/python    # plus PEFT LoRA / transformers rows (that venv has them)
     python bench.py --shape gpu-1b                     # the same at a 1B-class shape in bf16 on a GPU
     python bench.py --grad-paths                       # SpIEL's value gradient alone: dense vs sparse (SDDMM)
+    python bench.py --profile spiel-ma lora-nodrop     # where a step's time goes, op by op (torch.profiler)
     python bench.py --quality                          # the quality study (about 2 hours on 2 cores)
 
 SpIEL (Ansell et al. 2024, arXiv 2401.16405) is reported to fine-tune as well as LoRA (Hu et al. 2021,
 arXiv 2106.09685) or better at the same number of trainable parameters, at comparable speed, with memory
 that grows with that number rather than with the model.
 
-Speed: each method runs in a fresh process (so its peak memory is its own: peak RSS on the CPU,
-torch.cuda.max_memory_allocated on a GPU; GB = 2**30 bytes). A step is train.py's: forward, the summed loss
-over the tokens of the step, backward, (SpIEL-AG: the window's end_step), optimizer step, zero_grad, and
-for SpIEL the drop-and-regrow when it is due; the trainable part is built by train.add_trainable with
-train.py's defaults, at a matched budget (LoRA rank 16; SpIEL with as many deltas). SpIEL is timed over a
-whole reselection cycle (plain steps, the AG window and the reselection), the others over --steps steps
-after --warmup. "frozen" is the floor: no weight gets a gradient, only the activations do. The peer rows
-run Hugging Face transformers' LlamaForCausalLM (+ PEFT LoRA) with torch's AdamW on the same shape and
-the same step; they need an interpreter where transformers and peft are installed (--peer), which this
-repo does not depend on.
+Speed: a step is train.py's: forward, the summed loss over the tokens of the step, backward, (SpIEL-AG: the
+window's end_step), optimizer step, zero_grad, and for SpIEL the drop-and-regrow when it is due; the
+trainable part is built by train.add_trainable with train.py's defaults, at a matched budget (LoRA rank 16;
+SpIEL with as many deltas). Timing: one process holds every method and steps them in turn, so they share
+the thread settings and every slow spell of the machine (on a shared 2-core machine a lone process per
+method drew windows 15% apart); each method's number is the mean step of its fastest round, a round being
+one reselection cycle (SpIEL's plain steps, the AG window, the reselection). Memory: each method alone in a
+fresh process (peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU; GB = 2**30 bytes). "frozen" is
+the floor: no weight gets a gradient, only the activations do. The peer rows run Hugging Face transformers'
+LlamaForCausalLM (+ PEFT LoRA) with torch's AdamW on the same shape and the same step; they need an
+interpreter where transformers and peft are installed (--peer), which this repo does not depend on; with
+--peer that interpreter runs our rows too (it needs requirements.txt as well).
 
 Quality: see `quality` below. Gradient paths: the table in docs/bench.md behind spiel.SPARSE_DENSITY_MAX.
 """
@@ -113,26 +116,26 @@ def peer_model(margs, method, device, seed):
     return loss_fn, model, params, optimizer, None
 
 
-def worker(a) -> dict:
-    """time one method in this process; -> its numbers."""
-    shape, method, cuda = SHAPES[a.shape], a.worker, a.device.startswith("cuda")
+def setup(a, methods):
+    """every method of `methods` built in this process. -> (method -> (loss fn, model, params, optimizer,
+    selector), step(method, t): train.py's step t of that method on one micro-batch of random tokens)."""
+    shape = SHAPES[a.shape]
     torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
     margs = ModelArgs(**{**vars(shape["model"]), "max_seq_len": shape["seq"]})
-    torch.set_default_dtype(getattr(torch, a.dtype or shape["dtype"]))  # built in its compute dtype
-    build = peer_model if method.startswith("peer") else our_model
-    loss_fn, model, params, optimizer, selector = build(margs, method, a.device, a.seed)
-    torch.set_default_dtype(torch.float32)
-    if selector:
-        spiel.set_grad_path(model, a.grad_path)
+    built = {}
+    for method in methods:
+        torch.manual_seed(a.seed)
+        torch.set_default_dtype(getattr(torch, a.dtype or shape["dtype"]))  # built in its compute dtype
+        built[method] = (peer_model if method.startswith("peer") else our_model)(margs, method, a.device, a.seed)
+        torch.set_default_dtype(torch.float32)
+        if built[method][4]:
+            spiel.set_grad_path(built[method][1], a.grad_path)
+        built[method][1].train()
     B, T = shape["batch"], shape["seq"]
     g = torch.Generator().manual_seed(a.seed)
-    model.train()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
 
-    def step(t):  # train.py's step, one micro-batch of random tokens (B, T + 1)
+    def step(method, t):  # (B, T + 1) random tokens
+        loss_fn, model, params, optimizer, selector = built[method]
         if selector:
             selector.begin_step(t)
         tokens = torch.randint(margs.vocab_size, (B, T + 1), generator=g).to(a.device)
@@ -144,62 +147,88 @@ def worker(a) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if selector and selector.schedule.is_reselection(t):
             selector.reselect(t)  # drop and regrow
-
-    # SpIEL: warm up through the first reselection, then time one whole cycle; the others: warmup, then steps
-    n_warm, n_timed = (selector.schedule.first, selector.schedule.interval) if selector else (a.warmup, a.steps)
-    times, phases = [], []
-    for t in range(1, n_warm + n_timed + 1):
-        t0 = time.perf_counter()
-        step(t)
-        if cuda:
-            torch.cuda.synchronize()
-        if t > n_warm:
-            times.append(time.perf_counter() - t0)
-            phases.append("reselect" if selector and selector.schedule.is_reselection(t) else "window"
-                          if selector and selector.method == "ag" and selector.schedule.window_open(t) else "plain")
-    step_s = statistics.fmean(times) if selector else statistics.median(times)
-    return {"method": method, "note": NOTES.get(method, ""), "shape": a.shape, "device": a.device,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"),
-            "dtype": a.dtype or shape["dtype"], "threads": a.threads, "torch": torch.__version__,
-            "trainable": sum(p.numel() for p in params), "tokens_per_step": B * T, "step_times": times,
-            "phases": phases, "step_s": step_s, "tokens_per_s": B * T / step_s,
-            "phase_mean_s": {ph: statistics.fmean(x for x, p in zip(times, phases) if p == ph) for ph in set(phases)},
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return built, step
 
 
-# how idle OpenMP threads wait, set alike for our workers and the peers': libgomp's default (they spin a while
-# before sleeping: how any PyTorch program runs, a PEFT user's included) or PASSIVE (they sleep at once)
+def worker(a) -> dict:
+    """build every method of --worker (comma-separated) in this process and step them in turn: step t of each
+    method, then step t + 1 of each (the order rotated every step), so a slow spell of the machine falls on all
+    of them alike. All warm up through SpIEL's first reselection, then --rounds rounds of one reselection
+    cycle each (SpIEL's plain steps, AG's window, the reselection). -> method -> its numbers."""
+    shape, cuda, methods = SHAPES[a.shape], a.device.startswith("cuda"), a.worker.split(",")
+    built, step = setup(a, methods)
+    B, T = shape["batch"], shape["seq"]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    defaults = runs.get_parser().parse_args([])
+    n_warm, cycle = defaults.first_reselect, defaults.reselect_every  # (the Selector's schedule)
+    times, phases = {m: [] for m in methods}, {m: [] for m in methods}
+    for t in range(1, n_warm + a.rounds * cycle + 1):
+        for method in methods[t % len(methods):] + methods[:t % len(methods)]:
+            t0 = time.perf_counter()
+            step(method, t)
+            if cuda:
+                torch.cuda.synchronize()
+            if t > n_warm:
+                sel = built[method][4]
+                times[method].append(time.perf_counter() - t0)
+                phases[method].append("reselect" if sel and sel.schedule.is_reselection(t) else "window" if sel and
+                                      sel.method == "ag" and sel.schedule.window_open(t) else "plain")
+    res = {}
+    for method in methods:
+        ts, ph = times[method], phases[method]
+        rounds = [statistics.fmean(ts[i:i + cycle]) for i in range(0, len(ts), cycle)]
+        best = min(range(len(rounds)), key=rounds.__getitem__) if rounds else None
+        res[method] = {
+            "method": method, "note": NOTES.get(method, ""), "shape": a.shape, "device": a.device,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp's default)"), "threads": a.threads,
+            "dtype": a.dtype or shape["dtype"], "torch": torch.__version__, "python": sys.executable,
+            "trainable": sum(p.numel() for p in built[method][2]), "tokens_per_step": B * T, "step_times": ts,
+            "phases": ph, "round_means": rounds}
+        if rounds:  # the fastest round, and its phases
+            bt, bp = ts[best * cycle:(best + 1) * cycle], ph[best * cycle:(best + 1) * cycle]
+            res[method] |= {"step_s": rounds[best], "tokens_per_s": B * T / rounds[best], "phase_mean_s": {
+                p: statistics.fmean(x for x, q in zip(bt, bp) if q == p) for p in set(bp)}}
+    if len(methods) == 1:  # alone in its process: the peak is its own
+        res[methods[0]]["peak_memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if cuda else
+                                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return res
+
+
+# how idle OpenMP threads wait, set alike for our methods and the peers' (they share a process): libgomp's
+# default (they spin a while before sleeping: how any PyTorch program runs, a PEFT user's included) or PASSIVE
+# (they sleep at once)
 WAIT_POLICIES = {"spinning": None, "passive": "PASSIVE"}
 
 
-def run_worker(a, method, policy) -> dict:
-    """one method in a fresh process (a peer in the --peer interpreter) under one wait policy."""
-    out = os.path.join(a.runs_dir, f"speed-{method}-{policy}.json")
-    cmd = [a.peer if method.startswith("peer") else sys.executable, os.path.abspath(__file__), "--worker", method,
-           "--json-out", out] + [x for k in ("shape", "device", "dtype", "steps", "warmup", "grad_path", "threads",
-                                              "seed") if getattr(a, k) is not None
-                                 for x in ("--" + k.replace("_", "-"), str(getattr(a, k)))]
+def run_worker(a, methods, policy, rounds) -> dict:
+    """a worker in a fresh process (the --peer interpreter when it has to run a peer) under one wait policy."""
+    out = os.path.join(a.runs_dir, f"speed-{'+'.join(methods)}-{policy}-{rounds}.json")
+    python = a.peer if any(m.startswith("peer") for m in methods) else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--worker", ",".join(methods), "--json-out", out,
+           "--rounds", str(rounds)] + [x for k in ("shape", "device", "dtype", "grad_path", "threads", "seed")
+                                       if getattr(a, k) is not None for x in ("--" + k.replace("_", "-"),
+                                                                              str(getattr(a, k)))]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env |= {"OMP_WAIT_POLICY": WAIT_POLICIES[policy]} if WAIT_POLICIES[policy] else {}
     p = subprocess.run(cmd, env=env)
-    return json.load(open(out)) if p.returncode == 0 else {"error": f"exit code {p.returncode}"}
+    return json.load(open(out)) if p.returncode == 0 else {m: {"error": f"exit code {p.returncode}"} for m in methods}
 
 
 def speed(a) -> dict:
-    """every method under every wait policy, --rounds times, the rounds alternated (a window of time favours no
-    method); per method and policy the fastest round counts. A table; every number to --json."""
+    """time: for each wait policy one process runs every method, their steps interleaved (worker), --rounds
+    reselection cycles; per method the fastest round counts. Memory: each method alone in a fresh process
+    through SpIEL's first reselection (its peak). A table; every number to --json."""
     methods = a.methods + (list(PEERS) if a.peer else [])
-    rounds = {p: {m: [] for m in methods} for p in a.wait_policies}
-    for r in range(a.rounds):
-        for policy in a.wait_policies:
-            for method in methods:
-                rounds[policy][method].append(run_worker(a, method, policy))
-    best = {p: {m: min((x for x in rs if "error" not in x), key=lambda x: x["step_s"], default=rs[-1])
-                for m, rs in by.items()} for p, by in rounds.items()}
+    best = {p: run_worker(a, methods, p, a.rounds) for p in a.wait_policies}
+    memory = {m: run_worker(a, [m], a.wait_policies[0], 0)[m].get("peak_memory_gb") for m in methods}
+    for by in best.values():
+        for m, r in by.items():
+            r["peak_memory_gb"] = memory[m]
     print(f"\nshape {a.shape}: {SHAPES[a.shape]['batch']} x {SHAPES[a.shape]['seq']} tokens per step, budget LoRA rank "
-          f"{RANK}, {a.threads} threads; the fastest of {a.rounds} alternated rounds; SpIEL: the mean over a "
-          f"reselection cycle, the others: the median step")
+          f"{RANK}, {a.threads} threads; every method in one process per column, steps interleaved; the mean step "
+          f"of the fastest of {a.rounds} rounds (a round: one reselection cycle)")
     head = " | ".join(f"{p}: step s (x PEFT LoRA dropout 0)" for p in a.wait_policies)
     print(f"| method | {head} | peak GB | trainable | note |\n|---|" + "---|" * (len(a.wait_policies) + 3))
     for m in methods:
@@ -209,13 +238,47 @@ def speed(a) -> dict:
             cells.append(r["error"] if "error" in r else f"{r['step_s']:.3f}" + (f" ({r['step_s'] / peer:.2f}x)"
                                                                                if peer else ""))
         r = best[a.wait_policies[0]][m]
-        print(f"| {m} | {' | '.join(cells)} | {r.get('peak_memory_gb', 0):.2f} | {r.get('trainable', 0):,} | "
-              f"{NOTES.get(m, '')} |")
+        gb = "?" if memory[m] is None else f"{memory[m]:.2f}"
+        print(f"| {m} | {' | '.join(cells)} | {gb} | {r.get('trainable', 0):,} | {NOTES.get(m, '')} |")
     for p in a.wait_policies:
         for m, r in best[p].items():
             if len(r.get("phase_mean_s", {})) > 1:
                 print(f"  {m} ({p}) by phase: " + ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r["phase_mean_s"].items())))
-    return {"mode": "speed", "shape": a.shape, "rank": RANK, "rounds": a.rounds, "best": best, "all": rounds}
+    return {"mode": "speed", "shape": a.shape, "rank": RANK, "rounds": a.rounds, "best": best}
+
+
+def profile(a) -> dict:
+    """where a step's time goes: each method of --profile warms up through SpIEL's first reselection, then
+    one reselection cycle runs under torch.profiler; per op, its own CPU time (not its callees') in ms per
+    step, the ops that cost the most in any method first. One process: the same thread settings for all."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    methods = a.profile
+    built, step = setup(a, methods)
+    defaults = runs.get_parser().parse_args([])
+    n_warm, cycle = defaults.first_reselect, defaults.reselect_every
+    per_op, wall = {}, {}
+    for method in methods:
+        for t in range(1, n_warm + 1):
+            step(method, t)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for t in range(n_warm + 1, n_warm + cycle + 1):
+                step(method, t)
+            wall[method] = (time.perf_counter() - t0) / cycle
+        per_op[method] = {e.key: e.self_cpu_time_total / 1e3 / cycle for e in prof.key_averages()}
+    ops = sorted({k for d in per_op.values() for k in d}, key=lambda k: -max(d.get(k, 0) for d in per_op.values()))
+    print(f"\nself CPU ms per step over one reselection cycle ({cycle} steps; {a.threads} threads, OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; the profiler's own overhead included)")
+    print("| op | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
+    for k in ops[:a.profile_rows]:
+        print(f"| {k[:48]} | " + " | ".join(f"{per_op[m].get(k, 0):.1f}" for m in methods) + " |")
+    rest = {m: sum(v for k, v in per_op[m].items() if k not in ops[:a.profile_rows]) for m in methods}
+    print("| (every other op) | " + " | ".join(f"{rest[m]:.1f}" for m in methods) + " |")
+    print("| total self CPU | " + " | ".join(f"{sum(per_op[m].values()):.1f}" for m in methods) + " |")
+    print("| wall ms per step (profiled) | " + " | ".join(f"{wall[m] * 1e3:.1f}" for m in methods) + " |")
+    return {"mode": "profile", "methods": methods, "ms_per_step": per_op, "wall_s": wall}
 
 
 # -----------------------------------------------------------------------------
@@ -460,12 +523,14 @@ def main(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--dtype", choices=["float32", "bfloat16"], help="default: the shape's")
     a("--grad-path", default="auto", choices=["auto", "dense", "sparse"], help="SpIEL's value gradient path")
-    a("--warmup", type=int, default=2, help="untimed steps (not SpIEL: it warms up to its first reselection)")
-    a("--steps", type=int, default=8, help="timed steps (not SpIEL: it times one reselection cycle)")
-    a("--rounds", type=int, default=3, help="alternated rounds of every method; the fastest counts")
+    a("--rounds", type=int, default=3, help="timed reselection cycles (20 steps) of every method; the fastest counts")
+    a("--steps", type=int, help=argparse.SUPPRESS)  # (the plain loop's)
     a("--wait-policies", nargs="+", default=list(WAIT_POLICIES), choices=list(WAIT_POLICIES),
       help="how idle threads wait, for our workers and the peers' alike (both columns by default)")
     a("--grad-paths", action="store_true", help="time the dense and sparse value gradient per matrix and density")
+    a("--profile", nargs="+", choices=METHODS + PEERS, help="torch.profiler over one reselection cycle of each "
+      "method (peers: run bench.py with the --peer interpreter), own CPU time per op")
+    a("--profile-rows", type=int, default=20, help="ops shown by --profile")
     # quality
     a("--quality", action="store_true", help="the quality study (see `quality` in the code)")
     a("--fixtures", nargs="+", default=list(FIXTURES), help=f"{' or '.join(FIXTURES)}, or a folder laid out alike")
@@ -493,7 +558,8 @@ def main(argv=None):
         return 0
     os.makedirs(args.runs_dir, exist_ok=True)
     t0 = time.time()
-    res = quality(args) if args.quality else grad_paths(args) if args.grad_paths else speed(args)
+    res = (quality(args) if args.quality else grad_paths(args) if args.grad_paths else profile(args) if args.profile
+           else speed(args))
     res["seconds"] = time.time() - t0
     path = args.json or f"bench-{res['mode']}.json"
     runs.write_json(path, res)

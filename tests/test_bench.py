@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_speed_runs_every_method_at_the_matched_budget(tmp_path):
     out = tmp_path / "bench.json"
-    bench_py = [sys.executable, os.path.join(ROOT, "bench.py"), "--shape", "tiny", "--steps", "1", "--warmup", "1",
-                "--threads", "1", "--json", str(out), "--runs-dir", str(tmp_path / "runs")]
+    bench_py = [sys.executable, os.path.join(ROOT, "bench.py"), "--shape", "tiny", "--threads", "1", "--json", str(out),
+                "--runs-dir", str(tmp_path / "runs")]
     p = run_watched([*bench_py, "--rounds", "1", "--wait-policies", "passive"], cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "| method | passive: step s (x PEFT LoRA dropout 0) |" in p.stdout
@@ -32,23 +32,55 @@ def test_speed_runs_every_method_at_the_matched_budget(tmp_path):
         assert "error" not in r, r
         assert r["step_s"] > 0 and all(t > 0 for t in r["step_times"]) and r["tokens_per_s"] > 0, m
         assert r["peak_memory_gb"] > 0 and r["threads"] == 1
+        # every method timed over the same steps: one reselection cycle after the warm-up
+        assert len(r["step_times"]) == 20 and r["step_s"] == sum(r["step_times"]) / 20, m
     # the budget: LoRA rank 16 on all seven projections, SpIEL exactly as many deltas
     want = spiel.lora_param_count(Transformer(bench.SHAPES["tiny"]["model"]), bench.RANK)
     assert res["lora"]["trainable"] == res["spiel-ag"]["trainable"] == res["spiel-ma"]["trainable"] == want
     assert res["lora-nodrop"]["trainable"] == want and res["frozen"]["trainable"] == 0
-    # SpIEL was timed over one whole reselection cycle: plain steps, the AG window and the reselection
+    # SpIEL's cycle: plain steps, the AG window and the reselection
     assert res["spiel-ag"]["phases"].count("reselect") == 1 and "window" in res["spiel-ag"]["phases"]
-    assert len(res["spiel-ma"]["phases"]) == 20 and "window" not in res["spiel-ma"]["phases"]
-    # both wait policies, set alike for every worker (the variable removed for libgomp's default), the rounds
-    # alternated and the fastest kept
-    p = run_watched([*bench_py, "--rounds", "2", "--methods", "frozen"], cwd=tmp_path,
+    assert res["spiel-ma"]["phases"].count("reselect") == 1 and "window" not in res["spiel-ma"]["phases"]
+    # both wait policies, set alike for every method (the variable removed for libgomp's default), the fastest
+    # of the rounds kept
+    p = run_watched([*bench_py, "--rounds", "2", "--methods", "frozen", "lora"], cwd=tmp_path,
                     env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert p.returncode == 0, p.stdout + p.stderr
     got = json.loads(out.read_text())
     for policy, want in (("spinning", "(libgomp's default)"), ("passive", "PASSIVE")):
-        runs = got["all"][policy]["frozen"]
-        assert len(runs) == 2 and all(r["omp_wait_policy"] == want for r in runs)
-        assert got["best"][policy]["frozen"]["step_s"] == min(r["step_s"] for r in runs)
+        for r in got["best"][policy].values():
+            assert r["omp_wait_policy"] == want and len(r["round_means"]) == 2 and len(r["step_times"]) == 40
+            assert r["step_s"] == min(r["round_means"])
+
+
+def test_the_worker_interleaves_the_methods_steps(monkeypatch, tmp_path):
+    """one process, step t of every method before step t + 1 of any: a slow spell falls on all of them."""
+    order = []
+    real = bench.our_model
+
+    def spy(margs, method, device, seed):
+        loss_fn, model, params, optimizer, selector = real(margs, method, device, seed)
+        return (lambda x, y: order.append(method) or loss_fn(x, y)), model, params, optimizer, selector
+    monkeypatch.setattr(bench, "our_model", spy)
+    out = tmp_path / "w.json"
+    assert bench.main(["--worker", "frozen,spiel-ma", "--json-out", str(out), "--shape", "tiny", "--rounds", "1",
+                       "--threads", "1"]) == 0
+    assert len(order) == 2 * 25 and all({order[i], order[i + 1]} == {"frozen", "spiel-ma"} for i in range(0, 50, 2))
+    res = json.loads(out.read_text())
+    assert set(res) == {"frozen", "spiel-ma"} and all("peak_memory_gb" not in r for r in res.values())
+
+
+def test_profile_prints_each_methods_ops_per_step(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert bench.main(["--shape", "tiny", "--threads", "1", "--profile", "spiel-ma", "lora-nodrop", "--profile-rows",
+                       "5", "--json", str(out), "--runs-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| op | spiel-ma | lora-nodrop |" in printed and "| total self CPU |" in printed
+    res = json.loads(out.read_text())
+    ma, lora = res["ms_per_step"]["spiel-ma"], res["ms_per_step"]["lora-nodrop"]
+    # SpIEL-MA's own parts show up in its column only: the sparse-delta layer and SM3
+    assert ma["SparseDeltaFn"] > 0 and ma["Optimizer.step#SM3.step"] > 0 and "SparseDeltaFn" not in lora
+    assert lora["Optimizer.step#AdamW.step"] > 0 and all(v > 0 for v in res["wall_s"].values())
 
 
 def write_jsonl(path, records):
