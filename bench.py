@@ -248,9 +248,10 @@ def speed(a) -> dict:
 
 
 def profile(a) -> dict:
-    """where a step's time goes: each method of --profile warms up through SpIEL's first reselection, then
-    one reselection cycle runs under torch.profiler; per op, its own CPU time (not its callees') in ms per
-    step, the ops that cost the most in any method first. One process: the same thread settings for all."""
+    """where a step's time goes: the methods of --profile warm up through SpIEL's first reselection, then
+    one reselection cycle of each runs under torch.profiler, their steps interleaved (one process: the same
+    thread settings and slow spells for all); per op, its own CPU time (not its callees') in ms per step,
+    the ops that cost the most in any method first."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -258,16 +259,18 @@ def profile(a) -> dict:
     built, step = setup(a, methods)
     defaults = runs.get_parser().parse_args([])
     n_warm, cycle = defaults.first_reselect, defaults.reselect_every
-    per_op, wall = {}, {}
-    for method in methods:
-        for t in range(1, n_warm + 1):
-            step(method, t)
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
-            for t in range(n_warm + 1, n_warm + cycle + 1):
+    per_op, wall = {m: {} for m in methods}, {m: 0.0 for m in methods}
+    for t in range(1, n_warm + cycle + 1):  # the methods' steps interleaved, as in the speed table
+        for method in methods[t % len(methods):] + methods[:t % len(methods)]:
+            if t <= n_warm:
                 step(method, t)
-            wall[method] = (time.perf_counter() - t0) / cycle
-        per_op[method] = {e.key: e.self_cpu_time_total / 1e3 / cycle for e in prof.key_averages()}
+                continue
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                step(method, t)
+                wall[method] += (time.perf_counter() - t0) / cycle
+            for e in prof.key_averages():
+                per_op[method][e.key] = per_op[method].get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / cycle
     ops = sorted({k for d in per_op.values() for k in d}, key=lambda k: -max(d.get(k, 0) for d in per_op.values()))
     print(f"\nself CPU ms per step over one reselection cycle ({cycle} steps; {a.threads} threads, OMP_WAIT_POLICY "
           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; the profiler's own overhead included)")
