@@ -20,13 +20,6 @@ if __name__ == "__main__":  # (run as a script, not imported by bench.py or the 
     # idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
     # demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:  # glibc's malloc keeps freed blocks of up to 32 MB in its heap (its mmap threshold rises to that by
-        # itself), and at 7B the per-matrix temporaries fragment it: the 4-layer full-size check peaked at 3.69 GB
-        # that way, 3.43 GB with blocks from 1 MB up given their own mmap (returned when freed; docs/fullsize.md)
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
 import math
 import shlex
 import signal
@@ -42,7 +35,7 @@ import runs
 import spiel
 from generate import answer, exact_match
 from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, base_fingerprint, check_checkpoint,
-                   check_vocab, default_dtype, find_tokenizer, load_model, matrix_shape, target_linears)
+                   check_vocab, default_dtype, find_tokenizer, load_model, matrix_shape, read_shapes, target_linears)
 from sm3 import SM3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -195,6 +188,21 @@ def load_data(args, tok, world, say) -> tuple:
     return train_set, val_set, total_steps
 
 
+def fix_mmap_threshold(shapes):
+    """a large model (a weight matrix of 32 MB or more in fp32): glibc's malloc gives every block from 1 MB up
+    its own mmap, returned when freed. By itself glibc keeps freed blocks of up to 32 MB in its heap (its mmap
+    threshold rises to that), and at 7B the per-matrix temporaries fragment it: the 4-layer full-size check
+    peaked at 3.69 GB that way, 3.43 GB with the fixed threshold (docs/fullsize.md). Not for smaller models:
+    there the fresh pages cost speed (LoRA 13%, SpIEL-MA 2% slower a step on bench.py's CPU shape)."""
+    if shapes.dim * max(shapes.dim, shapes.ffn_dim) < 2**23:
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def load_base(args, device, dtype, say) -> tuple:
     """(the frozen base, its fingerprint, its parameter count), reported."""
     t0 = time.time()
@@ -257,6 +265,7 @@ def fine_tune(argv, lock, memory):
         say(runs.finished(args.out, done))
         return 0
     check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
+    fix_mmap_threshold(read_shapes(args.ckpt))
     if rank == 0:
         runs.claim(args, lock)  # a live run's folder is refused at once, naming its holder
     torch.manual_seed(args.seed + rank)

@@ -278,3 +278,18 @@ def run_cli(argv):
     with pytest.raises(SystemExit) as e:
         train.cli(argv)
     return e.value.code, str(e.value.code)
+
+
+def test_the_mmap_threshold_is_fixed_only_for_a_large_model(monkeypatch):
+    """glibc's 1 MB mmap threshold (memory at 7B) for a model with a 32 MB fp32 matrix; smaller ones keep
+    glibc's default (the fresh pages would cost them speed)."""
+    import ctypes
+
+    import train
+    from llama import ModelArgs
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: type("C", (), {"mallopt": lambda *a: calls.append(a[-2:])})())
+    train.fix_mmap_threshold(ModelArgs(dim=1024, n_layers=6, n_heads=16, vocab_size=4096))  # bench.py's CPU shape
+    assert calls == []
+    train.fix_mmap_threshold(ModelArgs(dim=4096, n_layers=4, n_heads=32, vocab_size=32000))  # 7B width
+    assert calls == [(-3, 1 << 20)]
