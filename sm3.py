@@ -46,6 +46,9 @@ class SM3(torch.optim.Optimizer):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(u)
                     u = state["momentum_buffer"].mul_(beta).add_(u, alpha=1 - beta)
+                if wd == 0 and p.dtype == u.dtype:  # (the same numbers as below, without the decay's passes)
+                    p.sub_(lr * u)
+                    continue
                 w = p.to(u.dtype)  # decoupled weight decay on the pre-step weights; one rounding
                 p.copy_(w - lr * wd * w - lr * u)
 

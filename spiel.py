@@ -39,13 +39,19 @@ class SparseDeltaFn(torch.autograd.Function):
         ctx.layer = layer
         ctx.save_for_backward(x, values)
         bias = getattr(layer.base, "bias", None)  # frozen: not an input of this Function, so no gradient
-        return F.linear(x, layer.merged_weight(x.dtype, values), None if bias is None else bias.to(x.dtype))
+        y = F.linear(x, layer.merged_weight(x.dtype, values), None if bias is None else bias.to(x.dtype))
+        ctx.written = layer.written  # (section 9: the resident weight's write this forward made, or None)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         layer = ctx.layer
-        dx = dy @ layer.merged_weight(dy.dtype, values) if ctx.needs_input_grad[0] else None  # (..., in)
+        if ctx.written is not None and ctx.written is layer.written and dy.dtype == layer.base.weight.dtype:
+            w = layer.base.weight  # still as this forward wrote it (section 9): k writes saved
+        else:
+            w = layer.merged_weight(dy.dtype, values)
+        dx = dy @ w if ctx.needs_input_grad[0] else None  # (..., in)
         if not ctx.needs_input_grad[1]:
             return dx, None, None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
@@ -91,7 +97,7 @@ class SparseDeltaLinear(nn.Module):
         self.grad_path = "auto"  # how d(values) is computed: "dense", "sparse" or "auto" (section 9)
         self._pattern = None  # section 9's cached sparsity pattern
         # section 9: a full-precision base may hold W0 + delta in its own storage while the deltas are attached
-        self.resident, self._w0 = isinstance(base, nn.Linear), None
+        self.resident, self._w0, self.written = isinstance(base, nn.Linear), None, None
 
     def merged_weight(self, dtype, values=None) -> torch.Tensor:
         """W0 + scatter(indices, values) in `dtype`: a transient (out, in) tensor (or, resident, the base's own
@@ -572,6 +578,7 @@ def resident_weight(layer, values) -> torch.Tensor:
         raise RuntimeError("the positions of resident deltas changed: call spiel.release(layer) before moving them")
     acc = torch.promote_types(w.dtype, torch.float32)  # W0 + v summed in fp32 (fp64 stays fp64), rounded once
     w[layer.indices] = (layer._w0[1].to(acc) + values.to(acc)).to(w.dtype)
+    layer.written = object()  # a token for this write: a backward may reuse what its own forward wrote
     return layer.base.weight
 
 
@@ -582,7 +589,7 @@ def release(layer):
         if layer._w0[0] != (layer.indices.data_ptr(), layer.indices._version):
             raise RuntimeError("the positions of resident deltas changed before they were released")
         layer.base.weight.view(-1)[layer.indices] = layer._w0[1]
-        layer._w0 = None
+        layer._w0 = layer.written = None
 
 
 # "auto" takes the sparse path below this density. Each sampled entry costs about as much as 1 / SPARSE_DENSITY_MAX

@@ -244,6 +244,40 @@ def test_resident_weight_then_another_dtype_adds_the_deltas_once():
     assert torch.equal(base.weight, w0)
 
 
+def test_a_backward_reuses_the_weight_its_own_forward_wrote(monkeypatch):
+    """section 9: a backward right after its forward finds the resident weight as that forward wrote it and
+    writes nothing; after another write (a second graph's forward) or a release it writes again. dx and
+    d(values) are the reference's every time."""
+    base = nn.Linear(8, 6, bias=False)
+    layer = SparseDeltaLinear(base, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.values.copy_(torch.randn(10))
+    w = (base.weight.detach().view(-1).index_add(0, layer.indices.long(), layer.values.detach())).view(6, 8)
+    writes, real = [], spiel.resident_weight
+    monkeypatch.setattr(spiel, "resident_weight", lambda *a: writes.append(1) or real(*a))
+
+    def check(x, dy):  # the reference gradients of y = x W^T
+        torch.testing.assert_close(x.grad, dy @ w)
+        torch.testing.assert_close(layer.values.grad, (dy.T @ x.detach()).view(-1)[layer.indices.long()])
+        x.grad = layer.values.grad = None
+    x1, x2, dy = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True), torch.randn(3, 6)
+    layer(x1).backward(dy)
+    assert len(writes) == 1
+    check(x1, dy)
+    y1, y2 = layer(x1), layer(x2)  # two graphs: the second forward wrote last
+    y1.backward(dy)
+    assert len(writes) == 4
+    check(x1, dy)
+    y2.backward(dy)
+    assert len(writes) == 5
+    check(x2, dy)
+    y1 = layer(x1)
+    spiel.release(layer)  # (before positions move): the backward builds the weight again
+    y1.backward(dy)
+    assert len(writes) == 7 and torch.equal(layer.base.weight, w)
+    check(x1, dy)
+
+
 def test_merge_bf16_rounds_once():
     """a bf16 base is summed in fp32 and rounded once to bf16."""
     base = nn.Linear(8, 6, bias=False).to(torch.bfloat16)
