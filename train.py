@@ -14,13 +14,8 @@ regrow" below.
 Every knob and its default: runs.get_parser (python train.py --help).
 """
 
-import os
-
-if __name__ == "__main__":  # (run as a script, not imported by bench.py or the tests)
-    # idle torch threads sleep instead of spinning (beside another PyTorch process, spinning made the
-    # demo 40x slower: docs/bench.md); set before torch starts its threads, so above the imports
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import math
+import os
 import shlex
 import signal
 import sys
