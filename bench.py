@@ -2,7 +2,7 @@
 SpIEL side by side with LoRA and full fine-tuning, and with the best peer: speed, memory and quality.
 
     python bench.py                                    # speed + memory on the CPU bench shape (about 20 minutes)
-    python bench.py --peer /path/to/venv/bin/python    # plus PEFT LoRA / transformers rows (that venv has them)
+    python bench.py --peer /path/to/venv/bin/python    # plus PEFT LoRA / transformers rows (35 minutes on 2 cores)
     python bench.py --shape gpu-1b                     # the same at a 1B-class shape in bf16 on a GPU
     python bench.py --grad-paths                       # SpIEL's value gradient alone: dense vs sparse (SDDMM)
     python bench.py --profile spiel-ma lora-nodrop     # where a step's time goes, op by op (torch.profiler)
