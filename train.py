@@ -30,7 +30,7 @@ import runs
 import spiel
 from generate import answer, exact_match
 from llama import (IGNORE_INDEX, CheckpointError, Tokenizer, base_fingerprint, check_checkpoint,
-                   check_vocab, default_dtype, find_tokenizer, load_model, matrix_shape, read_shapes, target_linears)
+                   check_vocab, default_dtype, find_tokenizer, load_model, matrix_shape, read_args, target_linears)
 from sm3 import SM3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -188,7 +188,8 @@ def fix_mmap_threshold(shapes):
     its own mmap, returned when freed. By itself glibc keeps freed blocks of up to 32 MB in its heap (its mmap
     threshold rises to that), and at 7B the per-matrix temporaries fragment it: the 4-layer full-size check
     peaked at 3.69 GB that way, 3.43 GB with the fixed threshold (docs/fullsize.md). Not for smaller models:
-    there the fresh pages cost speed (LoRA 13%, SpIEL-MA 2% slower a step on bench.py's CPU shape)."""
+    there the fresh pages cost speed (LoRA 13%, SpIEL-MA 2% slower a step on bench.py's CPU shape:
+    docs/measure/mmap_threshold.py)."""
     if shapes.dim * max(shapes.dim, shapes.ffn_dim) < 2**23:
         return
     try:
@@ -259,8 +260,8 @@ def fine_tune(argv, lock, memory):
     if args.resume and (done := runs.finished_step(args)) is not None:  # said before anything loads
         say(runs.finished(args.out, done))
         return 0
-    check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
-    fix_mmap_threshold(read_shapes(args.ckpt))
+    layout = check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
+    fix_mmap_threshold(read_args(args.ckpt, layout))  # (its config: the shards are not opened twice)
     if rank == 0:
         runs.claim(args, lock)  # a live run's folder is refused at once, naming its holder
     torch.manual_seed(args.seed + rank)
