@@ -14,8 +14,10 @@ from typing import Optional
 import torch
 
 import data
-from llama import CheckpointError, Tokenizer, Transformer, check_checkpoint, check_vocab, default_device, \
-    default_dtype, find_tokenizer, load_model, read_finetune
+import finetune
+from files import CheckpointError
+from llama import Tokenizer, Transformer, check_checkpoint, check_vocab, default_device, default_dtype, \
+    find_tokenizer, load_model, read_shapes
 
 
 def sample_top_p(probs, top_p: float, generator=None):
@@ -88,10 +90,9 @@ def main(argv=None):
     if args.system is not None and not args.chat:
         ap.error("--system needs --chat (a system prompt is part of the chat template)")
 
-    from merge import apply_finetune, merge_into
     check_checkpoint(args.ckpt)  # everything that can be checked before the (slow) load of the base
-    for path in args.delta:
-        read_finetune(path)
+    shapes = read_shapes(args.ckpt) if args.delta else None
+    fts = [finetune.read(path, shapes) for path in args.delta]  # each fine-tune is read once
     if len(set(args.delta)) != len(args.delta):
         raise ValueError("the same fine-tune is given twice (--delta)")
     if len(args.delta) > 1 and args.quantize != "none":
@@ -101,11 +102,13 @@ def main(argv=None):
     check_vocab(args.ckpt, tok)
     model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
                        quantize=None if args.quantize == "none" else args.quantize)
-    if len(args.delta) == 1:  # applied on the fly (on a quantized base too), nothing written
-        apply_finetune(model, args.delta[0])
+    base = finetune.base_of(model, args.ckpt)
+    if len(fts) == 1:  # applied on the fly (on a quantized base too), nothing written
+        finetune.check(fts[0], model, base)
+        finetune.apply(model, fts[0])
     else:  # several add up: merged one after the other into this in-memory copy
-        for path in args.delta:
-            merge_into(model, path)
+        for ft in fts:
+            finetune.merge(model, ft, base)
     ids = data.prompt_ids(tok, args.prompt, args.system) if args.chat else tok.encode(args.prompt)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos_id=tok.eos_id, generator=g,

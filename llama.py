@@ -1,22 +1,27 @@
 """
-LLaMA 2 from scratch: the model, the tokenizer, and checkpoint loading (Meta and Hugging Face layouts).
+LLaMA 2 from scratch: the model, the tokenizer, and loading a checkpoint in either layout (Meta's or Hugging Face's).
 
 The architecture is Touvron et al. 2023, "Llama 2" (arXiv 2307.09288), section 2.2: pre-norm RMSNorm,
 rotary position embeddings (RoPE, Su et al. 2021), SwiGLU feed-forward, grouped-query attention (70B).
-Inside the model RoPE rotates adjacent pairs (dims 2i, 2i+1) exactly as Meta's reference does, and the
-parameter names are Meta's (`layers.0.attention.wq.weight`). A Hugging Face checkpoint is converted at
-the load boundary (key names and the q/k row permutation); ../shared/notes/llama-formats.md has both.
-The end of the file holds what SpIEL, LoRA and merging share below them: which linears fine-tuning
-targets, and the small safetensors container their files use.
+Inside the model the parameter names are Meta's (`layers.0.attention.wq.weight`) and RoPE rotates adjacent
+pairs (dims 2i, 2i+1), exactly as Meta's reference does.
+
+The two layouts on disk:
+- Meta: `params.json` (dim, n_layers, n_heads, optionally n_kv_heads, ffn_dim_multiplier, multiple_of;
+  vocab_size -1 means "the tokenizer's") and `consolidated.NN.pth`, one tensor-parallel shard per file (each
+  weight split along its own dimension, META_SHARD_DIM), with `tokenizer.model` one folder up.
+- Hugging Face: `config.json` (hidden_size, intermediate_size, num_attention_heads, ...), safetensors or
+  `pytorch_model*.bin` files (sharded with an index), `tokenizer.model` beside them; names as in HF_TO_META.
+  HF's rotary embedding pairs dim i with i + head_dim/2 ("rotate_half") instead of 2i with 2i+1, so its q and k
+  weights hold the same rows as Meta's, permuted within each head: permute_hf_to_meta undoes it on load,
+  permute_meta_to_hf redoes it for an export. Get it wrong and the model still runs, but its text turns to
+  gibberish after a few tokens, which is why tests compare logits across the layouts.
 """
 
 import glob
 import hashlib
-import json
 import os
 import re
-import sys
-import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -24,14 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from files import CheckpointError, Progress, read_json, torch_load
+
 IGNORE_INDEX = -100  # label value that does not count in the loss
-# the seven projections of a block (HF: q/k/v/o_proj, gate/down/up_proj): what SpIEL, LoRA and quantization
-# target. embeddings, norms and the output head stay as they are.
+# the seven projections of a block, which fine-tuning targets (all of them by default, as the paper does);
+# embeddings, norms and the output head stay frozen
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-
-class CheckpointError(Exception):
-    """a checkpoint, tokenizer, delta or run file that cannot be used; the message names the file."""
 
 
 def default_device() -> str:
@@ -184,7 +187,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.grad_checkpoint = False  # recompute each block in backward (less activation memory)
-        self.merged_ids = []  # fine-tunes already merged into these weights (merge.py records them)
         self.reset_rope()
 
     def reset_rope(self, device=None):
@@ -283,32 +285,13 @@ def rename(key: str, table: dict) -> Optional[str]:
 
 
 def permute_hf_to_meta(w, n_heads):
-    """HF q/k rows pair dim i with i + head_dim/2 ("rotate_half"); Meta pairs 2i with 2i+1."""
+    """q or k rows (out, in) in HF's order -> Meta's: within each head, HF rows [0, d/2) and [d/2, d) interleave."""
     return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
-def read_json(path, hint: str = ""):
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found" + (f" ({hint})" if hint else "")) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return cfg
-
-
-def torch_load(path):
-    """plain tensors only: weights_only=True refuses (never executes) any other pickled object."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
-            raise CheckpointError(f"{path}: refusing to unpickle objects that are not plain tensors ({msg})") from None
-        raise CheckpointError(f"{path}: cannot read (truncated or not a PyTorch file: {msg})") from None
+def permute_meta_to_hf(w, n_heads):
+    """the inverse: q or k rows in Meta's order -> HF's (for an export in the HF layout)."""
+    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 def check_checkpoint(path: str, tokenizer: bool = True) -> str:
@@ -466,47 +449,13 @@ def hf_tensors(path: str, args: ModelArgs):
             yield key, t, file
 
 
-# -----------------------------------------------------------------------------
-# progress of the long steps (reading, quantizing or writing 7B takes minutes)
-
-PROGRESS_SECONDS = 10.0  # outside a terminal: a plain line at most this often
-
-
-class Progress:
-    """bytes done of `total`: a tqdm bar when stdout is a terminal, else a plain line at most every
-    PROGRESS_SECONDS (and one at the start, from 1 GB), so that a log file (or a job scheduler's output) stays
-    readable and never looks hung. Only rank 0 reports."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.done, self.t0 = what, max(total, 1), 0, time.time()
-        self.last, self.bar = self.t0, None
-        self.quiet = os.environ.get("RANK", "0") != "0"
-        if not self.quiet and sys.stdout.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, desc=what, unit="B", unit_scale=True, leave=False, delay=1,
-                            dynamic_ncols=True)
-        elif not self.quiet and total >= 1e9:
-            print(f"{what} ({total / 1e9:.1f} GB)", flush=True)
-
-    def update(self, n: int):
-        self.done += n
-        if self.bar:
-            self.bar.update(n)
-        elif not self.quiet and time.time() - self.last >= PROGRESS_SECONDS:
-            self.last = time.time()
-            print(f"{self.what}: {self.done / 1e9:.1f} of {self.total / 1e9:.1f} GB ({self.done / self.total:.0%}), "
-                  f"{self.last - self.t0:.0f}s", flush=True)
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
-
-
-def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional[str] = None) -> Transformer:
+def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = torch.bfloat16, quantize: Optional[str] = None,
+               verbose: bool = True) -> Transformer:
     """Load a LLaMA 2 checkpoint in either layout. The model is built on the meta device and each tensor is
     assigned as it is read (mmap'ed, weights_only=True), so host memory stays near one copy of the weights;
-    with quantize="int8"|"nf4" the seven projections are quantized tensor by tensor while loading. Every
-    missing, unexpected, duplicate or misshapen key is an error naming the file and the key."""
+    dtype None keeps each tensor's stored dtype; with quantize="int8"|"nf4" the seven projections are quantized
+    tensor by tensor while loading. Every missing, unexpected, duplicate or misshapen key is an error naming
+    the file and the key. verbose: report progress (a bar, or a line every 10 s in a log)."""
     layout = check_checkpoint(path, tokenizer=False)
     args = read_args(path, layout)
     if layout == "meta":
@@ -520,7 +469,7 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional
         model = Transformer(args)
     if quantize:
         import quantize as q
-        q.quantize_model(model, quantize)
+        q.quantize_model(model, quantize, PROJECTIONS)
     modules = dict(model.named_modules())
     # every key the checkpoint must hold, with its shape (a quantized linear still wants its full weight)
     want = {k: tuple(t.shape) for k, t in model.state_dict().items() if not hasattr(modules[k.rpartition(".")[0]],
@@ -530,7 +479,7 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional
     files = glob.glob(os.path.join(path, "consolidated.*.pth" if layout == "meta" else "*.safetensors")) or \
         glob.glob(os.path.join(path, "pytorch_model*.bin"))
     progress = Progress(f"loading {path}" + (f" (quantizing to {quantize})" if quantize else ""),
-                        sum(os.path.getsize(f) for f in files))
+                        sum(os.path.getsize(f) for f in files), quiet=not verbose)
     for key, t, src in tensors:
         if key not in want or key in seen:
             raise CheckpointError(f"{src}: {'duplicate' if key in seen else 'unexpected'} key {key}")
@@ -551,13 +500,11 @@ def load_model(path: str, device="cpu", dtype=torch.bfloat16, quantize: Optional
         raise CheckpointError(f"{path}: missing key {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                       if len(missing) > 1 else ""))
     model.reset_rope(device)
-    model.layout, model.fingerprint = layout, base_fingerprint(model)
-    model.merged_ids = read_json(os.path.join(path, "config.json")).get("spiel_merged", []) if layout == "hf" else []
     return model.eval()
 
 
 # -----------------------------------------------------------------------------
-# what fine-tuning methods share: the targeted linears, and the safetensors container of their files
+# the model's linears that fine-tuning targets, and a fingerprint of the base
 
 
 def matrix_shape(m) -> tuple:
@@ -565,142 +512,25 @@ def matrix_shape(m) -> tuple:
     return tuple(m.weight_shape) if hasattr(m, "weight_shape") else tuple(m.weight.shape)
 
 
-def target_linears(model: nn.Module, targets=PROJECTIONS) -> dict:
-    """name -> plain linear (full precision or quantized) whose attribute name is one of `targets`."""
+def target_linears(model: nn.Module, targets) -> dict:
+    """name -> plain linear (full precision or quantized) whose attribute name is one of `targets`, in model order."""
     return {name: m for name, m in model.named_modules()
             if name.rpartition(".")[2] in targets and (isinstance(m, nn.Linear) or hasattr(m, "dequantize"))}
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """a short hash of weights fine-tuning never touches (norms, a slice of the embedding), rounded to bf16
-    so that the same base loaded in another dtype or quantized gives the same answer. load_model keeps it
-    (model.fingerprint): a sharded model could not compute it on one process alone."""
-    if getattr(model, "fingerprint", None):
-        return model.fingerprint
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
-            h.update(name.encode())
-            h.update(t[:64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def give_umask_mode(path: str):
-    """the mode the user's umask gives a new file (safetensors creates its files 600: colleagues could not
-    read a fine-tune on a shared cluster)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def write_whole(path: str, write):
-    """write(tmp) to a temporary name beside `path`, then rename it to `path`: an interruption never leaves half
-    a file. A failed write (a full disk: any OSError) removes the temporary file and raises one line naming
-    `path`; whatever was at `path` before is untouched."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        give_umask_mode(tmp)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: not written ({e.strerror or e})") from None
-        raise
-    os.replace(tmp, path)
-
-
-def write_folder(out_dir: str, write, replace: bool = False):
-    """write(tmp) fills a temporary folder beside `out_dir`, which is renamed to `out_dir` once whole (an existing
-    one is swapped out only with `replace`; callers check it is absent or empty otherwise). A failed or
-    interrupted write leaves neither a half-written `out_dir` nor the temporary folder; a full disk is one line.
-    Files get the mode the user's umask gives."""
-    import shutil
-
-    tmp, old = out_dir.rstrip("/") + ".tmp-export", out_dir.rstrip("/") + ".tmp-old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write(tmp)
-        for name in os.listdir(tmp):
-            give_umask_mode(os.path.join(tmp, name))
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{out_dir}: not written ({e.strerror or e}); nothing was left there") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)  # (left by an earlier write killed at the end)
-    if os.path.exists(out_dir):  # empty, or the one being replaced
-        if not replace and os.listdir(out_dir):
-            raise FileExistsError(f"{out_dir}: exists and is not empty")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_finetune(model: nn.Module, path: str, fmt: str, shapes: dict, tensors: dict, meta: dict):
-    """a spiel safetensors file (delta or LoRA), written whole: the tensors, the shape of each matrix, the base
-    they were trained on (its fingerprint and the fine-tunes already merged into it), and `meta`."""
-    from safetensors.torch import save_file
-
-    meta = {"format": fmt, "shapes": json.dumps({n: list(s) for n, s in shapes.items()}), "row_order": "meta",
-            "base_fingerprint": base_fingerprint(model), "base_merged": json.dumps(model.merged_ids),
-            **{k: str(v) for k, v in meta.items()}}
-    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-    write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def read_finetune(path: str, model: Optional[nn.Module] = None) -> tuple:
-    """(format, tensors, metadata, shapes) of a spiel delta or LoRA file, or of a PEFT LoRA or SFT adapter folder
-    (convert.py). Given a model, also checks that it fits: every matrix is a plain linear of that shape, the base
-    is the one it was trained on, and it is not already merged into it. Errors name the file."""
-    from safetensors import safe_open
-
-    if os.path.isdir(path):  # a PEFT LoRA or the authors' SFT folder, read into the same form by convert.py
-        import convert
-        fmt, tensors, meta, shapes = convert.read_folder(path, None if model is None else model.args)
-    elif not os.path.isfile(path):
-        raise CheckpointError(f"{path}: fine-tune file not found")
-    else:
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-            fmt, shapes = meta.get("format"), {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
-    if fmt not in ("spiel-delta", "spiel-lora"):
-        raise CheckpointError(f"{path}: neither a spiel delta nor a LoRA adapter (format {fmt!r})")
-    if not shapes or len(tensors) != 2 * len(shapes):
-        raise CheckpointError(f"{path}: tensors and metadata disagree")
-    if model is None:
-        return fmt, tensors, meta, shapes
-    linears = target_linears(model, {n.rpartition(".")[2] for n in shapes})
-    for name, (o, i) in shapes.items():
-        if name not in linears:
-            raise CheckpointError(f"{path}: a fine-tune for {name}, which this model does not have as a plain "
-                                  f"linear (another model, or a fine-tune already added?)")
-        if matrix_shape(linears[name]) != (o, i):
-            got = matrix_shape(linears[name])
-            raise CheckpointError(f"{path}: {name} is {o}x{i} in the file but {got[0]}x{got[1]} in this model "
-                                  f"(another model?)")
-    if meta.get("finetune_id") in model.merged_ids:
-        raise CheckpointError(f"{path}: already merged into this model (its config.json lists "
-                              f"{meta['finetune_id']}); applying it again would add it twice")
-    # the base it was trained on: the same weights, with every fine-tune that was merged into them then
-    # merged here too (others merged since are fine: sparse fine-tunes add up, section 3)
-    if meta.get("base_fingerprint", base_fingerprint(model)) != base_fingerprint(model):
-        raise CheckpointError(f"{path}: this fine-tune was trained on another base model (it expects the base whose "
-                              f"fingerprint is {meta['base_fingerprint']}; this base's is {base_fingerprint(model)}); "
-                              f"pass the --ckpt it was trained on")
-    missing = [i for i in json.loads(meta.get("base_merged", "[]")) if i not in model.merged_ids]
-    if missing:
-        raise CheckpointError(f"{path}: this fine-tune was trained on another base model: this one with fine-tune"
-                              f"{'s' * (len(missing) > 1)} {', '.join(missing)} merged into it (by merge.py); "
-                              f"pass that merged model as --ckpt")
-    return fmt, tensors, meta, shapes
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module):
     """put `new` where the submodule `name` is."""
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """a short hash of weights fine-tuning never touches (norms, a slice of the embedding), rounded to bf16 so
+    that the same base loaded in another dtype or quantized gives the same answer. A fine-tune records the
+    fingerprint of its base; computed before --fsdp shards the model (one process alone holds a shard)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
+            h.update(name.encode())
+            h.update(t[:64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -2,7 +2,7 @@
 LoRA, the baseline SpIEL is compared against: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
 Language Models", arXiv 2106.09685, section 4.1. Each targeted frozen weight W0 (out, in) gets
 W = W0 + (alpha / r) B A with A (r, in) and B (out, r) trainable; B = 0 at the start, so W = W0.
-The same targets, file container and base checks as spiel.py (they live in llama.py, below both).
+It targets the same projections as spiel.py (llama.target_linears), and finetune.py saves and reads both.
 """
 
 import math
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import CheckpointError, matrix_shape, read_finetune, save_finetune, swap_module, target_linears
+from llama import matrix_shape, swap_module, target_linears
 
 
 class LoRALinear(nn.Module):
@@ -50,10 +50,11 @@ def lora_layers(model: nn.Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float = 0.1, seed: int = 0) -> dict:
-    """freeze the model and wrap each targeted linear in a LoRALinear. -> name -> layer"""
+def add_lora(model: nn.Module, targets, rank: int, alpha: float = 16.0, dropout: float = 0.1, seed: int = 0) -> dict:
+    """freeze the model and wrap each linear named in `targets` (e.g. llama.PROJECTIONS) in a LoRALinear.
+    -> name -> layer"""
     model.requires_grad_(False)
-    linears = target_linears(model)
+    linears = target_linears(model, targets)
     if not linears:
         raise ValueError("no targeted linear layer in the model (LoRA already added?)")
     g = torch.Generator().manual_seed(seed)
@@ -62,9 +63,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, dropout: float = 
     return lora_layers(model)
 
 
-def rank_for_budget(model: nn.Module, num_params: int) -> int:
-    """the largest rank whose trainable count is <= num_params (call it before adding LoRA or deltas)."""
-    per_rank = sum(sum(matrix_shape(m)) for m in target_linears(model).values())  # in + out per matrix
+def rank_for_budget(model: nn.Module, targets, num_params: int) -> int:
+    """the largest rank whose trainable count on the targets is <= num_params (call it before adding LoRA)."""
+    per_rank = sum(sum(matrix_shape(m)) for m in target_linears(model, targets).values())  # in + out per matrix
     if num_params < per_rank:
         raise ValueError(f"a budget of {num_params:,} is below LoRA rank 1 ({per_rank:,} parameters)")
     return num_params // per_rank
@@ -81,39 +82,24 @@ def merge_lora(model: nn.Module):
         swap_module(model, name, layer.base)
 
 
-def save_lora(model: nn.Module, path: str, meta: Optional[dict] = None):
-    """a safetensors file: per matrix `<name>.A` (r, in) and `<name>.B` (out, r), fp32, plus metadata."""
+def lora_tensors(model: nn.Module) -> tuple:
+    """(name -> (A (r, in), B (out, r)) fp32 of every LoRA layer, in model order; {"rank", "alpha", "dropout"})."""
     layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers to save")
-    tensors = {}
-    for name, m in layers.items():
-        tensors[name + ".A"], tensors[name + ".B"] = m.A.float(), m.B.float()
-    first = next(iter(layers.values()))
-    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    save_finetune(model, path, "spiel-lora", {n: m.weight_shape for n, m in layers.items()}, tensors,
-                  {"rank": first.rank, "alpha": first.alpha, "dropout": dropout, **(meta or {})})
+    first = next(iter(layers.values()), None)
+    hyper = {} if first is None else {"rank": first.rank, "alpha": first.alpha, "dropout":
+                                      first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0}
+    return {name: (m.A.float(), m.B.float()) for name, m in layers.items()}, hyper
 
 
-def load_lora(model: nn.Module, path: str) -> dict:
-    """wrap the linears of a loaded base with the LoRA weights of `path`; a file that does not fit this base
-    is an error naming it. -> the file's metadata"""
-    fmt, tensors, meta, shapes = read_finetune(path, model)
-    if fmt != "spiel-lora":
-        raise CheckpointError(f"{path}: not a spiel LoRA file (format {fmt})")
-    try:
-        rank, alpha, dropout = int(meta["rank"]), float(meta["alpha"]), float(meta.get("dropout", 0.0))
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad metadata ({e})") from None
+@torch.no_grad()
+def attach_lora(model: nn.Module, adapters: dict, rank: int, alpha: float, dropout: float = 0.0) -> dict:
+    """freeze the model and wrap each linear named in `adapters` (name -> (A, B), shapes checked by the caller)
+    in a LoRALinear holding them. -> name -> layer"""
     modules = dict(model.named_modules())
     model.requires_grad_(False)
-    for name, (o, i) in shapes.items():
-        A, B = tensors.get(name + ".A"), tensors.get(name + ".B")
-        if A is None or B is None or A.shape != (rank, i) or B.shape != (o, rank):
-            raise CheckpointError(f"{path}: {name} needs .A ({rank}, {i}) and .B ({o}, {rank})")
+    for name, (A, B) in adapters.items():
         layer = LoRALinear(modules[name], rank, alpha, dropout)
-        with torch.no_grad():
-            layer.A.copy_(A)
-            layer.B.copy_(B)
+        layer.A.copy_(A)
+        layer.B.copy_(B)
         swap_module(model, name, layer)
-    return meta
+    return lora_layers(model)

@@ -1,13 +1,14 @@
 """
 Merge fine-tunes into a full model and export it in the Hugging Face layout (loadable by `load_model`
-and by transformers' `from_pretrained`). Several deltas add up: sparse fine-tunes compose (SpIEL,
+and by transformers' `from_pretrained`). Several fine-tunes add up: sparse fine-tunes compose (SpIEL,
 arXiv 2401.16405, section 3: W = W0 + the sum of the scattered deltas).
 
     python merge.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --out llama-2-7b-merged
     python merge.py --ckpt llama-2-7b --out llama-2-7b-hf   # no fine-tune: the base in the HF layout
 
-Merging happens in a full-precision copy of the base (never into int8/NF4 weights), one matrix at a
-time in fp32, rounded once to --dtype. The export's config.json lists what was merged into it
+Merging happens in a full-precision copy of the base (never into int8/NF4 weights), one matrix at a time
+in fp32, rounded once to --dtype: by default the base's own (bf16 for Meta's weights, whatever an HF
+checkpoint holds), so an fp32 base merges in fp32. The export's config.json lists what was merged into it
 ("spiel_merged"), so the same fine-tune is never applied to it twice.
 """
 
@@ -19,32 +20,12 @@ import sys
 
 import torch
 
+import finetune
 import lora
 import spiel
-from llama import HF_TO_META, CheckpointError, ModelArgs, Progress, Tokenizer, Transformer, check_checkpoint, \
-    check_vocab, find_tokenizer, load_model, read_finetune, rename, write_folder
-
-
-def apply_finetune(model, path: str) -> dict:
-    """wrap the model's linears with the sparse delta or LoRA adapter in `path` (checked against the base)."""
-    fmt = read_finetune(path)[0]
-    return spiel.load_delta(model, path) if fmt == "spiel-delta" else lora.load_lora(model, path)
-
-
-def merge_into(model, path: str):
-    """W0 += the fine-tune of `path`; the plain linears are back afterwards, ready for the next one."""
-    meta = apply_finetune(model, path)
-    spiel.merge_deltas(model)
-    lora.merge_lora(model)
-    model.merged_ids = model.merged_ids + [meta.get("finetune_id", os.path.abspath(path))]
-
-
-# -----------------------------------------------------------------------------
-# export to the Hugging Face layout: HF names, and q/k rows in HF's "rotate_half" order
-
-
-def permute_meta_to_hf(w, n_heads):
-    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+from files import CheckpointError, Progress, check_new_folder, write_folder
+from llama import HF_TO_META, ModelArgs, Tokenizer, Transformer, check_checkpoint, check_vocab, find_tokenizer, \
+    load_model, permute_meta_to_hf, read_shapes, rename
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, merged: list) -> dict:
@@ -59,28 +40,25 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, merged: list) -> dict:
     }
 
 
-def check_out(out_dir: str):
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
-
-
 MAX_SHARD_BYTES = 5 * 2**30  # as transformers' save_pretrained
 
 
-def save_hf(model: Transformer, tokenizer_path, out_dir: str, state_dict=None, replace: bool = False):
-    """config.json, safetensors shards (+ index when sharded) and tokenizer.model, written beside out_dir and
-    renamed into place (a failed export leaves nothing half-written); a non-empty out_dir is never touched,
-    unless `replace` (train.py's own model/ when a finished run is extended: swapped once the new one is whole).
-    state_dict: the model's weights when they are not all in `model` (a sharded model gathered by its caller)."""
+def save_hf(model: Transformer, tokenizer_path, out_dir: str, merged=(), state_dict=None, replace: bool = False,
+            verbose: bool = True):
+    """config.json (listing the fine-tunes `merged` into these weights), safetensors shards (+ index when sharded)
+    and tokenizer.model, written beside out_dir and renamed into place (a failed export leaves nothing
+    half-written); a non-empty out_dir is never touched, unless `replace` (train.py's own model/ when a finished
+    run is extended: swapped once the new one is whole). state_dict: the model's weights when they are not all in
+    `model` (a sharded model gathered by its caller)."""
     from safetensors.torch import save_file
 
     if any(hasattr(m, "dequantize") for m in model.modules()):
         raise ValueError("refusing to export a quantized model: load the base in full precision and merge there")
     if spiel.delta_layers(model) or lora.lora_layers(model):
         raise ValueError("the model still has sparse deltas or LoRA adapters attached: merge them first "
-                         "(merge_into) or save them on their own (save_delta / save_lora)")
+                         "(finetune.merge) or save them on their own (finetune.save)")
     if not replace:
-        check_out(out_dir)
+        check_new_folder(out_dir)
     meta_to_hf = {v: k for k, v in HF_TO_META.items()}
     shards, size = [{}], 0
     for key, t in (state_dict or model.state_dict()).items():
@@ -95,7 +73,7 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, state_dict=None, r
     total = sum(t.nbytes for s in shards for t in s.values())
 
     def write(tmp):
-        progress = Progress(f"writing {out_dir}", total)
+        progress = Progress(f"writing {out_dir}", total, quiet=not verbose)
         for name, shard in zip(names, shards):
             save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
             progress.update(sum(t.nbytes for t in shard.values()))
@@ -106,7 +84,7 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, state_dict=None, r
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, model.merged_ids), f, indent=2)
+            json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, list(merged)), f, indent=2)
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
     write_folder(out_dir, write, replace)  # (beside out_dir, renamed when whole: a failure leaves nothing)
@@ -118,20 +96,23 @@ def main(argv=None):
     ap.add_argument("--delta", action="append", default=[], help="delta or LoRA file, or PEFT LoRA / SFT folder "
                     "(repeat to add several; none: the base alone, e.g. a Meta-layout base in the HF layout)")
     ap.add_argument("--out", required=True, help="new folder for the merged model (never overwritten)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                    help="the export's dtype (auto: the base's own)")
     args = ap.parse_args(argv)
 
-    check_out(args.out)  # everything that can be checked before the (slow) load of the base
+    check_new_folder(args.out)  # everything that can be checked before the (slow) load of the base
     check_checkpoint(args.ckpt)
     check_vocab(args.ckpt, Tokenizer(find_tokenizer(args.ckpt)))  # (the export carries this tokenizer)
-    for path in args.delta:
-        read_finetune(path)
-    model = load_model(args.ckpt, dtype=getattr(torch, args.dtype))
-    for path in args.delta:
-        merge_into(model, path)
-        print(f"merged {path}")
-    save_hf(model, find_tokenizer(args.ckpt), args.out)
-    print(f"wrote {args.out} (Hugging Face layout, {args.dtype})")
+    shapes = read_shapes(args.ckpt) if args.delta else None
+    fts = [finetune.read(path, shapes) for path in args.delta]  # each fine-tune is read once
+    model = load_model(args.ckpt, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    base = finetune.base_of(model, args.ckpt)
+    for ft in fts:
+        finetune.merge(model, ft, base)
+        print(f"merged {ft.path}")
+    save_hf(model, find_tokenizer(args.ckpt), args.out, base.merged)
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    print(f"wrote {args.out} (Hugging Face layout, {dtype})")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ dtype and calls a dense matmul, keeping nothing dense between calls. Deltas are 
 quantized weight (4-bit rounding would erase them); to merge, load the base in full precision.
 
 Layout (as gpt-fast's): pure quantize/dequantize functions -> QuantLinear (buffers only) ->
-quantize_model, an explicit recursive swap of the targeted nn.Linear children. Cast the model to its
-compute dtype *before* quantize_model (a later model.to(bf16) would also cast the fp32 scales).
+quantize_model, an explicit recursive swap of the targeted nn.Linear children; it imports nothing of the repo.
+Cast the model to its compute dtype *before* quantize_model (a later model.to(bf16) would also cast the fp32
+scales).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from llama import PROJECTIONS
 
 NF4_BLOCK = 64  # weights per absmax (QLoRA)
 NF4_DQ_BLOCK = 256  # absmax values per second-level scale (QLoRA)
@@ -165,16 +164,13 @@ class QuantLinear(nn.Module):
     def forward(self, x):
         return DequantLinearFn.apply(x, self)
 
-    def nbytes(self):
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
 
-def quantize_model(model, mode, targets=PROJECTIONS):
-    """replace, in place, every nn.Linear child named one of `targets` with a QuantLinear (one on the meta
-    device stays empty: the loader fills it)."""
+def quantize_model(model, mode, targets):
+    """replace, in place, every nn.Linear child named one of `targets` (e.g. llama.PROJECTIONS) with a QuantLinear
+    (one on the meta device stays empty: the loader fills it)."""
     for name, child in model.named_children():
         if isinstance(child, nn.Linear) and name in targets:
             if child.bias is not None:

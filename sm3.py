@@ -21,6 +21,9 @@ import torch
 
 
 class SM3(torch.optim.Optimizer):
+    # the state with one entry per element of a parameter: for a sparse delta, one per delta, which spiel.py moves
+    # with its delta and zeroes where a delta grows (the row and column accumulators stay where they are)
+    per_slot = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, eps=1e-8, weight_decay=0.0, positions=None):
         if lr < 0 or eps < 0 or weight_decay < 0 or not 0.0 <= momentum < 1.0:
@@ -80,6 +83,15 @@ class SM3(torch.optim.Optimizer):
         state["row"].scatter_reduce_(0, rows, nu, "amax", include_self=True)
         state["col"].scatter_reduce_(0, cols, nu, "amax", include_self=True)
         return nu
+
+    def accumulators(self, p) -> tuple:
+        """(row (out,), col (in,)): the accumulators of the sparse delta whose values are `p`, from which SpIEL-MA
+        scores an inactive position (i, j) as row[i] * col[j]. Zeros before its first step."""
+        _, (n_out, n_in) = self.positions[p]
+        st = self.state[p]
+        if "row" not in st:
+            return torch.zeros(n_out, device=p.device), torch.zeros(n_in, device=p.device)
+        return st["row"], st["col"]
 
     def load_state_dict(self, state_dict):
         # torch casts loaded state to the param dtype (bf16 params would get bf16 accumulators): keep fp32

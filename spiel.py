@@ -1,7 +1,7 @@
 """
 SpIEL: sparse fine-tuning with a fixed budget of trainable deltas whose positions move during training.
-Ansell, Vulić, Sterz, Korhonen, Ponti 2024, "Scaling Sparse Fine-Tuning to Large Language Models",
-arXiv 2401.16405, section 3. ../shared/notes/spiel-algorithm.md states the method and our decisions.
+Ansell, Vulic, Sterz, Korhonen, Ponti 2024, "Scaling Sparse Fine-Tuning to Large Language Models",
+arXiv 2401.16405, section 3.
 
 Each targeted weight W0 (out, in) of the frozen base gets `indices` (k flat row-major positions) and
 `values` (k trainable fp32 numbers): W = W0 + scatter(indices, values). Every few optimizer steps the
@@ -10,9 +10,19 @@ deltas of smallest |value| are dropped and as many new positions are grown, chos
 - SpIEL-MA: the outer product of SM3's row and column accumulators (optimizer: SM3, sm3.py).
 
 The file follows the paper: 1 the layer and its gradient, 2 the budget, 3 the schedule, 4 SpIEL-AG's
-window, 5 SpIEL-MA's candidates, 6 drop and grow, 7 the optimizer, 8 merge/save/load, and last
-9 the sparse value gradient (an SDDMM that computes only the needed entries of dW; a speed-up, not the method).
+window, 5 SpIEL-MA's candidates, 6 drop and grow, 7 the optimizer, 8 merging and attaching, and last
+9 the speed-ups, which are not the method (a resident merged weight, and the sparse value gradient).
+
+Decisions where the paper leaves room, or where this code departs from the authors' (README, Defaults):
+- AG's window statistics are those of the optimizer step's gradient (the micro-batches summed, scaled as
+  gradient clipping scaled it), accumulated in fp32: AdamW updates with that gradient, so a grown delta's
+  seeded moments match it. The authors accumulate per micro-batch in the gradient's dtype.
+- A grown SpIEL-AG delta's AdamW state is seeded so that bias correction at age = window steps returns the
+  window's mean and mean square of the step gradient; a grown SpIEL-MA delta's momentum (if any) starts at 0.
+- A SpIEL-AG reselection may grow a position it just dropped (it keeps its slot); SpIEL-MA never grows a
+  position active before the reselection, as the authors do.
 """
+
 
 import math
 import warnings
@@ -23,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import CheckpointError, matrix_shape, read_finetune, save_finetune, swap_module, target_linears
+from llama import matrix_shape, swap_module, target_linears
 
 # -----------------------------------------------------------------------------
 # 1. the sparse-delta layer and its gradient (section 3.1)
@@ -59,8 +69,9 @@ class SparseDeltaFn(torch.autograd.Function):
 
 
 def value_grad(layer, dy, x) -> torch.Tensor:
-    """d(values) (k,) from dy (N, out) and x (N, in). While SpIEL-AG's window is open (section 4 below)
-    the same product also gives the gradient at the window's candidates, which goes to layer.window."""
+    """d(values) (k,) from dy (N, out) and x (N, in). While SpIEL-AG's window is open (section 4) the same
+    product also gives the gradient at the window's candidates, handed to layer.window here: the window has to
+    see every micro-batch's gradient, and the backward pass is the only place where it exists (never stored)."""
     w, idx = layer.window, layer.indices
     if w is not None and w.candidates is None:  # the window's first micro-batch: candidates from dense dW
         g = (dy.T @ x).view(-1)  # (out * in,) transient
@@ -68,9 +79,10 @@ def value_grad(layer, dy, x) -> torch.Tensor:
         w.add(g[w.candidates])
         return g[idx]
     if use_sparse_path(layer, dy.device):  # only the needed entries of dW (section 9)
+        dy_t, x_t = token_major(dy), token_major(x)  # (out, N), (in, N)
         if w is not None:  # the candidates' entries too (their sparsity pattern is cached on the window)
-            w.add(sampled_grad(layer, dy, x, w.candidates, cache=w))
-        return sampled_grad(layer, dy, x, idx)
+            w.add(sampled_grad(layer, dy_t, x_t, w.candidates, cache=w))
+        return sampled_grad(layer, dy_t, x_t, idx)
     g = (dy.T @ x).view(-1)  # the authors' way: dense dW (out, in), then gather
     if w is not None:
         w.add(g[w.candidates])
@@ -78,10 +90,11 @@ def value_grad(layer, dy, x) -> torch.Tensor:
 
 
 class SparseDeltaLinear(nn.Module):
-    """a frozen base linear (nn.Linear or a quantized one) plus k trainable deltas at flat positions."""
+    """a frozen base linear (nn.Linear or a quantized one) plus k trainable deltas at flat positions.
+    resident: let a full-precision base hold W0 + delta in its own storage (section 9); off under --fsdp."""
 
     def __init__(self, base: nn.Module, k: int, generator: Optional[torch.Generator] = None,
-                 indices: Optional[torch.Tensor] = None):
+                 indices: Optional[torch.Tensor] = None, resident: bool = True):
         super().__init__()
         self.base = base.requires_grad_(False)
         out_f, in_f = self.weight_shape = matrix_shape(base)
@@ -93,11 +106,11 @@ class SparseDeltaLinear(nn.Module):
                                                                                                  generator)
         self.register_buffer("indices", indices.to(device, torch.int32 if out_f * in_f < 2**31 else torch.int64))
         self.values = nn.Parameter(torch.zeros(k, device=device))  # (k,) fp32, 0 at the start: W = W0
-        self.window = None  # SpIEL-AG's open accumulation window (a Window), set and closed by the Selector
+        self.window = None  # SpIEL-AG's open accumulation window (a Window), opened and closed by the Selector
         self.grad_path = "auto"  # how d(values) is computed: "dense", "sparse" or "auto" (section 9)
-        self._pattern = None  # section 9's cached sparsity pattern
-        # section 9: a full-precision base may hold W0 + delta in its own storage while the deltas are attached
-        self.resident, self._w0, self.written = isinstance(base, nn.Linear), None, None
+        self.pattern = None  # section 9: the sparsity pattern of the indices, cached (rebuilt when they change)
+        # section 9: W0 at the active positions while the base holds W0 + delta, and a token of the last write
+        self.resident, self.w0, self.written = resident and isinstance(base, nn.Linear), None, None
 
     def merged_weight(self, dtype, values=None) -> torch.Tensor:
         """W0 + scatter(indices, values) in `dtype`: a transient (out, in) tensor (or, resident, the base's own
@@ -137,9 +150,9 @@ def delta_layers(model: nn.Module) -> dict:
 # 2. the budget: k_total deltas split across the targeted matrices in proportion to their size (section 3)
 
 
-def lora_param_count(model: nn.Module, rank: int) -> int:
-    """parameters LoRA of this rank trains on the targets: rank * (in + out) per matrix."""
-    return sum(rank * sum(matrix_shape(m)) for m in target_linears(model).values())
+def lora_param_count(model: nn.Module, targets, rank: int) -> int:
+    """parameters LoRA of this rank trains on the targeted projections: rank * (in + out) per matrix."""
+    return sum(rank * sum(matrix_shape(m)) for m in target_linears(model, targets).values())
 
 
 def split_budget(sizes: list, total: int) -> list:
@@ -156,26 +169,27 @@ def split_budget(sizes: list, total: int) -> list:
     return ks
 
 
-def add_sparse_deltas(model: nn.Module, density: Optional[float] = None, num_tunable: Optional[int] = None,
-                      lora_rank: Optional[int] = None, seed: int = 0) -> dict:
-    """freeze the model and swap each targeted linear for a SparseDeltaLinear. The budget is exactly one of:
-    a density of the targeted weights, a count, or as many deltas as LoRA of rank r trains. -> name -> layer"""
+def add_sparse_deltas(model: nn.Module, targets, density: Optional[float] = None, num_tunable: Optional[int] = None,
+                      lora_rank: Optional[int] = None, seed: int = 0, resident: bool = True) -> dict:
+    """freeze the model and swap each linear named in `targets` (e.g. llama.PROJECTIONS) for a SparseDeltaLinear.
+    The budget is exactly one of: a density of the targeted weights, a count, or as many deltas as LoRA of rank
+    r trains on them. resident: see SparseDeltaLinear. -> name -> layer"""
     if sum(x is not None for x in (density, num_tunable, lora_rank)) != 1:
         raise ValueError("give exactly one of density, num_tunable, lora_rank")
     model.requires_grad_(False)
-    linears = target_linears(model)
+    linears = target_linears(model, targets)
     if not linears:
         raise ValueError("no targeted linear layer in the model (deltas already added?)")
     sizes = [math.prod(matrix_shape(m)) for m in linears.values()]
     if density is not None and not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     total = round(density * sum(sizes)) if density is not None else \
-        num_tunable if num_tunable is not None else lora_param_count(model, lora_rank)
+        num_tunable if num_tunable is not None else lora_param_count(model, targets, lora_rank)
     if not 0 < total <= sum(sizes):
         raise ValueError(f"a budget of {total} deltas does not fit {sum(sizes)} targeted weights")
     g = torch.Generator().manual_seed(seed)
     for (name, base), k in zip(linears.items(), split_budget(sizes, total)):
-        swap_module(model, name, SparseDeltaLinear(base, k, generator=g))
+        swap_module(model, name, SparseDeltaLinear(base, k, generator=g, resident=resident))
     return delta_layers(model)
 
 
@@ -238,7 +252,7 @@ class Window:
     clipping scaled it, into the sums. So the statistics are those of the step gradients AdamW sees."""
 
     def __init__(self, indices: torch.Tensor):
-        self.indices, self.candidates, self.steps, self._pattern = indices, None, 0, None
+        self.indices, self.candidates, self.steps, self.pattern = indices, None, 0, None
         self.step_sum = self.grad_sum = self.sq_sum = None  # (k,) fp32 once the candidates are chosen
 
     def choose(self, g: torch.Tensor):
@@ -285,11 +299,11 @@ class Window:
 # 5. SpIEL-MA: candidates from SM3's row and column accumulators (section 3.3)
 
 
-def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Tensor):
+def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Tensor, mask=None):
     """the n inactive positions of largest row[i] * col[j] and their scores; active: the k active flat
-    positions. The (out, in) outer product is never formed: how many of its entries reach a threshold is
-    counted row by row on the sorted columns, a bisection finds the threshold that leaves n inactive
-    positions above it, and only those (about n + k) are scored."""
+    positions; mask: see member. The (out, in) outer product is never formed: how many of its entries reach a
+    threshold is counted row by row on the sorted columns, a bisection finds the threshold that leaves n
+    inactive positions above it, and only those (about n + k) are scored."""
     out_f, in_f = row.numel(), col.numel()
     n = min(n, out_f * in_f - active.numel())
     col_sorted, col_order = col.sort()  # (in,) ascending
@@ -309,22 +323,18 @@ def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Te
     rank = torch.arange(rows.numel(), device=row.device) - (m.cumsum(0) - m)[rows]  # (M,) 0.. within a row
     cols = col_order[in_f - 1 - rank]  # (M,) the row's columns, largest first
     pos = rows * in_f + cols  # (M,) flat positions
-    keep = ~member(active, pos, out_f * in_f)  # (M,) inactive ones only
+    keep = ~member(active, pos, out_f * in_f, mask)  # (M,) inactive ones only
     pos, score = pos[keep], row[rows[keep]] * col[cols[keep]]  # (M',)
     top = top_k(score, min(n, score.numel()))  # (n,)
     return pos[top], score[top]
 
 
-_SCRATCH = {}  # device -> a bool mask over the positions of the largest matrix, all False between calls
-
-
-def member(values: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
+def member(values: torch.Tensor, x: torch.Tensor, size: int, mask=None) -> torch.Tensor:
     """which entries of x (flat positions < size) are among `values`, through a bool mask over all positions.
-    The mask is kept and cleared entry by entry after use (a speed-up: zeroing a fresh (out, in) mask for
-    every call was a third of a 7B reselection; docs/fullsize.md)."""
-    mask = _SCRATCH.get(x.device)
-    if mask is None or mask.numel() < size:
-        mask = _SCRATCH[x.device] = torch.zeros(size, dtype=torch.bool, device=x.device)
+    `mask` (at least `size` entries, all False) is False again afterwards: only the entries set are cleared, so
+    the Selector keeps one for all its matrices (zeroing a fresh (out, in) mask for every call was a third of a
+    7B reselection). Without one, a fresh mask."""
+    mask = torch.zeros(size, dtype=torch.bool, device=x.device) if mask is None else mask
     mask[values] = True
     hit = mask[x]
     mask[values] = False
@@ -336,55 +346,55 @@ def member(values: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def drop_and_grow(layer: SparseDeltaLinear, n: int, cand: torch.Tensor, score: torch.Tensor, regrow_dropped: bool):
+def drop_and_grow(layer: SparseDeltaLinear, n: int, cand: torch.Tensor, score: torch.Tensor, regrow_dropped: bool,
+                  mask=None):
     """drop the n smallest |values| and grow the n best-scoring eligible candidates at value 0. Candidates
     that stay active are never eligible; with regrow_dropped (AG, as the authors) a dropped position may be
     chosen again and simply keeps its slot, value and state; without (MA, as the authors) every position
-    active now is excluded. If too few candidates are eligible, fewer are dropped: k stays constant.
-    Returns (slots whose position changed (m,), index into `cand` of what grew there (m,))."""
+    active now is excluded. If too few candidates are eligible, fewer are dropped: k stays constant. mask: see
+    member. Returns (slots whose position changed (m,), index into `cand` of what grew there (m,))."""
     idx, k, size = layer.indices.long(), layer.indices.numel(), math.prod(layer.weight_shape)
     n = min(n, k)
     while True:
         drop = top_k(-layer.values.abs(), n)  # (n,) the slots of the n smallest |value|
         stays = torch.ones(k, dtype=torch.bool, device=idx.device)
         stays[drop] = False
-        eligible = ~member(idx[stays] if regrow_dropped else idx, cand, size)  # never what stays (AG) / is (MA)
+        eligible = ~member(idx[stays] if regrow_dropped else idx, cand, size, mask)  # never what stays / is
         if int(eligible.sum()) >= n:
             break
         n = int(eligible.sum())  # too few candidates: drop fewer (which may make fewer eligible: repeat)
     chosen = top_k(score.masked_fill(~eligible, -math.inf), n)  # (n,) into cand: the best eligible
-    again = member(idx[drop], cand[chosen], size)  # (n,) chosen, but just dropped: it keeps its slot
-    freed = drop[~member(cand[chosen], idx[drop], size)]  # (m,) dropped slots not chosen again
+    again = member(idx[drop], cand[chosen], size, mask)  # (n,) chosen, but just dropped: it keeps its slot
+    freed = drop[~member(cand[chosen], idx[drop], size, mask)]  # (m,) dropped slots not chosen again
     new = chosen[~again]  # (m,) into cand: the positions that move into those slots
     layer.indices[freed] = cand[new].to(layer.indices.dtype)
     layer.values[freed] = 0.0
     return freed, new
 
 
-PER_SLOT_STATE = ("exp_avg", "exp_avg_sq", "age", "momentum_buffer")  # optimizer state with one entry per delta
-
-
 @torch.no_grad()
-def sort_slots(layer: SparseDeltaLinear, state: dict):
-    """reorder the k slots so the indices ascend (row by row), moving values and per-slot optimizer state
-    along: section 9 reads the active entries in this order without an index array."""
+def sort_slots(layer: SparseDeltaLinear, state: dict, per_slot=()):
+    """reorder the k slots so the indices ascend (row by row), moving values and the optimizer state named in
+    `per_slot` (one entry per delta) along: section 9 reads the active entries in this order."""
     perm = layer.indices.argsort()
     layer.indices.copy_(layer.indices[perm])
     layer.values.copy_(layer.values[perm])
-    for key in PER_SLOT_STATE:  # by name: SM3's row/col accumulators are per matrix row/column, not per slot
+    for key in per_slot:
         if key in state:
             state[key].copy_(state[key][perm])
 
 
 class Selector:
     """runs drop-and-grow for every SparseDeltaLinear of a model: method "ag" (with spiel.AdamW) or "ma"
-    (with sm3.SM3). The loop calls begin_step before a step's backward passes, end_step after clipping,
-    and reselect after the optimizer step when schedule.is_reselection(step)."""
+    (with sm3.SM3). Per optimizer step t (train.train_step is the one place that calls them, in this order):
+    begin_step(t) before the step's backward passes, end_step(clip scale) after gradient clipping, the
+    optimizer's step, then reselect(t) when schedule.is_reselection(t)."""
 
     def __init__(self, model: nn.Module, method: str, schedule: Schedule, optimizer):
         if method not in ("ag", "ma"):
             raise ValueError(f"unknown SpIEL method {method!r}: use ag or ma")
         self.layers, self.method, self.schedule, self.optimizer = delta_layers(model), method, schedule, optimizer
+        self.mask = None  # member()'s bool mask over the largest matrix, made at the first reselection
 
     def begin_step(self, t: int):
         """SpIEL-AG: open the windows if step t's backward passes belong to one."""
@@ -402,6 +412,10 @@ class Selector:
     def reselect(self, t: int) -> dict:
         """drop and regrow in every matrix; -> name -> number of positions that changed."""
         frac, changed = self.schedule.fraction(t), {}
+        per_slot = type(self.optimizer).per_slot  # the optimizer state that has one entry per delta
+        if self.mask is None:
+            size, first = max(math.prod(m.weight_shape) for m in self.layers.values()), next(iter(self.layers.values()))
+            self.mask = torch.zeros(size, dtype=torch.bool, device=first.indices.device)
         for name, layer in self.layers.items():
             release(layer)  # a resident weight gives W0 back before the positions move (section 9)
             n, state = int(layer.indices.numel() * frac), self.optimizer.state[layer.values]
@@ -409,17 +423,17 @@ class Selector:
                 w = layer.window
                 if w is None or not w.steps:
                     raise RuntimeError(f"step {t}: {name} has no accumulated gradients (was the window open?)")
-                slots, new = drop_and_grow(layer, n, w.candidates.long(), w.grad_sum.abs(), regrow_dropped=True)
+                slots, new = drop_and_grow(layer, n, w.candidates.long(), w.grad_sum.abs(), True, self.mask)
                 seed = w.seed(new, self.optimizer.param_groups[0]["betas"])
             else:  # candidates: the top row[i] * col[j] among inactive positions
-                zeros = [torch.zeros(d, device=layer.values.device) for d in layer.weight_shape]  # (before any step)
-                cand, score = ma_candidates(layer.indices.long(), n, state.get("row", zeros[0]), state.get("col", zeros[1]))
-                slots, new = drop_and_grow(layer, n, cand, score, regrow_dropped=False)
+                row, col = self.optimizer.accumulators(layer.values)
+                cand, score = ma_candidates(layer.indices.long(), n, row, col, self.mask)
+                slots, new = drop_and_grow(layer, n, cand, score, False, self.mask)
                 seed = {}
-            for key in PER_SLOT_STATE:  # fresh optimizer state for the grown slots: zeros, or AG's seed
+            for key in per_slot:  # fresh optimizer state for the grown slots: zeros, or AG's seed
                 if key in state:
                     state[key][slots] = seed[key].to(state[key].dtype) if key in seed else 0
-            sort_slots(layer, state)
+            sort_slots(layer, state, per_slot)
             layer.window = None
             changed[name] = slots.numel()
         if dist.is_initialized():  # a cheap check that every rank holds the same indices
@@ -461,6 +475,7 @@ def check_ranks_agree(layers: dict, t: int):
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay on the pre-step value) whose bias correction uses a per-element age,
     so a delta grown at step t is corrected as a fresh parameter (or as one seeded with `age` window steps)."""
+    per_slot = ("exp_avg", "exp_avg_sq", "age")  # all its state has one entry per delta (the Selector moves it)
 
     def __init__(self, params, lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -493,7 +508,8 @@ class AdamW(torch.optim.Optimizer):
 
 
 # -----------------------------------------------------------------------------
-# 8. merge, save, load: a delta is indices + values; merged, W0 += scatter(values) (section 3)
+# 8. merge and attach: a delta is indices + values; merged, W0 += scatter(values) (section 3). Fine-tunes add
+# up: deltas trained apart on one base can be merged one after another (finetune.py writes and reads them)
 
 
 @torch.no_grad()
@@ -516,43 +532,23 @@ def remove_deltas(model: nn.Module):
         swap_module(model, name, layer.base)
 
 
-def save_delta(model: nn.Module, path: str, meta: Optional[dict] = None):
-    """a safetensors file: per matrix `<name>.indices` (int32/64) and `<name>.values` (fp32), plus metadata."""
-    layers = delta_layers(model)
-    if not layers:
-        raise ValueError("the model has no sparse deltas to save")
-    tensors = {}
-    for name, m in layers.items():
-        tensors[name + ".indices"], tensors[name + ".values"] = m.indices, m.values.float()
-    k = sum(m.indices.numel() for m in layers.values())
-    density = k / sum(math.prod(m.weight_shape) for m in layers.values())
-    save_finetune(model, path, "spiel-delta", {n: m.weight_shape for n, m in layers.items()}, tensors,
-                  {"num_deltas": k, "density": f"{density:.6g}", **(meta or {})})
+def delta_tensors(model: nn.Module) -> dict:
+    """name -> (indices (k,) int32/64, values (k,) fp32) of every delta layer, in model order (what is saved)."""
+    return {name: (m.indices, m.values.float()) for name, m in delta_layers(model).items()}
 
 
-def load_delta(model: nn.Module, path: str) -> dict:
-    """attach the deltas of `path` to a loaded base; a file that does not fit this base is an error naming it."""
-    fmt, tensors, meta, shapes = read_finetune(path, model)
-    if fmt != "spiel-delta":
-        raise CheckpointError(f"{path}: not a spiel delta file (format {fmt})")
-    for name, (o, i) in shapes.items():  # the whole file is checked before the model is touched
-        idx, val = tensors.get(name + ".indices"), tensors.get(name + ".values")
-        if idx is None or val is None or idx.shape != val.shape or idx.dim() != 1:
-            raise CheckpointError(f"{path}: {name} needs 1-D .indices and .values of equal length")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= o * i):
-            raise CheckpointError(f"{path}: {name} has indices outside its {o}x{i} matrix")
-        if torch.unique(idx).numel() != idx.numel():
-            raise CheckpointError(f"{path}: {name} has repeated indices")
+@torch.no_grad()
+def attach_deltas(model: nn.Module, deltas: dict) -> dict:
+    """freeze the model and give each linear named in `deltas` (name -> (indices, values), checked by the caller:
+    unique positions inside its matrix) those deltas, slots sorted by position (section 9). -> name -> layer"""
     modules = dict(model.named_modules())
     model.requires_grad_(False)
-    for name in shapes:
-        idx, val = tensors[name + ".indices"], tensors[name + ".values"]
-        order = idx.argsort()  # slots sorted by position (section 9)
+    for name, (idx, val) in deltas.items():
+        order = idx.argsort()
         layer = SparseDeltaLinear(modules[name], idx.numel(), indices=idx[order])
-        with torch.no_grad():
-            layer.values.copy_(val[order])
+        layer.values.copy_(val[order])
         swap_module(model, name, layer)
-    return meta
+    return delta_layers(model)
 
 
 # -----------------------------------------------------------------------------
@@ -571,13 +567,13 @@ def load_delta(model: nn.Module, path: str) -> dict:
 @torch.no_grad()
 def resident_weight(layer, values) -> torch.Tensor:
     """the base weight, holding W0 + scatter(indices, values)."""
-    w, key = layer.base.weight.view(-1), (layer.indices.data_ptr(), layer.indices._version)
-    if layer._w0 is None:
-        layer._w0 = (key, w[layer.indices])  # (k,) W0 at the active positions
-    elif layer._w0[0] != key:
+    w, key = layer.base.weight.view(-1), (layer.indices, layer.indices._version)  # these positions, as they are now
+    if layer.w0 is None:
+        layer.w0 = (key, w[layer.indices])  # (k,) W0 at the active positions
+    elif layer.w0[0][0] is not key[0] or layer.w0[0][1] != key[1]:
         raise RuntimeError("the positions of resident deltas changed: call spiel.release(layer) before moving them")
     acc = torch.promote_types(w.dtype, torch.float32)  # W0 + v summed in fp32 (fp64 stays fp64), rounded once
-    w[layer.indices] = (layer._w0[1].to(acc) + values.to(acc)).to(w.dtype)
+    w[layer.indices] = (layer.w0[1].to(acc) + values.to(acc)).to(w.dtype)
     layer.written = object()  # a token for this write: a backward may reuse what its own forward wrote
     return layer.base.weight
 
@@ -585,11 +581,11 @@ def resident_weight(layer, values) -> torch.Tensor:
 @torch.no_grad()
 def release(layer):
     """put W0 back at the active positions (the base is W0 again), before they move or the deltas come off."""
-    if layer._w0 is not None:
-        if layer._w0[0] != (layer.indices.data_ptr(), layer.indices._version):
+    if layer.w0 is not None:
+        if layer.w0[0][0] is not layer.indices or layer.w0[0][1] != layer.indices._version:
             raise RuntimeError("the positions of resident deltas changed before they were released")
-        layer.base.weight.view(-1)[layer.indices] = layer._w0[1]
-        layer._w0 = layer.written = None
+        layer.base.weight.view(-1)[layer.indices] = layer.w0[1]
+        layer.w0 = layer.written = None
 
 
 # "auto" takes the sparse path below this density. Each sampled entry costs about as much as 1 / SPARSE_DENSITY_MAX
@@ -614,11 +610,10 @@ def set_grad_path(model: nn.Module, path: str):
 
 def csr_pattern(layer, positions: torch.Tensor, cache=None) -> tuple:
     """(row pointers (out + 1,), columns (m,), the order that sorts `positions` or None if they are sorted),
-    kept on `cache` (default: the layer; an AG window keeps its candidates') for this very tensor until it
-    changes (drop-and-grow writes indices in place: a new version). int32 where it fits: 4 bytes a delta."""
+    kept in `cache.pattern` (default: the layer's; an AG window keeps its candidates') for this very tensor
+    until it changes (drop-and-grow writes indices in place: a new version). int32 where it fits: 4 B a delta."""
     cache = layer if cache is None else cache
-    key = (positions, positions._version)  # the tensor itself: a new one at a reused address is not a hit
-    if cache._pattern is None or cache._pattern[0][0] is not positions or cache._pattern[0][1] != key[1]:
+    if cache.pattern is None or cache.pattern[0] is not positions or cache.pattern[1] != positions._version:
         pos = positions.long()
         order = None if bool((pos[1:] >= pos[:-1]).all()) else pos.argsort()
         pos = pos if order is None else pos[order]
@@ -626,8 +621,8 @@ def csr_pattern(layer, positions: torch.Tensor, cache=None) -> tuple:
         small = torch.int32 if pos.numel() < 2**31 else torch.long
         crow = torch.zeros(out_f + 1, dtype=small, device=pos.device)
         crow[1:] = torch.bincount(pos // in_f, minlength=out_f).cumsum(0)
-        cache._pattern = (key, crow, (pos % in_f).to(small), order)
-    return cache._pattern[1:]
+        cache.pattern = (positions, positions._version, crow, (pos % in_f).to(small), order)
+    return cache.pattern[2:]
 
 
 def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -648,35 +643,25 @@ def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
         share *= 4  # (too few above the cut: lower it)
 
 
-_LAST = {}  # "x" -> (key, the input last transposed, its transpose): wq, wk and wv (w1 and w3) share an input
-
-
-def transposed(t: torch.Tensor, slot: str) -> torch.Tensor:
-    """t (N, d) -> (d, N) contiguous, copied in 8 x 8 tiles (twice as fast as t.T.contiguous() on a CPU). The
-    last input's transpose is kept for the next layer that reads the same input (holding it, so its memory
-    cannot be reused by another tensor while the key stands)."""
-    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t._version)
-    if slot in _LAST and _LAST[slot][0] == key:
-        return _LAST[slot][2]
+def token_major(t: torch.Tensor) -> torch.Tensor:
+    """t (N, d) -> (d, N) contiguous, copied in 8 x 8 tiles (twice as fast as t.T.contiguous() on a CPU)."""
     n, d = t.shape
     if n % 8 or d % 8 or not t.is_contiguous():
-        out = t.T.contiguous()
-    else:
-        out = torch.empty(d, n, dtype=t.dtype, device=t.device)
-        out.view(d // 8, 8, n // 8, 8).copy_(t.view(n // 8, 8, d // 8, 8).permute(2, 3, 0, 1))
-    _LAST[slot] = (key, t, out)
+        return t.T.contiguous()
+    out = torch.empty(d, n, dtype=t.dtype, device=t.device)
+    out.view(d // 8, 8, n // 8, 8).copy_(t.view(n // 8, 8, d // 8, 8).permute(2, 3, 0, 1))
     return out
 
 
-def sampled_grad(layer, dy: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-    """(dy^T x) at `positions` (m,) only. dy (N, out), x (N, in); cache: where the pattern is kept."""
-    if dy.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
-        dy, x = dy.float(), x.float()
+def sampled_grad(layer, dy_t: torch.Tensor, x_t: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+    """(dy^T x) at `positions` (m,) only, from dy^T (out, N) and x^T (in, N), token-contiguous so that each dot
+    product reads contiguous memory; cache: where the pattern is kept."""
+    if dy_t.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
+        dy_t, x_t = dy_t.float(), x_t.float()
     crow, col, order = csr_pattern(layer, positions, cache)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
         warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, col, dy.new_zeros(col.numel()), layer.weight_shape,
+        pattern = torch.sparse_csr_tensor(crow, col, dy_t.new_zeros(col.numel()), layer.weight_shape,
                                           check_invariants=False)
-    # dy^T (out, N) and x^T (in, N), token-contiguous: each dot product reads contiguous memory
-    g = torch.sparse.sampled_addmm(pattern, transposed(dy, "dy"), transposed(x, "x").T, beta=0.0).values()  # (m,)
+    g = torch.sparse.sampled_addmm(pattern, dy_t, x_t.T, beta=0.0).values()  # (m,)
     return g if order is None else torch.empty_like(g).index_copy_(0, order, g)
