@@ -1,6 +1,10 @@
-"""Shared fixtures: a tiny sentencepiece tokenizer trained here, and tiny random LLaMA checkpoints
-written in both layouts by code independent of llama.py (the layouts as ../shared/notes/llama-formats.md
-states them). Nothing is downloaded."""
+"""Shared fixtures: a tiny sentencepiece tokenizer trained here, tiny random LLaMA checkpoints written in both
+layouts by code independent of llama.py (Meta: params.json + tensor-parallel consolidated.NN.pth shards; Hugging
+Face: config.json + safetensors shards + index, q/k rows in "rotate_half" order), a copy task in both data
+formats, and one short finished train.py run per method that many tests share. Nothing is downloaded.
+
+Two tiers: `python -m pytest -q -rf tests -m "not slow"` (the fast one, minutes), and the slow one
+(`-m slow`: torchrun launches and the tools' own runs, multi-process or long by construction)."""
 
 import io
 import json
@@ -16,9 +20,15 @@ import types
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # tools/bench.py, tools/memory.py, ... import as bench, memory
 
 from llama import ModelArgs  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or long by construction (torchrun, the tools' runs)")
 
 torch.set_num_threads(1)  # tiny models gain nothing from a second thread; CI's 2 cores run one test at a time
 
@@ -239,7 +249,7 @@ def write_jsonl(path, records):
     return str(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def task(tiny, tmp_path_factory):
     """a copy task in both formats over the tiny tokenizer's words: (train.jsonl, val.jsonl)."""
     d = tmp_path_factory.mktemp("data")
@@ -252,3 +262,31 @@ def task(tiny, tmp_path_factory):
         return {"messages": [{"role": "user", "content": "copy " + words}, {"role": "assistant", "content": words}]}
 
     return write_jsonl(d / "train.jsonl", [rec(i) for i in range(160)]), write_jsonl(d / "val.jsonl", [rec(i) for i in range(16)])
+
+
+TRAIN_ARGS = ["--seq-len", "48", "--batch-size", "4", "--grad-accum", "2", "--device", "cpu", "--dtype", "float32",
+              "--weight-decay", "0", "--warmup", "2", "--density", "0.1", "--first-reselect", "2", "--reselect-every",
+              "5", "--eval-every", "0", "--save-every", "1000", "--lora-rank", "4"]
+TRAIN_LR = {"spiel-ag": "3e-2", "spiel-ma": "1e-1", "lora": "3e-2", "full": "3e-3"}
+
+
+def train_run(tiny, task, out, *extra, method="spiel-ag") -> int:
+    """train.main in this process on the tiny HF base and the copy task (every flag after `extra` wins)."""
+    import train
+    return train.main(["--ckpt", tiny.hf, "--data", task[0], "--val-data", task[1], "--out", str(out),
+                       "--method", method, "--lr", TRAIN_LR[method], *TRAIN_ARGS, *extra])
+
+
+@pytest.fixture(scope="session")
+def trained(tiny, task, tmp_path_factory):
+    """method -> the folder of one finished 8-step run of that method (a SpIEL run passes reselections at steps 2
+    and 7), made once per session. Read it; copy it (shutil.copytree) before changing or resuming it."""
+    root, done = tmp_path_factory.mktemp("trained"), {}
+
+    def get(method: str) -> str:
+        if method not in done:
+            out = root / method
+            assert train_run(tiny, task, out, "--max-steps", "8", method=method) == 0
+            done[method] = str(out)
+        return done[method]
+    return get

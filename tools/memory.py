@@ -1,17 +1,20 @@
 """
 How much GPU memory fine-tuning LLaMA 2 needs, estimated before you buy (or rent) the GPU.
 
-    python memory.py --preset 7B --method spiel-ag --quantize int8 --seq-len 2048 --grad-checkpoint
-    python memory.py --ckpt llama-2-13b --method spiel-ma --quantize nf4 --grad-checkpoint
-    python memory.py --table                    # 7B and 13B x 4 methods x 3 base precisions (the README's)
-    python memory.py --measure --json mem.json  # on a GPU: measure a 7B-shaped model and compare
+    python tools/memory.py --preset 7B --method spiel-ag --quantize int8 --seq-len 2048 --grad-checkpoint
+    python tools/memory.py --ckpt llama-2-13b --method spiel-ma --quantize nf4 --grad-checkpoint
+    python tools/memory.py --table                    # 7B and 13B x 4 methods x 3 base precisions (the README's)
+    python tools/memory.py --measure --json mem.json  # on a GPU: measure a 7B-shaped model and compare
 
 The arithmetic is SpIEL's (Ansell et al. 2024, arXiv 2401.16405, section 3 and its appendix on memory
 and speed): the frozen base, k sparse deltas (fp32 value + int32 index), their gradients, the optimizer
 state (AdamW with a per-element age for SpIEL-AG, SM3's row/column accumulators for SpIEL-MA), the AG
 accumulation window while it is open, activations and transients. Quantized bases are int8 (absmax per
 row) or NF4 with double quantization (QLoRA, Dettmers et al. 2023, arXiv 2305.14314, section 3).
-../shared/notes/spiel-algorithm.md (section 6) has the sanity bounds for 7B.
+A sanity bound for 7B at the paper's budget (159,907,840 deltas): trainable state of 24 B per delta for AG
+(value, index, gradient, m, v, age: 3.84 GB) and 12 B for MA (value, index, gradient: 1.92 GB), LoRA 16 B per
+parameter (2.56 GB); an open AG window adds 16 B per delta; the base is 13.5 GB in bf16, about 7 GB in int8
+and 3.8 GB in NF4 (tests/test_memory.py checks these).
 
 Everything that is a tensor is counted from a real tensor: the model is built on the meta device (shapes
 and dtypes, no storage), quantized and given its trainable part exactly as train.py does, one optimizer
@@ -30,9 +33,9 @@ checkpointing: SpIEL-MA below 16 GB and SpIEL-AG below 20 GB of torch.cuda.max_m
 
 import argparse
 import gc
-import importlib.util
 import inspect
 import math
+import os
 import sys
 import time
 import weakref
@@ -40,18 +43,22 @@ import weakref
 import torch
 import torch.nn as nn
 
-import spiel
-import runs
-import train
-from llama import PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, default_dtype, read_shapes, swap_module
-from quantize import quantize_model
-from sm3 import SM3
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+import config  # noqa: E402
+import files  # noqa: E402
+import lora  # noqa: E402
+import spiel  # noqa: E402
+import system  # noqa: E402
+import train  # noqa: E402
+from llama import PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, default_dtype, read_shapes  # noqa: E402
+from quantize import quantize_model  # noqa: E402
+from sm3 import SM3  # noqa: E402
 
 GB = 1e9
 METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
 # a CPU run's own memory counts the process itself: python, torch and its libraries, measured in this process
 # (which has imported what train.py imports) before any model exists
-CPU_RUNTIME = runs.anon_rss()
+CPU_RUNTIME = system.anon_rss()
 GOALS = {"spiel-ma": 16 * GB, "spiel-ag": 20 * GB}  # 7B, int8 base, seq 2048, batch 1, grad checkpointing
 # peak bytes per weight element of one dense (out, in) copy of a frozen projection, as quantize.py and
 # spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
@@ -78,7 +85,7 @@ def train_args(method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentu
     argv = ["--method", method, "--lora-rank", str(lora_rank), "--lora-dropout", str(lora_dropout),
             "--sm3-momentum", str(sm3_momentum)]
     argv += ["--density", str(density)] if density else ["--match-lora-rank", str(lora_rank)]
-    return runs.get_parser().parse_args(argv)
+    return config.get_parser().parse_args(argv)
 
 
 def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, window_open=True, **budget):
@@ -93,7 +100,7 @@ def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, win
     model.to(dtype)  # load_model's layout: weights in the compute dtype, quantized after, rope in fp32
     model.reset_rope("meta")
     if quantize:
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, PROJECTIONS)
     _, optimizer, selector = train.add_trainable(model, train_args(method, **budget), total_steps=100)
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -199,7 +206,6 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
             est["gradients"] //= gpus
             est["optimizer state"] //= gpus
     if method == "lora":  # a SpIEL budget (density) sets LoRA's rank, as in train.py: model the rank it got
-        import lora
         lora_rank = next(iter(lora.lora_layers(model).values())).rank
     elem, N, L = torch.finfo(dtype).bits // 8, batch_size * seq_len, args.n_layers
     act = saved_activations(args, method, N, elem, lora_rank, lora_dropout)
@@ -209,9 +215,9 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     else:
         est["activations"] = act["first block"] + (L - 1) * act["block"] + act["head"]
         block = 0
-    # the loss: the fp32 logits (train.py's `_, loss = model(...)` holds them), the log-softmax saved for
-    # backward, then its gradient and the logits' gradient, all (N, vocab) fp32; and the int64 targets
-    est["logits"] = 4 * 4 * N * args.vocab_size + 8 * N
+    # the loss: the log-softmax saved for backward, then its gradient and the logits' gradient, all (N, vocab)
+    # fp32 (train.py keeps only the loss: the logits themselves are gone by then); and the int64 targets
+    est["logits"] = 3 * 4 * N * args.vocab_size + 8 * N
     # one block's backward: its (recomputed) activations and the activation gradients in flight (the
     # SwiGLU's three (N, ffn) gradients and two (N, dim) ones)
     est["block backward"] = block + 3 * elem * N * args.ffn_dim + 2 * elem * N * args.dim
@@ -244,7 +250,7 @@ NOTES = {
     "runtime": "CPU: the process before any model (interpreter, torch, its libraries), measured here",
     "sparse patterns": "CPU, below 8% density: the sampled gradient's cached patterns, 4 B per delta (x2 in a window)",
     "activations": "saved for backward: block inputs (checkpointing) or every block's tensors",
-    "logits": "fp32 logits, log-softmax and two gradients of their size (tokens x vocab)",
+    "logits": "fp32 log-softmax and two gradients of its size (tokens x vocab)",
     "block backward": "one block recomputed + activation gradients in flight",
     "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight or dense grad",
     "optimizer step": "temporaries of the step on the largest tensor (after backward)",
@@ -274,9 +280,8 @@ def describe(est: dict, title: str) -> str:
 def table(seq_len=2048, batch_size=1) -> str:
     """the README's table: peak GB for 7B and 13B, every method and base, grad checkpointing on."""
     lines = ["| model | method | bf16 base | int8 base | nf4 base |", "|---|---|---:|---:|---:|"]
-    have_lora = importlib.util.find_spec("lora") is not None
     for preset in ("7B", "13B"):
-        for method in METHODS if have_lora else [m for m in METHODS if m != "lora"]:
+        for method in METHODS:
             cells = []
             for q in (None, "int8", "nf4"):
                 if method == "full" and q:
@@ -313,7 +318,7 @@ def random_model(args: ModelArgs, device, dtype, quantize=None, seed=0) -> Trans
         model = Transformer(args)
     model.to(dtype)
     if quantize:
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, PROJECTIONS)
     for module in model.modules():
         if hasattr(module, "load_weight"):
             module.load_weight(torch.randn(module.weight_shape, device=device, dtype=dtype) * 0.02)
@@ -355,7 +360,7 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
         except torch.cuda.OutOfMemoryError as e:  # still report (and try the other method)
             run = {"oom": str(e).splitlines()[0], "peak_allocated": torch.cuda.max_memory_allocated()}
         alive = [weakref.ref(m) for m in spiel.delta_layers(model).values()]
-        [swap_module(model, n, m.base) for n, m in spiel.delta_layers(model).items()]  # back to the bare base
+        spiel.remove_deltas(model)  # back to the bare base
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -378,7 +383,7 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
             print(f"goal {method} < {run['goal'] / GB:.0f} GB: {'met' if ok else 'NOT met'} "
                   f"({fmt(run['peak_allocated'])} measured, {fmt(run['estimate'])} estimated)")
     if json_path:
-        runs.write_json(json_path, report)
+        files.write_json(json_path, report)
     return report
 
 
@@ -387,7 +392,6 @@ def measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, dens
     a = train_args(method, density=density, lora_rank=lora_rank)
     a.reselect_every, a.first_reselect = 4, 2
     _, optimizer, selector = train.add_trainable(model, a, total_steps=steps)
-    schedule = selector.schedule
     gen = torch.Generator().manual_seed(seed)
     device = next(model.buffers()).device
     if cuda:
@@ -399,16 +403,14 @@ def measure_one(model, method, cuda, seq_len, batch_size, steps, lora_rank, dens
             if cuda:
                 torch.cuda.synchronize()
             t_start = time.time()
-        selector.begin_step(t)  # AG: this step's gradients feed the accumulation window
         tokens = torch.randint(model.args.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
-        logits, loss = model(tokens[:, :-1], tokens[:, 1:])  # (B, T, vocab) fp32, held as train.py holds it
-        loss.backward()
-        selector.end_step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if schedule.is_reselection(t):  # drop and regrow
-            changed[t] = sum(selector.reselect(t).values())
-        losses.append(loss.item())
+        n = tokens[:, 1:].numel()
+        loss, _, reselected = train.train_step(t, [model(tokens[:, :-1], tokens[:, 1:], reduction="sum")[1]], n,
+                                               [layer.values for layer in selector.layers.values()], optimizer,
+                                               selector)
+        if reselected:  # drop and regrow
+            changed[t] = sum(reselected[0].values())
+        losses.append(loss)
     if cuda:
         torch.cuda.synchronize()
     timed = max(steps - 1, 1)

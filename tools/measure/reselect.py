@@ -1,13 +1,13 @@
-"""where a SpIEL reselection's time goes on bench.py's CPU shape: 24 steps (the first reselection at step 5), then
+"""where a SpIEL reselection's time goes on tools/bench.py's CPU shape: 24 steps (the first reselection at step 5), then
 step 25, which ends in the next reselection, under cProfile (Selector.reselect's line is the reselection).
-    python docs/measure/reselect.py spiel-ma"""
+    python tools/measure/reselect.py spiel-ma"""
 import argparse
 import cProfile
 import os
 import pstats
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tools/
 import bench  # noqa: E402
 
 method = sys.argv[1] if len(sys.argv) > 1 else "spiel-ma"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # docs/bench.md, Threads: OMP_WAIT_POLICY=PASSIVE vs unset (libgomp's default), alone and beside a neighbour;
-# bench.py's CPU shape, LoRA (dropout 0), 2 threads, the median of 5 steps. Run alone on the machine:
-#   PYTHON=venv/bin/python bash docs/measure/threads.sh
+# tools/bench.py's CPU shape, LoRA (dropout 0), 2 threads, the median of 5 steps. Run alone on the machine:
+#   PYTHON=venv/bin/python bash tools/measure/threads.sh
 PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/threads}; mkdir -p $OUT

@@ -1,5 +1,5 @@
-"""N steps of one method on bench.py's CPU shape (2 threads) -> a JSON file with the median step time (the first
-step not counted). Used by threads.sh and demo.sh: python docs/measure/steps.py lora-nodrop 6 out.json"""
+"""N steps of one method on tools/bench.py's CPU shape (2 threads) -> a JSON file with the median step time (the first
+step not counted). Used by threads.sh and demo.sh: python tools/measure/steps.py lora-nodrop 6 out.json"""
 import argparse
 import json
 import os
@@ -7,7 +7,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tools/
 import bench  # noqa: E402
 
 method, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -3,8 +3,8 @@ Builds the embedded demo that `python train.py` (no arguments) fine-tunes: a tin
 pre-trained here on one family of string tasks, and instruction data for another family, with answers
 that can be checked exactly. Everything is generated from fixed seeds; nothing is downloaded.
 
-    python demo.py             # rewrites demo/ (a few minutes on 2 CPU cores)
-    python demo.py --transfer  # rewrites demo/transfer/, the second quality fixture (below)
+    python tools/build_demo.py             # rewrites demo/ (a few minutes on 2 CPU cores)
+    python tools/build_demo.py --transfer  # rewrites demo/transfer/, the second quality fixture (below)
 
 - pre-training family (the base learns the chat template and to copy and reverse strings):
     "copy: q w e r" -> "q w e r",  "reverse: q w e r" -> "r e w q"
@@ -30,11 +30,13 @@ import sys
 
 import torch
 
-from llama import ModelArgs, Tokenizer, Transformer
-from merge import save_hf
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+from llama import ModelArgs, Tokenizer, Transformer  # noqa: E402
+import train  # noqa: E402
+from merge import save_hf  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO = os.path.join(HERE, "demo")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "demo")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB = 128  # asked of sentencepiece; the model takes the size it actually gives
 ARGS = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128)
@@ -49,7 +51,7 @@ def record(task: str, rng: random.Random) -> dict:
 
 def demo_retain(n=200) -> list:
     """held-out copy/reverse records (what the demo base was pre-trained on, none seen in pre-training): what
-    fine-tuning on shift makes the base forget (bench.py --quality)."""
+    fine-tuning on shift makes the base forget (tools/quality.py)."""
     rng = random.Random(1)  # the pre-training records, as main() draws them
     seen = {record(rng.choice(["copy", "reverse"]), rng)["instruction"] for _ in range(20000)}
     rng, out = random.Random(4), []
@@ -103,8 +105,6 @@ def init_model(tok_path, out_dir):
 
 def pretrain(init_dir, data_path, max_steps, out_dir, base_dir):
     """pre-train with full fine-tuning (the same train.py), then copy its exported model to base_dir."""
-    import train
-
     code = train.main(["--ckpt", init_dir, "--data", data_path,
                        "--method", "full", "--lr", "3e-3", "--weight-decay", "0", "--warmup", "100", "--grad-clip", "1",
                        "--seq-len", "96", "--batch-size", "32", "--grad-accum", "1", "--max-steps", str(max_steps),
@@ -123,7 +123,7 @@ def fresh_dir(path):
 
 
 def main():
-    tmp = fresh_dir(os.path.join(HERE, "runs", "demo-build"))
+    tmp = fresh_dir(os.path.join(ROOT, "runs", "demo-build"))
     # 1. tokenizer and a randomly initialised model in the Hugging Face layout
     tok_path = os.path.join(tmp, "tokenizer.model")
     train_tokenizer(tok_path)
@@ -195,7 +195,7 @@ def train_transfer_tokenizer(path):
 
 
 def main_transfer():
-    tmp = fresh_dir(os.path.join(HERE, "runs", "transfer-build"))
+    tmp = fresh_dir(os.path.join(ROOT, "runs", "transfer-build"))
     tok_path = os.path.join(tmp, "tokenizer.model")
     train_transfer_tokenizer(tok_path)
     init_model(tok_path, os.path.join(tmp, "init"))
@@ -214,5 +214,5 @@ def main_transfer():
 
 if __name__ == "__main__":
     if sys.argv[1:] not in ([], ["--transfer"]):
-        sys.exit("usage: python demo.py [--transfer]")
+        sys.exit("usage: python tools/build_demo.py [--transfer]")
     main_transfer() if sys.argv[1:] == ["--transfer"] else main()

@@ -1,11 +1,11 @@
 #!/bin/bash
-# docs/bench.md, Threads: the demo (train.py's DEMO_ARGS, --threads 1): OMP_WAIT_POLICY=PASSIVE vs unset (libgomp's default), alone and
+# docs/bench.md, Threads: the demo (config.DEMO_ARGS, --threads 1): OMP_WAIT_POLICY=PASSIVE vs unset (libgomp's default), alone and
 # beside a 2-thread bench-shape LoRA job (policy unset)
 PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/threads}; mkdir -p $OUT
 cd $HERE/../..
-ARGS=$($PY -c "import train; print(' '.join(train.DEMO_ARGS))")
+ARGS=$($PY -c "import config; print(' '.join(config.DEMO_ARGS))")
 one() {  # policy neighbour rep
   pol=$1; nb=$2; rep=$3; out=$OUT/demo-$pol-$nb-$rep; rm -rf $out
   nbpid=""

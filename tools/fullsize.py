@@ -2,8 +2,8 @@
 The full-size check: LLaMA 2 7B's whole path at its real shapes, on this machine, with random weights (nothing
 to download). Not a test: it takes about an hour on 2 CPU cores, 14 GB of disk and a 24 GB machine.
 
-    python fullsize.py --dir /big/disk                 # 7B: 32 layers at 7B width
-    python fullsize.py --dir /tmp/fs --layers 4        # 4 layers at 7B width: a few minutes
+    python tools/fullsize.py --dir /big/disk           # 7B: 32 layers at 7B width
+    python tools/fullsize.py --dir /tmp/fs --layers 4  # 4 layers at 7B width: a few minutes
 
 It writes a 7B-shaped checkpoint in Meta's layout (random bf16 weights: params.json + consolidated.00.pth, and
 the demo's tokenizer one level up, so the embedding's 32,000 rows are a padded vocabulary for its few pieces),
@@ -16,7 +16,7 @@ then runs what a user runs, each in a fresh process, at train.py's settings for 
   generate.py: a few tokens with the last delta on the int8 base
   merge.py: the Hugging Face export of that delta (bf16), removed afterwards
 Each process's own peak memory (its anonymous RSS, sampled every 10 ms by this script: the page cache of the
-mmap'ed checkpoint is not counted, as train.py's closing line) is printed beside memory.py's estimate for the
+mmap'ed checkpoint is not counted, as train.py's closing line) is printed beside tools/memory.py's estimate for the
 same settings, with the load, step and reselection times. --json keeps everything.
 """
 
@@ -32,11 +32,12 @@ import time
 
 import torch
 
-import memory
-from llama import PRESETS, ModelArgs
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+import memory  # noqa: E402  (tools/memory.py)
+from llama import PRESETS, ModelArgs  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN = ["--data", os.path.join(HERE, "demo", "train.jsonl"), "--val-frac", "0", "--eval-every", "0",
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["--data", os.path.join(ROOT, "demo", "train.jsonl"), "--val-frac", "0", "--eval-every", "0",
          "--grad-checkpoint", "--seq-len", "64", "--batch-size", "1", "--grad-accum", "1", "--max-steps", "3",
          "--first-reselect", "2", "--reselect-every", "3", "--save-every", "1000", "--device", "cpu"]
 
@@ -62,7 +63,7 @@ def write_checkpoint(folder: str, args: ModelArgs, seed: int = 0):
     with open(os.path.join(folder, "params.json"), "w") as fp:
         json.dump({"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads,
                    "n_layers": args.n_layers, "norm_eps": args.norm_eps, "vocab_size": -1}, fp)
-    shutil.copyfile(os.path.join(HERE, "demo", "base", "tokenizer.model"),
+    shutil.copyfile(os.path.join(ROOT, "demo", "base", "tokenizer.model"),
                     os.path.join(os.path.dirname(folder.rstrip("/")), "tokenizer.model"))
 
 
@@ -76,7 +77,7 @@ def anon_rss(pid: int) -> int:
 
 def run(script: str, argv: list, threads) -> dict:
     """one process, its output echoed; -> its exit code, wall time, output and peak anonymous RSS"""
-    cmd = [sys.executable, os.path.join(HERE, script), *argv] + (["--threads", str(threads)] if threads and
+    cmd = [sys.executable, os.path.join(ROOT, script), *argv] + (["--threads", str(threads)] if threads and
                                                                   script == "train.py" else [])
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}

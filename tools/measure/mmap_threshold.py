@@ -1,7 +1,7 @@
-"""what glibc's fixed 1 MB mmap threshold (train.py's, for a large model) costs a step on bench.py's CPU shape: two
+"""what glibc's fixed 1 MB mmap threshold (train.py's, for a large model) costs a step on tools/bench.py's CPU shape: two
 copies of each method in one process, their steps interleaved, the threshold set before each step to 1 MB for one
 copy and 32 MB (the top of glibc's own range) for the other. Mean and median of the steps after the 5th.
-    python docs/measure/mmap_threshold.py lora-nodrop spiel-ma"""
+    python tools/measure/mmap_threshold.py lora-nodrop spiel-ma"""
 import argparse
 import ctypes
 import os
@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tools/
 import bench  # noqa: E402
 
 methods, n = sys.argv[1:] or ["lora-nodrop", "spiel-ma"], 25
