@@ -10,6 +10,7 @@ demo's and the default task's settings, and which flags --resume may change.
 
 import argparse
 import os
+import shlex
 
 from files import CheckpointError, read_json
 from llama import HF_TO_META, PROJECTIONS, default_device
@@ -84,11 +85,15 @@ def get_parser(description: str = "") -> Parser:
     a("--lora-alpha", type=POSITIVE, default=16.0)
     a("--lora-dropout", type=BELOW_1, default=0.1)
     # reselection (SpIEL)
-    a("--reselect-every", type=COUNT, default=20, help="steps between drop-and-regrow")
+    a("--reselect-every", type=NONNEG_INT, default=20, help="steps between drop-and-regrow (0: only the first "
+      "reselection, then the support stays fixed: an ablation)")
     a("--first-reselect", type=COUNT, default=5, help="step of the first reselection (replaces all deltas); "
                                                       "also the AG accumulation window length")
     a("--reselect-rate", type=FRACTION, default=0.2, help="fraction replaced at a reselection, decaying to 0")
     a("--reselect-decay", default="linear", choices=["linear", "cosine"])
+    a("--regrow", default="criterion", choices=["criterion", "random"], help="what grows at a reselection: the "
+      "method's criterion (AG: accumulated gradients, MA: SM3's row x column), or random inactive positions "
+      "(an ablation; no AG window is opened)")
     a("--grad-path", default="auto", choices=["auto", "dense", "sparse"],
       help="SpIEL value gradient: dense dW then gather, or only the needed entries (auto: the faster, measured)")
     a("--sm3-momentum", type=BELOW_1, default=0.0, help="SpIEL-MA: SM3 momentum (0 keeps SM3's memory small)")
@@ -101,7 +106,10 @@ def get_parser(description: str = "") -> Parser:
     a("--batch-size", type=COUNT, default=1, help="examples per micro-batch")
     a("--grad-accum", type=COUNT, default=128, help="micro-batches per step and process (paper: 128 sequences)")
     a("--epochs", type=POSITIVE, default=2.0)
-    a("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs; with --resume: extends the run)")
+    a("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs; with --resume: extends or shortens the run)")
+    a("--extend-lr", default="replan", choices=["replan", "continue"], help="with --resume --max-steps N: the "
+      "learning rate from then on follows an N-step run's schedule (replan), or decays linearly from where it is "
+      "to 0 at step N (continue)")
     # system
     a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base quantized")
     a("--dtype", choices=["float32", "bfloat16"], help="base and compute dtype (default: bf16 on a GPU that has "
@@ -166,25 +174,38 @@ TASK_LR = {"spiel-ag": 1e-4, "spiel-ma": 2e-3}  # (LoRA 1e-4 and full 2e-5: thei
 
 
 def resolve(argv: list, description: str = "") -> tuple:
-    """the command line -> (the run's arguments, what it is: "demo" (no arguments), "task" (--ckpt without
-    --data: the demo's task on that model) or "run")."""
+    """the command line -> (the run's arguments, what it is: "demo" (no --ckpt, --data or --resume: the demo, with
+    any other flags given, e.g. --out), "task" (--ckpt without --data: the demo's task on that model) or "run")."""
     parser = get_parser(description)
-    if not argv:
-        return resolve_args(parser, DEMO_ARGS), "demo"
     a = parser.parse_args(argv)
+    if not (a.ckpt or a.data or a.resume):
+        return resolve_args(parser, DEMO_ARGS + argv), "demo"
     if a.resume or a.data or not a.ckpt:
         return resolve_args(parser, argv), "run"
     lr = ["--lr", str(TASK_LR[a.method])] if a.method in TASK_LR else []
     return resolve_args(parser, TASK_ARGS + lr + argv), "task"
 
 
+def describe(args, mode: str, argv: list) -> str:
+    """the first line of the demo (its command) or of the default task (what it does)."""
+    if mode == "demo":
+        shown = [os.path.relpath(x, HERE) if x.startswith(HERE) else x for x in DEMO_ARGS]
+        return "demo: python train.py " + shlex.join(shown + argv)
+    return (f"no --data: fine-tuning {args.ckpt} on the demo's task (shift each letter by one, "
+            f"{os.path.relpath(args.data)}), {args.max_steps} steps, held-out exact match before and after. "
+            "Your own data: --data your.jsonl (README.md, Data)")
+
+
 # -----------------------------------------------------------------------------
 # --resume: the stored arguments, and the flags that may change
 
 # flags --resume accepts: what extends the run, or does not change its math; the inputs may have moved
-RESUME_FLAGS = {"max_steps", "save_every", "eval_every", "exact_match", "stop_at_step", "log_every", "threads",
-                "device", "ckpt", "data", "val_data"}
+RESUME_FLAGS = {"max_steps", "extend_lr", "save_every", "eval_every", "exact_match", "stop_at_step", "log_every",
+                "threads", "device", "ckpt", "data", "val_data"}
 PATHS = ("ckpt", "data", "val_data")
+# what a run records beside its flags (runs.prepare fills them; a resume reads them back): its id, the data's hash,
+# its planned length, and where --extend-lr continue anchored its learning rate
+RUN_FACTS = {"finetune_id": None, "data_sha256": None, "total_steps": None, "lr_anchor": None}
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
@@ -197,7 +218,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
                          "that model)")
         for key in PATHS:
             setattr(args, key, getattr(args, key) and os.path.abspath(getattr(args, key)))
-        return args
+        return argparse.Namespace(**vars(args), **RUN_FACTS)
     if not args.out:
         parser.error("--resume needs --out, the folder of the run to continue")
     options = {s: action.dest for action in parser._actions for s in action.option_strings}
@@ -215,8 +236,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"{stored[key]}: not found ({flag} stored in {args.out}/args.json); pass {flag} "
                                   f"with its new place")
-    return argparse.Namespace(**{**vars(parser.parse_args([])), "finetune_id": None, "data_sha256": None,
-                                 "total_steps": None, **stored,
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **RUN_FACTS, **stored,
                                  "out": os.path.abspath(args.out), "resume": True, "stop_at_step": args.stop_at_step})
 
 

@@ -1,7 +1,8 @@
 """
 Sample from a LLaMA 2 checkpoint (Meta or Hugging Face layout), optionally with sparse deltas (or LoRA)
 applied on the fly, without writing a merged copy. Greedy at temperature 0, else top-p (nucleus)
-sampling; stops at EOS. The KV cache lives in llama.py's Attention.
+sampling; stops at EOS. The KV cache lives in llama.py's Attention. Also how train.py scores a model on
+held-out examples: greedy exact match, and the validation loss.
 
     python generate.py --ckpt llama-2-7b --prompt "The capital of France is" --temperature 0
     python generate.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --chat --prompt "Write a haiku"
@@ -16,7 +17,7 @@ import torch
 import data
 import finetune
 from files import CheckpointError
-from llama import Tokenizer, Transformer, check_checkpoint, check_vocab, default_device, default_dtype, \
+from llama import IGNORE_INDEX, Tokenizer, Transformer, check_checkpoint, check_vocab, default_device, default_dtype, \
     find_tokenizer, load_model, read_shapes
 
 
@@ -70,6 +71,19 @@ def exact_match(model, tok, examples, n) -> float:
         ref = turns[0][1]
         hits += answer(model, tok, system, turns[0][0], len(tok.encode(ref, bos=False)) + 8).strip() == ref.strip()
     return hits / min(n, len(examples))
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size, pad_id, device) -> float:
+    """mean loss per answer token over (up to 500) validation examples."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, min(len(examples), 500), batch_size):
+        x, y = data.collate(examples[i:i + batch_size], pad_id)
+        total += model(x.to(device), y.to(device), reduction="sum")[1].item()
+        n += int((y != IGNORE_INDEX).sum())
+    model.train()
+    return total / max(n, 1)
 
 
 def main(argv=None):

@@ -27,6 +27,7 @@ import torch
 import finetune
 import spiel
 from files import CheckpointError, Progress, sha256, write_json, write_whole
+from merge import save_hf
 from system import Processes, full_fsdp, gather
 
 # -----------------------------------------------------------------------------
@@ -151,10 +152,21 @@ def trainable_state(model, method) -> dict:
     return sd if method == "full" else {k: v for k, v in sd.items() if k.endswith((".values", ".indices", ".A", ".B"))}
 
 
-def save_state(args, step, model, optimizer, selector, batches, procs: Processes, base: finetune.Base):
+def save_state(args, step, model, optimizer, selector, batches, procs: Processes, base: finetune.Base,
+               last_saved: int = 0):
     """the resume state (and SpIEL's delta / LoRA's adapter, trained on `base`), written by rank 0; every process
     takes part (its RNG state, and with --fsdp on full fine-tuning, its shard of the weights and the optimizer).
-    Each file is written whole or not at all (a full disk: one line naming it, the last checkpoint intact)."""
+    Each file is written whole or not at all: a failed write (a full disk) is one line naming it, saying that the
+    checkpoint of step `last_saved` is intact and how to go on."""
+    try:
+        write_state(args, step, model, optimizer, selector, batches, procs, base)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; " + (f"the checkpoint of step {last_saved} is intact: free some space, then "
+                                          f"{resume_command(args.out, procs)}" if last_saved else
+                                          "free some space and start again")) from None
+
+
+def write_state(args, step, model, optimizer, selector, batches, procs: Processes, base: finetune.Base):
     if full_fsdp(args):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         trainable, opt = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
@@ -178,6 +190,17 @@ def save_state(args, step, model, optimizer, selector, batches, procs: Processes
     write_whole(os.path.join(args.out, "state.pt"), lambda tmp: torch.save(state, tmp))
     progress.update(size)
     progress.close()
+
+
+def export_model(args, model, tokenizer_path: str, base: finetune.Base, procs: Processes):
+    """after full fine-tuning: the model in the HF layout in <out>/model (gathered on rank 0 under --fsdp),
+    replacing the one an earlier (extended) run exported once the new one is whole."""
+    sd = None
+    if full_fsdp(args):
+        from torch.distributed.checkpoint import state_dict as dcp
+        sd = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if procs.rank == 0:
+        save_hf(model, tokenizer_path, os.path.join(args.out, "model"), base.merged, state_dict=sd, replace=True)
 
 
 def tensor_bytes(obj) -> int:

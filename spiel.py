@@ -214,17 +214,19 @@ class Schedule:
 
     First reselection at t = first (replaces all k), then every `interval` steps a fraction
     rho0 (1 - t/T) (linear) or rho0 (1 + cos(pi t/T)) / 2 (cosine). The AG window holds the backward
-    passes of steps 1..first, then of steps r - first .. r before each later reselection r."""
+    passes of steps 1..first, then of steps r - first .. r before each later reselection r.
+    interval 0: the first reselection only; the support stays fixed after it (an ablation)."""
 
     def __init__(self, total_steps: int, interval: int = 20, first: int = 5, rho0: float = 0.2, decay: str = "linear"):
         if decay not in ("linear", "cosine"):
             raise ValueError(f"unknown decay {decay!r}: use linear or cosine")
-        if not (interval > first >= 1):
-            raise ValueError(f"need interval > first >= 1, got interval {interval}, first {first}")
+        if first < 1 or not (interval == 0 or interval > first):
+            raise ValueError(f"need interval > first >= 1 (or interval 0), got interval {interval}, first {first}")
         self.T, self.interval, self.first, self.rho0, self.decay = total_steps, interval, first, rho0, decay
 
     def is_reselection(self, t: int) -> bool:
-        return t < self.T and (t == self.first or (t > self.first and (t - self.first) % self.interval == 0))
+        later = self.interval > 0 and t > self.first and (t - self.first) % self.interval == 0
+        return t < self.T and (t == self.first or later)
 
     def fraction(self, t: int) -> float:
         if t == self.first:
@@ -237,6 +239,8 @@ class Schedule:
         """is the backward pass of step t part of an accumulation window that ends in a reselection?"""
         if t <= self.first:
             return self.is_reselection(self.first)
+        if not self.interval:
+            return False
         r = t + (-(t - self.first)) % self.interval  # the next reselection at or after t
         return r - t <= self.first and self.is_reselection(r)
 
@@ -341,6 +345,16 @@ def member(values: torch.Tensor, x: torch.Tensor, size: int, mask=None) -> torch
     return hit
 
 
+def random_candidates(active: torch.Tensor, n: int, size: int, generator: torch.Generator, mask=None) -> tuple:
+    """n positions drawn uniformly among those not in `active` (k flat positions of a matrix of `size`), and
+    scores that rank them in draw order: what --regrow random grows instead of the criterion's choice."""
+    n = min(n, size - active.numel())
+    draw = random_positions(size, min(size, n + active.numel()), generator).to(active.device)  # >= n inactive
+    draw = draw[~member(active, draw, size, mask)]  # (>= n,) inactive, a uniform sample of them
+    pick = draw[torch.randperm(draw.numel(), generator=generator)[:n].to(draw.device)]  # (n,)
+    return pick, torch.arange(n, 0, -1, dtype=torch.float32, device=pick.device)
+
+
 # -----------------------------------------------------------------------------
 # 6. drop and grow (section 3), and the Selector that runs the schedule for a whole model
 
@@ -388,17 +402,23 @@ class Selector:
     """runs drop-and-grow for every SparseDeltaLinear of a model: method "ag" (with spiel.AdamW) or "ma"
     (with sm3.SM3). Per optimizer step t (train.train_step is the one place that calls them, in this order):
     begin_step(t) before the step's backward passes, end_step(clip scale) after gradient clipping, the
-    optimizer's step, then reselect(t) when schedule.is_reselection(t)."""
+    optimizer's step, then reselect(t) when schedule.is_reselection(t).
+    regrow "random" (an ablation): grow uniformly random inactive positions instead of the method's choice
+    (no AG window is opened); drawn from `seed`, the step and the matrix, so every process of a torchrun run
+    and every resume draws the same."""
 
-    def __init__(self, model: nn.Module, method: str, schedule: Schedule, optimizer):
-        if method not in ("ag", "ma"):
-            raise ValueError(f"unknown SpIEL method {method!r}: use ag or ma")
+    def __init__(self, model: nn.Module, method: str, schedule: Schedule, optimizer, regrow: str = "criterion",
+                 seed: int = 0):
+        if method not in ("ag", "ma") or regrow not in ("criterion", "random"):
+            raise ValueError(f"unknown SpIEL method {method!r} or regrowth {regrow!r}: use ag or ma, criterion "
+                             f"or random")
         self.layers, self.method, self.schedule, self.optimizer = delta_layers(model), method, schedule, optimizer
+        self.regrow, self.seed = regrow, seed
         self.mask = None  # member()'s bool mask over the largest matrix, made at the first reselection
 
     def begin_step(self, t: int):
         """SpIEL-AG: open the windows if step t's backward passes belong to one."""
-        if self.method == "ag" and self.schedule.window_open(t):
+        if self.method == "ag" and self.regrow == "criterion" and self.schedule.window_open(t):
             for layer in self.layers.values():
                 layer.window = layer.window or Window(layer.indices)
 
@@ -416,10 +436,15 @@ class Selector:
         if self.mask is None:
             size, first = max(math.prod(m.weight_shape) for m in self.layers.values()), next(iter(self.layers.values()))
             self.mask = torch.zeros(size, dtype=torch.bool, device=first.indices.device)
-        for name, layer in self.layers.items():
+        for i, (name, layer) in enumerate(self.layers.items()):
             release(layer)  # a resident weight gives W0 back before the positions move (section 9)
             n, state = int(layer.indices.numel() * frac), self.optimizer.state[layer.values]
-            if self.method == "ag":  # candidates: the window's; score |accumulated gradient|
+            if self.regrow == "random":  # the ablation: candidates drawn at random, grown with fresh state
+                g = torch.Generator().manual_seed((self.seed * 100_003 + t) * 1_009 + i)  # (seed, step, matrix)
+                cand, score = random_candidates(layer.indices.long(), n, math.prod(layer.weight_shape), g, self.mask)
+                slots, new = drop_and_grow(layer, n, cand, score, False, self.mask)
+                seed = {}
+            elif self.method == "ag":  # candidates: the window's; score |accumulated gradient|
                 w = layer.window
                 if w is None or not w.steps:
                     raise RuntimeError(f"step {t}: {name} has no accumulated gradients (was the window open?)")

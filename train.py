@@ -31,9 +31,9 @@ import runs
 import spiel
 import system
 from files import CheckpointError, sha256
-from generate import answer, exact_match
-from llama import (IGNORE_INDEX, Tokenizer, check_checkpoint, check_vocab, default_dtype, find_tokenizer,
-                   load_model, matrix_shape, read_args, target_linears)
+from generate import answer, evaluate, exact_match
+from llama import (IGNORE_INDEX, PROJECTIONS, Tokenizer, check_checkpoint, check_vocab, default_dtype,
+                   find_tokenizer, load_model, matrix_shape, read_args, target_linears)
 from sm3 import SM3
 
 # -----------------------------------------------------------------------------
@@ -65,15 +65,17 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
             optimizer = SM3(params, lr=lr, momentum=a.sm3_momentum, weight_decay=wd, positions=positions)
         schedule = spiel.Schedule(total_steps, a.reselect_every, a.first_reselect, a.reselect_rate,
                                   a.reselect_decay)
-        return params, optimizer, spiel.Selector(model, a.method[-2:], schedule, optimizer)
+        return params, optimizer, spiel.Selector(model, a.method[-2:], schedule, optimizer, a.regrow, a.seed)
     if a.method == "lora":
         rank = a.lora_rank
         if a.density is not None or a.num_tunable is not None:  # match a SpIEL budget
             rank = lora.rank_for_budget(model, targets, a.num_tunable or round(a.density * n_targeted))
         lora.add_lora(model, targets, rank, a.lora_alpha, a.lora_dropout, seed=a.seed)
         params = [p for p in model.parameters() if p.requires_grad]
-    else:  # full fine-tuning
+    elif set(targets) == set(PROJECTIONS):  # full fine-tuning: every weight
         params = list(model.requires_grad_(True).parameters())
+    else:  # full fine-tuning of the targeted projections only
+        params = [m.weight.requires_grad_(True) for m in target_linears(model.requires_grad_(False), targets).values()]
     # every element has the same age here: torch's AdamW (betas 0.9/0.999, eps 1e-8: the trainer's)
     return params, torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False), None
 
@@ -82,9 +84,12 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
 # one optimizer step: SpIEL's per-step protocol, written once (the tools and the tests take their steps here)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """linear warmup to the peak in whole steps (rounded up: never above the peak), then linear
-    decay (the last step: peak / (total - warm))."""
+def lr_at(step: int, total: int, peak: float, warmup: float, anchor=None) -> float:
+    """linear warmup to the peak in whole steps (rounded up: never above the peak), then linear decay (the
+    last step: peak / (total - warm)). anchor (s, lr_s): the run's length changed at step s under
+    --extend-lr continue: after s the lr decays linearly from lr_s instead."""
+    if anchor and step > anchor[0]:
+        return anchor[1] * (total - step + 1) / (total - anchor[0])
     warm = math.ceil(warmup * total - 1e-9) if warmup < 1 else math.ceil(warmup)
     return peak * step / warm if step <= warm else peak * (total - step + 1) / max(total - warm, 1)
 
@@ -129,8 +134,11 @@ def train_step(step: int, losses, n_targets: int, params, optimizer, selector, g
 # the run's pieces: data, base, evaluation
 
 
-def load_data(args, tok, world, say) -> tuple:
+def load_data(args, tok, world, max_seq_len, say) -> tuple:
     """(training examples, validation examples, the number of optimizer steps), reported."""
+    if args.seq_len > max_seq_len:  # (--seq-len's default 2048 on a model with fewer positions)
+        say(f"note: --seq-len {args.seq_len} is more than this model's {max_seq_len} positions: using {max_seq_len}")
+        args.seq_len = max_seq_len
     if args.resume and args.data_sha256 and sha256(args.data) != args.data_sha256:
         raise CheckpointError(f"{args.data}: not the data this run trained on (its hash differs)")
     train_set, val_set, dropped = data.load_splits(args.data, args.val_data, args.val_frac, tok, args.seq_len,
@@ -163,19 +171,6 @@ def load_base(args, layout, device, dtype, verbose, say) -> tuple:
     return model, finetune.base_of(model, args.ckpt), n_base  # (before any sharding: the fingerprint)
 
 
-@torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, device) -> float:
-    """mean loss per answer token over (up to 500) validation examples."""
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, min(len(examples), 500), batch_size):
-        x, y = data.collate(examples[i:i + batch_size], pad_id)
-        total += model(x.to(device), y.to(device), reduction="sum")[1].item()
-        n += int((y != IGNORE_INDEX).sum())
-    model.train()
-    return total / max(n, 1)
-
-
 def report_quality(args, model, tok, val_set, device, step, say, log):
     """before fine-tuning (step 0: also the validation loss) or after: held-out exact match."""
     if step == 0:
@@ -197,13 +192,13 @@ def main(argv) -> int:
     args, mode = config.resolve(argv, __doc__)
     lock, memory = runs.RunLock(), system.PeakMemory()  # one writer per run folder; the run's own peak memory
     try:
-        return fine_tune(args, mode, lock, memory)
+        return fine_tune(args, mode, argv, lock, memory)
     finally:
         lock.release()
         memory.stop()
 
 
-def fine_tune(args, mode, lock, memory) -> int:
+def fine_tune(args, mode, argv, lock, memory) -> int:
     if args.quantize != "none" and args.method == "full":
         raise SystemExit("error: full fine-tuning needs a full-precision base (drop --quantize)")
     if args.threads:
@@ -211,12 +206,13 @@ def fine_tune(args, mode, lock, memory) -> int:
     procs, device = system.setup_distributed(args.device)
     say = print if procs.rank == 0 else (lambda *a, **k: None)  # only rank 0 prints and writes
     if mode != "run":
-        say(intro(args, mode))
+        say(config.describe(args, mode, argv))
     if args.resume and (done := runs.finished_step(args)) is not None:  # said before anything loads
         say(runs.finished(args.out, done))
         return 0
     layout = check_checkpoint(args.ckpt)  # a missing or broken checkpoint is reported before anything slow
-    system.fix_mmap_threshold(read_args(args.ckpt, layout))  # (its config: the shards are not opened twice)
+    shapes = read_args(args.ckpt, layout)  # (its config: the shards are not opened twice)
+    system.fix_mmap_threshold(shapes)
     if procs.rank == 0:
         runs.claim(args, lock)  # a live run's folder is refused at once, naming its holder
     torch.manual_seed(args.seed + procs.rank)
@@ -225,7 +221,7 @@ def fine_tune(args, mode, lock, memory) -> int:
     # --- data and model ---------------------------------------------------------------------------
     tok = Tokenizer(find_tokenizer(args.ckpt))
     check_vocab(args.ckpt, tok)  # (more embedding rows than pieces is fine: a padded vocabulary)
-    train_set, val_set, total_steps = load_data(args, tok, procs.world, say)
+    train_set, val_set, total_steps = load_data(args, tok, procs.world, shapes.max_seq_len, say)
     model, base, n_base = load_base(args, layout, device, dtype, procs.rank == 0, say)
 
     # --- the trainable part: sparse deltas (SpIEL), low-rank adapters (LoRA) or every weight --------
@@ -240,18 +236,11 @@ def fine_tune(args, mode, lock, memory) -> int:
 
     # --- resume, or evaluate the base ---------------------------------------------------------------
     batches, start = data.Batches(train_set, args.batch_size, args.seed), 1
+    peak = optimizer.param_groups[0]["lr"]  # (the optimizer's lr is the step's from here on)
     if args.resume:
-        start = runs.load_state(args, model, optimizer, selector, batches, procs, base.fingerprint) + 1
-        exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
-        if start > total_steps and exported:  # (a full fine-tune cut off in its export: redo it)
-            say(runs.finished(args.out, start - 1))
+        start = resume(args, model, optimizer, selector, batches, procs, base, total_steps, peak, say)
+        if start is None:  # finished: nothing to add
             return 0
-        planned, args.total_steps = args.total_steps, total_steps
-        change = "" if planned in (None, total_steps) else \
-            f"; --max-steps {'extends' if total_steps > planned else 'shortens'} it from {planned} steps"
-        say(f"resumed {args.out} at step {start} of {total_steps}{change}")
-        if procs.rank == 0:
-            runs.write_args(args)  # an extension or a moved input is now the run's
     log = runs.Log(os.path.join(args.out, "log.jsonl") if procs.rank == 0 else None)
     if start == 1 and val_set and (args.eval_every or args.exact_match):
         report_quality(args, model, tok, val_set, device, 0, say, log)  # the base's
@@ -261,14 +250,13 @@ def fine_tune(args, mode, lock, memory) -> int:
     bar = tqdm(total=total_steps, initial=start - 1, dynamic_ncols=True,
                disable=procs.rank > 0 or not sys.stdout.isatty())
     note = bar.write if procs.rank == 0 else (lambda *a: None)
-    lr = optimizer.param_groups[0]["lr"]
     grad_scale = procs.world if system.full_fsdp(args) else 1  # FSDP averages the gradients: make it a sum
     model.train()
     t_start, tokens_seen, last_saved = time.time(), 0, start - 1
     with system.Stop(quiet=procs.rank > 0) as stop, bar:
         for step in range(start, total_steps + 1):
             t_step = time.time()
-            lr_now = lr_at(step, total_steps, lr, args.warmup)  # warmup, then linear decay to 0
+            lr_now = lr_at(step, total_steps, peak, args.warmup, args.lr_anchor)  # warmup, linear decay to 0
             for group in optimizer.param_groups:
                 group["lr"] = lr_now  # (set by hand: no scheduler object to save and restore)
             micro = [batches.next() for _ in range(args.grad_accum * procs.world)]  # every process's
@@ -305,7 +293,7 @@ def fine_tune(args, mode, lock, memory) -> int:
             # Ctrl-C, or asked to stop here (at the last step, the run finishes instead)
             stopping = stop.agree(step == args.stop_at_step, procs.world, device) and step < total_steps
             if step % args.save_every == 0 or step == total_steps or stopping:  # each file whole or not at all
-                save(args, step, model, optimizer, selector, batches, procs, base, last_saved)
+                runs.save_state(args, step, model, optimizer, selector, batches, procs, base, last_saved)
                 last_saved = step  # what a NaN message points back to
             if stopping:
                 note(f"stopped after step {step}; continue with: {runs.resume_command(args.out, procs)}")
@@ -319,19 +307,28 @@ def fine_tune(args, mode, lock, memory) -> int:
 
 
 # -----------------------------------------------------------------------------
-# what a run says, and how it ends
+# how a run resumes, what it says, and how it ends
 
 
-def intro(args, mode) -> str:
-    """the first line of the demo (its command) or of the default task (what it does)."""
-    if mode == "demo":
-        shown = [os.path.relpath(x, config.HERE) if x.startswith(config.HERE) else x for x in config.DEMO_ARGS]
-        return "demo: python train.py " + " ".join(shown)
-    if mode == "task":
-        return (f"no --data: fine-tuning {args.ckpt} on the demo's task (shift each letter by one, "
-                f"{runs.shown(args.data)}), {args.max_steps} steps, held-out exact match before and after. "
-                "Your own data: --data your.jsonl (README.md, Data)")
-    return ""
+def resume(args, model, optimizer, selector, batches, procs, base, total_steps, peak, say):
+    """put the run in args.out back in place; -> the step to start from, or None if it has finished. A new
+    --max-steps extends or shortens it (with --extend-lr continue, the lr decays from where it is: lr_at)."""
+    start = runs.load_state(args, model, optimizer, selector, batches, procs, base.fingerprint) + 1
+    exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
+    if start > total_steps and exported:  # (a full fine-tune cut off in its export: redo it)
+        say(runs.finished(args.out, start - 1))
+        return None
+    planned, args.total_steps = args.total_steps, total_steps
+    change = "" if planned in (None, total_steps) else \
+        f"; --max-steps {'extends' if total_steps > planned else 'shortens'} it from {planned} steps"
+    if change and args.extend_lr == "continue":
+        args.lr_anchor = [start - 1, lr_at(start - 1, planned, peak, args.warmup, args.lr_anchor)]
+        change += f", its learning rate decaying from {args.lr_anchor[1]:.2e}"
+    say(f"resumed {args.out} at step {start} of {total_steps}{change}")
+    if procs.rank == 0:
+        runs.write_args(args)  # an extension or a moved input is now the run's
+    return start
+
 
 
 def say_budget(args, model, params, optimizer, selector, n_base, say):
@@ -341,28 +338,25 @@ def say_budget(args, model, params, optimizer, selector, n_base, say):
     say(spiel.budget_summary(model) if selector else f"{args.method}: {len(params)} tensors train")
     say(f"trainable: {n_trainable:,} of {n_base:,} parameters ({n_trainable / n_base:.3%}); "
         f"lr {lr:g}, weight decay {wd:g}, gradient clipping {args.grad_clip or 'off'}")
-    targeted = sum(math.prod(m.weight_shape) for m in selector.layers.values()) if selector else 1
-    if selector and args.density is None and args.num_tunable is None and n_trainable > targeted / 10:
-        say(f"warning: this budget is {n_trainable / targeted:.0%} of the targeted weights (the "
-            "paper's: 2.5% on 7B); on a small model pass --density (e.g. 0.05)")
+    layers = selector.layers if selector else lora.lora_layers(model)
+    targeted = sum(math.prod(m.weight_shape) for m in layers.values()) or 1
+    if layers and args.density is None and args.num_tunable is None and n_trainable > targeted / 10:
+        knob = "--density (e.g. 0.05)" if selector else "--lora-rank (e.g. 4) or --density"
+        say(f"warning: this budget trains {n_trainable / targeted:.0%} as many parameters as the targeted weights "
+            f"hold (the paper's: 2.5% on 7B); on a small model pass {knob}")
 
 
 def report_reselection(selector, step, changed, seconds, note, log):
-    """the reselection's line: how many deltas moved, against the schedule's fraction."""
+    """the reselection's line: how many deltas moved, and why the rest of those due stayed."""
+    frac = selector.schedule.fraction(step)
     k, n = sum(m.indices.numel() for m in selector.layers.values()), sum(changed.values())
-    note(f"step {step}: reselection replaced {n:,} of {k:,} deltas ({n / k:.1%}; "
-         f"scheduled {selector.schedule.fraction(step):.1%}) in {seconds:.1f}s")
-    log({"event": "reselect", "step": step, "changed": n, "of": k, "by_matrix": changed, "seconds": seconds})
-
-
-def save(args, step, model, optimizer, selector, batches, procs, base, last_saved):
-    """a checkpoint; a failed write (a full disk) says what is left and how to go on."""
-    try:
-        runs.save_state(args, step, model, optimizer, selector, batches, procs, base)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}; " + (f"the checkpoint of step {last_saved} is intact: free some space, "
-                                          f"then {runs.resume_command(args.out, procs)}" if last_saved else
-                                          "free some space and start again")) from None
+    due = sum(int(m.indices.numel() * frac) for m in selector.layers.values())
+    why = "chosen again where they are" if selector.method == "ag" and selector.regrow == "criterion" else \
+        "too few candidates"
+    note(f"step {step}: reselection replaced {n:,} of {k:,} deltas ({n / k:.1%})" +
+         (f"; the other {due - n:,} of the {due:,} due stayed ({why})" if due > n else "") + f" in {seconds:.1f}s")
+    log({"event": "reselect", "step": step, "changed": n, "due": due, "of": k, "by_matrix": changed,
+         "seconds": seconds})
 
 
 def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, device, procs, base, say, log,
@@ -373,15 +367,8 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
         f"peak memory {memory['peak_gb']:.2f} GB{reserved}: {memory['what']}")
     log({"event": "end", "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed,
          "peak_memory_gb": memory["peak_gb"], "memory_counts": memory["what"]})
-    if args.method == "full":
-        from merge import save_hf
-        sd = None
-        if system.full_fsdp(args):  # the whole model, gathered on rank 0
-            from torch.distributed.checkpoint import state_dict as dcp
-            sd = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
-        if procs.rank == 0:
-            save_hf(model, tok.path, os.path.join(args.out, "model"), base.merged, state_dict=sd, replace=True)
+    if args.method == "full":  # the fine-tuned model itself, in the HF layout
+        runs.export_model(args, model, tok.path, base, procs)
     if args.exact_match and val_set:
         report_quality(args, model, tok, val_set, device, total_steps, say, log)
     artifact = os.path.join(args.out, runs.finetune_file(args.method))

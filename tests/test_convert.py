@@ -1,7 +1,8 @@
-"""convert.py: our LoRA and delta files to PEFT LoRA and the authors' SFT folders and back, on a tiny base whose
-q/k row permutation is not the identity (4 heads, 2 KV heads); the folders checked against the formats as
-../shared/notes/adapter-formats.md documents them; folders in generate.py and merge.py; every format error one
-line. Where transformers and peft are installed, PEFT itself loads our export and makes one for us to import."""
+"""convert.py and adapters.py: our LoRA and delta files to PEFT LoRA and the authors' SFT folders and back, on a
+tiny base whose q/k row permutation is not the identity (4 heads, 2 KV heads); the folders checked against the
+formats as adapters.py documents them; folders in generate.py and merge.py; every format error one line (the
+CLIs run in this process, but for one real `python merge.py` and `python convert.py` each). Where transformers
+and peft are installed, PEFT itself loads our export and makes one for us to import."""
 
 import dataclasses
 import json
@@ -16,12 +17,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert
+import finetune
 import generate
 import lora
 import merge
 import spiel
 from conftest import random_state_dict, run_watched, to_hf, write_hf
-from llama import CheckpointError, load_model, read_finetune
+from files import CheckpointError
+from llama import PROJECTIONS, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -51,13 +54,14 @@ def files(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("finetunes")
     g = torch.Generator().manual_seed(0)
     model = load_model(tiny.meta1, dtype=torch.float32)
-    for layer in lora.add_lora(model, rank=4, alpha=8.0, dropout=0.0).values():
+    base = finetune.base_of(model, tiny.meta1)
+    for layer in lora.add_lora(model, PROJECTIONS, rank=4, alpha=8.0, dropout=0.0).values():
         layer.B.data.normal_(0, 0.05, generator=g)
-    lora.save_lora(model, str(d / "lora.safetensors"), meta={"finetune_id": "lora-0", "method": "lora"})
+    finetune.save(model, str(d / "lora.safetensors"), base, meta={"finetune_id": "lora-0", "method": "lora"})
     model = load_model(tiny.meta1, dtype=torch.float32)
-    for layer in spiel.add_sparse_deltas(model, density=0.05, seed=0).values():
+    for layer in spiel.add_sparse_deltas(model, PROJECTIONS, density=0.05, seed=0).values():
         layer.values.data.normal_(0, 0.05, generator=g)
-    spiel.save_delta(model, str(d / "delta.safetensors"), meta={"finetune_id": "delta-0", "method": "spiel-ag"})
+    finetune.save(model, str(d / "delta.safetensors"), base, meta={"finetune_id": "delta-0", "method": "spiel-ag"})
     return types.SimpleNamespace(lora=str(d / "lora.safetensors"), delta=str(d / "delta.safetensors"))
 
 
@@ -155,15 +159,16 @@ def test_reading_the_authors_bin_and_rslora(tiny, files, tmp_path):
     os.makedirs(tmp_path / "bin")
     shutil.copy(os.path.join(sft, "adapter_config.json"), tmp_path / "bin")
     torch.save(load_file(os.path.join(sft, "adapter_model.safetensors")), tmp_path / "bin" / "adapter_model.bin")
-    _, a, meta_a, _ = read_finetune(sft, model)
-    _, b, meta_b, _ = read_finetune(str(tmp_path / "bin"), model)
+    fa, fb = finetune.read(sft, model.args), finetune.read(str(tmp_path / "bin"), model.args)
+    a, meta_a, b, meta_b = fa.tensors, fa.meta, fb.tensors, fb.meta
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert meta_a["finetune_id"] == "delta-0" and "base_fingerprint" not in meta_b and len(meta_b["finetune_id"]) == 16
+    assert fb.id == meta_b["finetune_id"]
     peft_dir = export(files.lora, "peft", tmp_path / "peft", tiny.meta1)
     cfg_path = os.path.join(peft_dir, "adapter_config.json")
     cfg = json.load(open(cfg_path))
     json.dump(cfg | {"use_rslora": True}, open(cfg_path, "w"))
-    _, _, meta, _ = read_finetune(peft_dir, model)
+    meta = finetune.read(peft_dir, model.args).meta
     assert float(meta["alpha"]) / int(meta["rank"]) == pytest.approx(cfg["lora_alpha"] / cfg["r"] ** 0.5, rel=1e-12)
 
 
@@ -206,8 +211,9 @@ def test_folders_in_generate_and_merge_keep_the_refusals(tiny, files, tmp_path, 
     generated("--ckpt", other, "--delta", str(foreign))
     merge.main(["--ckpt", tiny.hf, "--delta", str(foreign), "--out", str(tmp_path / "m3"), "--dtype", "float32"])
     capsys.readouterr()
+    m3 = load_model(str(tmp_path / "m3"), dtype=torch.float32)
     with pytest.raises(CheckpointError, match="already merged"):
-        read_finetune(str(foreign), load_model(str(tmp_path / "m3"), dtype=torch.float32))
+        finetune.check(finetune.read(str(foreign), m3.args), m3, finetune.base_of(m3, str(tmp_path / "m3")))
 
 
 def test_merge_py_without_a_fine_tune_exports_the_base(tiny, tmp_path):
@@ -279,7 +285,7 @@ def test_format_errors_are_one_line(tiny, files, tmp_path, case):
     damage(folder)
     model = load_model(tiny.hf, dtype=torch.float32)
     with pytest.raises(CheckpointError) as e:
-        merge.apply_finetune(model, folder)
+        finetune.load(model, folder, finetune.base_of(model, tiny.hf))
     assert needle in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(folder), str(e.value)
     assert not spiel.delta_layers(model) and not lora.lora_layers(model)  # the model was not touched
 
@@ -294,21 +300,36 @@ def one_line_error(p, needle):
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], p.stderr
 
 
+CLI_ERRORS = (CheckpointError, ValueError, FileExistsError)  # what each CLI's __main__ prints as "error: ..."
+
+
+def one_line_refusal(main, argv, needle):
+    """main(argv) in this process refuses with an error its __main__ prints as one line, saying `needle`."""
+    with pytest.raises(CLI_ERRORS) as e:
+        main(argv)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 def test_the_clis_say_it_in_one_line_and_write_nothing(tiny, files, tmp_path):
+    """one real `python merge.py` and `python convert.py` process each (generate.py's: test_llama.py): the __main__
+    path prints one line, "error: " first, and exits non-zero; the other refusals run in this process."""
     sft = export(files.delta, "sft", tmp_path / "sft", tiny.meta1)
     edit_config(sft, peft_type="IA3")
     one_line_error(cli("merge.py", "--ckpt", tiny.hf, "--delta", sft, "--out", str(tmp_path / "m")), "peft_type 'IA3'")
-    one_line_error(cli("generate.py", "--ckpt", tiny.hf, "--delta", str(tmp_path), "--prompt", "x"),
-                   "adapter_config.json: not found")
     one_line_error(cli("convert.py", files.delta, "--to", "peft", str(tmp_path / "p"), "--ckpt", tiny.hf),
                    "a sparse delta has no PEFT LoRA form")
-    one_line_error(cli("convert.py", files.lora, "--to", "peft", sft, "--ckpt", tiny.hf), "exists and is not empty")
+    one_line_refusal(generate.main, ["--ckpt", tiny.hf, "--delta", str(tmp_path), "--prompt", "x"],
+                     "adapter_config.json: not found")
+    before = sorted(os.listdir(sft))
+    one_line_refusal(convert.main, [files.lora, "--to", "peft", sft, "--ckpt", tiny.hf], "exists and is not empty")
+    one_line_refusal(merge.main, ["--ckpt", tiny.hf, "--out", sft], "exists and is not empty")
+    assert sorted(os.listdir(sft)) == before
     assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "p")
     # a base of another shape (one layer): the file's second layer has nowhere to go
     args1 = dataclasses.replace(tiny.args, n_layers=1)
     one = write_hf(random_state_dict(args1), args1, str(tmp_path / "one"), tokenizer=tiny.tokenizer)
-    with pytest.raises(CheckpointError, match="layers.1.attention.wq is 64x64 in the file but absent"):
-        convert.main([files.delta, "--to", "sft", str(tmp_path / "s"), "--ckpt", one])
+    one_line_refusal(convert.main, [files.delta, "--to", "sft", str(tmp_path / "s"), "--ckpt", one],
+                     "layers.1.attention.wq is 64x64 in the file but absent")
     assert not os.path.exists(tmp_path / "s")
 
 
@@ -326,7 +347,7 @@ def test_peft_loads_our_export_with_our_logits(tiny, files, tmp_path):
     x = torch.randint(0, tiny.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base_logits = ours(x)[0]
-        lora.load_lora(ours, files.lora)
+        finetune.load(ours, files.lora, finetune.base_of(ours, tiny.meta1))
         a, b = ours(x)[0], ref(input_ids=x).logits
     diff = (a - b).abs().max().item()
     print(f"PEFT on our export: max |logit difference| {diff:.2e} (the adapter moves them by "
@@ -351,7 +372,7 @@ def test_a_peft_trained_adapter_gives_peft_logits_here(tiny, tmp_path, rslora):
     ref.save_pretrained(str(tmp_path / "adapter"))
     ref.eval()
     ours = load_model(tiny.hf, dtype=torch.float32)
-    merge.apply_finetune(ours, str(tmp_path / "adapter"))
+    finetune.load(ours, str(tmp_path / "adapter"), finetune.base_of(ours, tiny.hf))
     merge.main(["--ckpt", tiny.hf, "--delta", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"),
                 "--dtype", "float32"])
     with torch.no_grad():

@@ -81,7 +81,7 @@ def test_second_turn_prompt_is_the_conversation_so_far(tok):
 def test_answers_the_tokenizer_cannot_write_are_warned_about(tmp_path):
     """the demo's tokenizer has no capital letters: "Stone" is <unk> + "tone". More than 1% of the answer tokens
     as <unk> gives one warning line with the counts and the characters; train.py prints it with the data."""
-    import runs
+    import config
     import train
     tok = Tokenizer(os.path.join(ROOT, "demo", "base", "tokenizer.model"))
     assert tok.sp.unk_id() in tok.encode("Stone", bos=False)
@@ -98,7 +98,7 @@ def test_answers_the_tokenizer_cannot_write_are_warned_about(tmp_path):
     assert "are <unk> (and 1 of " in data.unknown_warning(tok, examples + digit)
     assert data.unknown_warning(tok, data.load_examples(os.path.join(ROOT, "demo", "train.jsonl"), tok, 96)[0]) is None
     lines = []
-    args = runs.get_parser().parse_args(["--ckpt", ".", "--data", str(path), "--seq-len", "96", "--max-steps", "1"])
-    train.load_data(args, tok, 1, lines.append)
+    args = config.get_parser().parse_args(["--ckpt", ".", "--data", str(path), "--seq-len", "96", "--max-steps", "1"])
+    train.load_data(args, tok, 1, 4096, lines.append)  # (a model of 4096 positions: LLaMA 2's)
     warned = [line for line in lines if line.startswith("warning:")]
     assert len(warned) == 1 and "answer tokens (20.0%) are <unk>" in warned[0] and "'Stone Age'" in warned[0], lines

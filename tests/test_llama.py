@@ -1,17 +1,18 @@
-"""llama.py: layouts agree, logits match independent references, KV cache, tokenizer, export, bad input."""
+"""llama.py: layouts agree, logits match independent references, KV cache, tokenizer, export, bad input.
+(A fine-tune for another base: test_finetune.py.)"""
 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import write_meta
+from conftest import run_watched, write_meta
 from generate import generate
-from llama import IGNORE_INDEX, CheckpointError, Tokenizer, find_tokenizer, load_model
+from files import CheckpointError
+from llama import IGNORE_INDEX, Tokenizer, find_tokenizer, load_model
 from merge import save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,20 +252,23 @@ def test_shard_count_and_key_mismatches(tiny, tmp_path):
         load_model(str(missing))
 
 
-def test_generate_cli(tiny):
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *a],  # noqa: E731
-                                    capture_output=True, text=True, cwd=ROOT)
-    ok = run("--ckpt", tiny.hf, "--prompt", "the cat", "--max-new-tokens", "5", "--temperature", "0")
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("the cat")
-    bad = run("--ckpt", str(tiny.root / "missing"), "--prompt", "x")
-    assert bad.returncode != 0 and "checkpoint folder not found" in bad.stderr
-    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+def test_generate_cli(tiny, capsys):
+    """generate.main in this process: the prompt and its continuation; a bad --ckpt is one line naming it (the
+    `python generate.py` process, its "error: " line and exit status: the test below)."""
+    import generate
+    generate.main(["--ckpt", tiny.hf, "--prompt", "the cat", "--max-new-tokens", "5", "--temperature", "0",
+                   "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("the cat")
+    missing = str(tiny.root / "missing")
+    with pytest.raises(CheckpointError, match="checkpoint folder not found") as e:
+        generate.main(["--ckpt", missing, "--prompt", "x"])
+    assert str(e.value).startswith(missing) and "\n" not in str(e.value)
 
 
 def test_a_file_given_as_the_checkpoint_folder_says_what_it_is(tiny, tmp_path):
     """--ckpt runs/x/delta.safetensors (or a weights file, or the tokenizer): a folder is expected, and the
-    message says what the file is and what to pass instead, in one line."""
+    message says what the file is and what to pass instead, in one line. A real `python generate.py` process
+    here (these tests' one): its `__main__` path prints that one line, "error: " first, and exits with 1."""
     from safetensors.torch import save_file
     from llama import check_checkpoint
     delta, adapter = str(tmp_path / "delta.safetensors"), str(tmp_path / "lora.safetensors")
@@ -281,37 +285,7 @@ def test_a_file_given_as_the_checkpoint_folder_says_what_it_is(tiny, tmp_path):
             check_checkpoint(path)
         assert str(e.value).startswith(f"{path}: a checkpoint folder is expected, and this is ") and \
             what in str(e.value), str(e.value)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", delta, "--prompt", "x"],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = run_watched([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", delta, "--prompt", "x"], cwd=ROOT)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
         f"error: {delta}: a checkpoint folder is expected, and this is a sparse delta file: pass the base model's "
         f"folder (generate.py and merge.py take this file with --delta)"], p.stderr
-
-
-def test_a_fine_tune_for_another_base_is_refused_in_plain_words(tmp_path):
-    """another base's weights: says so and what to pass; a base that lacks a fine-tune merged into the one it
-    was trained on: names that fine-tune, in words (no fingerprint lists, no "merged []")."""
-    import spiel
-    from llama import PRESETS, Transformer, read_finetune
-
-    def base(seed, merged=()):
-        torch.manual_seed(seed)
-        model = Transformer(PRESETS["tiny"])
-        model.merged_ids = list(merged)
-        return model
-
-    trained_on = base(0, merged=["3fa2c1"])  # a base with one fine-tune merged into it
-    spiel.add_sparse_deltas(trained_on, density=0.05)
-    path = str(tmp_path / "delta.safetensors")
-    spiel.save_delta(trained_on, path, meta={"finetune_id": "d1"})
-    with pytest.raises(CheckpointError) as e:
-        read_finetune(path, base(1, merged=["3fa2c1"]))
-    msg = str(e.value)
-    assert msg.startswith(f"{path}: this fine-tune was trained on another base model (it expects the base whose "
-                          f"fingerprint is ") and msg.endswith("; pass the --ckpt it was trained on"), msg
-    assert "merged" not in msg and "[" not in msg
-    with pytest.raises(CheckpointError) as e:
-        read_finetune(path, base(0))
-    assert str(e.value) == f"{path}: this fine-tune was trained on another base model: this one with fine-tune " \
-                           f"3fa2c1 merged into it (by merge.py); pass that merged model as --ckpt"
-    assert read_finetune(path, base(0, merged=["3fa2c1", "another"]))[0] == "spiel-delta"  # merged since: fine

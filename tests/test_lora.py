@@ -1,15 +1,17 @@
+"""lora.py: the layer against the dense formula (a quantized base too), dropout, merging (bf16 rounded once),
+the budget, and training that leaves the base untouched. Saving and loading a LoRA file: test_finetune.py."""
+
 import math
-import os
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 import llama
 import spiel
 from conftest import TINY, random_state_dict
-from lora import LoRALinear, add_lora, load_lora, lora_layers, merge_lora, rank_for_budget, save_lora
+from llama import PROJECTIONS
+from lora import LoRALinear, add_lora, lora_layers, merge_lora, rank_for_budget
 from quantize import QuantLinear
 
 N_MATRICES = 7 * TINY["n_layers"]
@@ -37,7 +39,7 @@ def randomize_B(model, seed=1, scale=0.05):
 
 def lora_model(rank=4, alpha=16.0, seed=0):
     model = tiny_model(seed=seed)
-    add_lora(model, rank, alpha=alpha, dropout=0.0)
+    add_lora(model, PROJECTIONS, rank, alpha=alpha, dropout=0.0)
     return model
 
 
@@ -49,7 +51,7 @@ def test_zero_init_gives_exactly_the_base_logits():
     x = tokens()
     base = tiny_model()(x)[0]
     model = tiny_model()
-    layers = add_lora(model, rank=4, alpha=16.0, dropout=0.1)
+    layers = add_lora(model, PROJECTIONS, rank=4, alpha=16.0, dropout=0.1)
     assert len(layers) == N_MATRICES and all(isinstance(m, LoRALinear) for m in layers.values())
     for m in layers.values():
         assert (m.B == 0).all() and (m.A != 0).any()
@@ -136,7 +138,7 @@ def test_merged_logits_equal_unmerged_logits():
 
 def test_merge_into_bf16_rounds_once():
     model = tiny_model().to(torch.bfloat16)  # a bf16 base; A and B stay fp32
-    add_lora(model, 4, dropout=0.0)
+    add_lora(model, PROJECTIONS, 4, dropout=0.0)
     randomize_B(model)
     layer = lora_layers(model)["layers.1.feed_forward.w2"]
     assert layer.base.weight.dtype == torch.bfloat16 and layer.A.dtype == layer.B.dtype == torch.float32
@@ -154,107 +156,30 @@ def test_rank_for_budget_matches_lora_param_count():
     model = tiny_model()
     d, f, kv = TINY["dim"], model.args.ffn_dim, model.args.n_kv_heads * model.args.head_dim
     per_rank = TINY["n_layers"] * (2 * d + 2 * (d + kv) + 2 * d + 3 * (d + f))  # wq, wk+wv, wo, w1+w2+w3
-    assert spiel.lora_param_count(model, 1) == per_rank
+    assert spiel.lora_param_count(model, PROJECTIONS, 1) == per_rank
     for r in (1, 4, 64):
-        budget = spiel.lora_param_count(model, r)
-        assert rank_for_budget(model, budget) == r
-        assert rank_for_budget(model, budget - 1) == r - 1 if r > 1 else True
-        assert rank_for_budget(model, budget + per_rank - 1) == r
+        budget = spiel.lora_param_count(model, PROJECTIONS, r)
+        assert rank_for_budget(model, PROJECTIONS, budget) == r
+        assert rank_for_budget(model, PROJECTIONS, budget - 1) == r - 1 if r > 1 else True
+        assert rank_for_budget(model, PROJECTIONS, budget + per_rank - 1) == r
     with pytest.raises(ValueError, match="below LoRA rank 1"):
-        rank_for_budget(model, per_rank - 1)
-    r = rank_for_budget(model, 10_000)
-    add_lora(model, r)
+        rank_for_budget(model, PROJECTIONS, per_rank - 1)
+    r = rank_for_budget(model, PROJECTIONS, 10_000)
+    add_lora(model, PROJECTIONS, r)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == spiel.lora_param_count(tiny_model(), r) <= 10_000
+    assert trainable == spiel.lora_param_count(tiny_model(), PROJECTIONS, r) <= 10_000
 
 
 def test_add_lora_counts_and_refuses_twice():
     model = tiny_model()
-    layers = add_lora(model, rank=2)
+    layers = add_lora(model, PROJECTIONS, rank=2)
     assert list(layers) == [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == spiel.lora_param_count(tiny_model(), 2)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
+        spiel.lora_param_count(tiny_model(), PROJECTIONS, 2)
     with pytest.raises(ValueError, match="already added"):
-        add_lora(model, rank=2)
+        add_lora(model, PROJECTIONS, rank=2)
     with pytest.raises(ValueError, match="rank must be >= 1"):
-        add_lora(tiny_model(), rank=0)
-
-
-# -----------------------------------------------------------------------------
-# save and load
-
-
-def test_save_load_round_trip(tmp_path):
-    model = lora_model(rank=3, alpha=8.0)
-    randomize_B(model)
-    path = str(tmp_path / "lora.safetensors")
-    save_lora(model, path, {"step": 7})
-    assert os.listdir(tmp_path) == ["lora.safetensors"]  # no .tmp left behind
-    x = tokens()
-    fresh = tiny_model()
-    meta = load_lora(fresh, path)
-    assert meta["format"] == "spiel-lora" and meta["rank"] == "3" and meta["step"] == "7"
-    assert float(meta["alpha"]) == 8.0 and meta["base_fingerprint"] == llama.base_fingerprint(tiny_model())
-    assert float(meta["dropout"]) == 0.0 and llama.read_finetune(path)[0] == "spiel-lora"
-    assert torch.equal(fresh.eval()(x)[0], model(x)[0])
-    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \
-        {f"{n}.{ab}" for n in lora_layers(model) for ab in "AB"}
-
-
-def test_save_refuses_an_empty_model(tmp_path):
-    with pytest.raises(ValueError, match="no LoRA"):
-        save_lora(tiny_model(), str(tmp_path / "x.safetensors"))
-
-
-def test_load_errors_name_the_file(tmp_path):
-    path = str(tmp_path / "lora.safetensors")
-    save_lora(lora_model(), path)
-    missing = str(tmp_path / "nope.safetensors")
-    with pytest.raises(llama.CheckpointError, match=f"{missing}: fine-tune file not found"):
-        load_lora(tiny_model(), missing)
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"not safetensors at all")
-    with pytest.raises(llama.CheckpointError, match="garbage.safetensors: cannot read"):
-        load_lora(tiny_model(), str(garbage))
-    plain = str(tmp_path / "plain.safetensors")
-    save_file({"x": torch.zeros(2)}, plain)
-    with pytest.raises(llama.CheckpointError, match=f"{plain}: neither a spiel delta nor a LoRA adapter"):
-        load_lora(tiny_model(), plain)
-    with pytest.raises(llama.CheckpointError, match=f"{path}: a fine-tune for layers.1.attention.wq, which this "
-                                                    f"model does not have"):
-        load_lora(tiny_model(n_layers=1), path)
-    with pytest.raises(llama.CheckpointError, match=f"{path}: layers.0.feed_forward.w1 is 192x64 in the file but 96x"):
-        load_lora(tiny_model(hidden_dim=96), path)
-    other = tiny_model(seed=1)
-    with pytest.raises(llama.CheckpointError, match=f"{path}: this fine-tune was trained on another base model"):
-        load_lora(other, path)
-    assert lora_layers(other) == {}  # a refused file leaves the model as it was
-    model = tiny_model()
-    load_lora(model, path)
-    assert len(lora_layers(model)) == N_MATRICES
-    with pytest.raises(llama.CheckpointError, match="already added"):
-        load_lora(model, path)
-
-
-def test_load_refuses_a_delta_file(tmp_path):
-    spiel_model = tiny_model()
-    spiel.add_sparse_deltas(spiel_model, density=0.01)
-    delta = str(tmp_path / "delta.safetensors")
-    spiel.save_delta(spiel_model, delta)
-    with pytest.raises(llama.CheckpointError, match=f"{delta}: not a spiel LoRA file"):
-        load_lora(tiny_model(), delta)
-
-
-def test_load_rejects_inconsistent_tensors(tmp_path):
-    path = str(tmp_path / "lora.safetensors")
-    save_lora(lora_model(rank=4), path)
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    tensors["layers.0.attention.wk.A"] = tensors["layers.0.attention.wk.A"][:3].contiguous()
-    bad = str(tmp_path / "bad.safetensors")
-    save_file(tensors, bad, metadata=meta)
-    with pytest.raises(llama.CheckpointError, match=f"{bad}: layers.0.attention.wk needs .A"):
-        load_lora(tiny_model(), bad)
+        add_lora(tiny_model(), PROJECTIONS, rank=0)
 
 
 # -----------------------------------------------------------------------------
@@ -264,7 +189,7 @@ def test_load_rejects_inconsistent_tensors(tmp_path):
 def test_training_lowers_loss_and_leaves_the_base_untouched():
     model = tiny_model()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    add_lora(model, rank=4, alpha=16.0, dropout=0.0)
+    add_lora(model, PROJECTIONS, rank=4, alpha=16.0, dropout=0.0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * N_MATRICES and all(n.endswith((".A", ".B")) for n in trainable)
     model.train()

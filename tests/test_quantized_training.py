@@ -16,7 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spiel  # noqa: E402
-from llama import load_model  # noqa: E402
+from llama import PROJECTIONS, load_model  # noqa: E402
 from merge import save_hf  # noqa: E402
 from quantize import QuantLinear  # noqa: E402
 
@@ -76,8 +76,8 @@ def test_spiel_gradients_on_quantized_base_equal_dense_dequantized(tiny, mode):
         for name, m in quant.named_modules():
             if hasattr(m, "dequantize"):
                 dense.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
-    lq = spiel.add_sparse_deltas(quant, density=0.05, seed=0)
-    ld = spiel.add_sparse_deltas(dense, density=0.05, seed=0)
+    lq = spiel.add_sparse_deltas(quant, PROJECTIONS, density=0.05, seed=0)
+    ld = spiel.add_sparse_deltas(dense, PROJECTIONS, density=0.05, seed=0)
     assert lq.keys() == ld.keys()
     for name in lq:
         assert torch.equal(lq[name].indices, ld[name].indices)  # same positions
@@ -102,13 +102,13 @@ def test_grad_checkpoint_changes_no_gradient(tiny, setup):
     def run(checkpoint):
         model = load_model(tiny.meta1, dtype=torch.float32, quantize="int8" if setup == "spiel-int8" else None)
         if setup.startswith("spiel"):
-            set_random_values(spiel.add_sparse_deltas(model, density=0.05))
+            set_random_values(spiel.add_sparse_deltas(model, PROJECTIONS, density=0.05))
         elif setup == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
         else:
             lora = pytest.importorskip("lora")
-            for layer in lora.add_lora(model, 4, dropout=0.1).values():
+            for layer in lora.add_lora(model, PROJECTIONS, 4, dropout=0.1).values():
                 torch.nn.init.normal_(layer.B, std=0.05, generator=torch.Generator().manual_seed(1))
         model.grad_checkpoint = checkpoint
         model.train()
@@ -137,7 +137,7 @@ def test_grad_checkpoint_changes_no_gradient(tiny, setup):
 @pytest.mark.parametrize("mode", [None, "int8", "nf4"])
 def test_bf16_compute_with_fp32_deltas(tiny, mode):
     model = load_model(tiny.meta1, dtype=torch.bfloat16, quantize=mode)
-    layers = spiel.add_sparse_deltas(model, density=0.05, seed=0)
+    layers = spiel.add_sparse_deltas(model, PROJECTIONS, density=0.05, seed=0)
     set_random_values(layers)
     optimizer = spiel.AdamW([m.values for m in layers.values()], lr=1e-3)
     x, y = batch()
@@ -146,7 +146,7 @@ def test_bf16_compute_with_fp32_deltas(tiny, mode):
     loss.backward()
     # the same deltas on an fp32 model: the bf16 gradients point the same way
     ref = load_model(tiny.meta1, dtype=torch.float32, quantize=mode)
-    ref_layers = spiel.add_sparse_deltas(ref, density=0.05, seed=0)
+    ref_layers = spiel.add_sparse_deltas(ref, PROJECTIONS, density=0.05, seed=0)
     set_random_values(ref_layers)
     ref(x, y)[1].backward()
     g = torch.cat([m.values.grad for m in layers.values()])
@@ -164,7 +164,7 @@ def test_bf16_compute_with_fp32_deltas(tiny, mode):
 
 def test_merge_deltas_refuses_a_quantized_base(tiny):
     model = load_model(tiny.meta1, dtype=torch.float32, quantize="int8")
-    layers = spiel.add_sparse_deltas(model, density=0.05)
+    layers = spiel.add_sparse_deltas(model, PROJECTIONS, density=0.05)
     set_random_values(layers)
     with pytest.raises(ValueError, match="quantized"):
         spiel.merge_deltas(model)

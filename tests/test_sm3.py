@@ -2,7 +2,7 @@
 Tests for sm3.py: the vectorised SM3-II against a naive per-element reference with explicit cover
 sets (dense params, and sparse deltas given with their positions), the 0/0 rule, eps (1e-8 by default,
 inside the square root) against a naive formula, state_dict round trips, the row/column accumulators
-SpIEL-MA grows from, and a least-squares smoke test.
+SpIEL-MA grows from (SM3.accumulators) and the per-slot state, and a least-squares smoke test.
 """
 
 import inspect
@@ -296,12 +296,17 @@ def test_state_dict_round_trip(dtype):
 # the row and column accumulators of a sparse delta (what SpIEL-MA grows from)
 
 def test_sparse_row_col_accumulators():
-    """no state before the first step; after it, state["row"] (out,) and state["col"] (in,) are fp32 and
-    hold the max of g^2 over the active entries of each row / column (0 where none is active)."""
+    """no state before the first step (accumulators(p), what SpIEL-MA reads, gives zeros of the right shapes);
+    after it, state["row"] (out,) and state["col"] (in,) are fp32 and hold the max of g^2 over the active
+    entries of each row / column (0 where none is active), and accumulators(p) returns them. Only the momentum
+    has one entry per delta (per_slot: what drop-and-grow moves with the slots)."""
+    assert SM3.per_slot == ("momentum_buffer",)
     p, positions = sparse_param(4, (3, 5), dtype=torch.float32)
     indices = positions[p][0]
     opt = SM3([p], lr=0.1, positions=positions)
     assert p not in opt.state
+    row0, col0 = opt.accumulators(p)
+    assert torch.equal(row0, torch.zeros(3)) and torch.equal(col0, torch.zeros(5))
     p.grad = torch.tensor([1.0, -2.0, 3.0, 0.5])
     opt.step()
     row, col = opt.state[p]["row"], opt.state[p]["col"]
@@ -313,6 +318,7 @@ def test_sparse_row_col_accumulators():
         exp_col[c] = max(exp_col[c].item(), g * g)
     torch.testing.assert_close(row, exp_row)
     torch.testing.assert_close(col, exp_col)
+    assert all(a is b for a, b in zip(opt.accumulators(p), (row, col)))
 
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """
 Tests for spiel.py (SpIEL, Ansell et al. 2024, arXiv 2401.16405): the sparse-delta layer against the
-dense formula (gradcheck in fp64), PEFT invariants on a tiny LLaMA (zero deltas = base, merge, save/load
-and every way a delta file can be refused), the schedule, drop/grow invariants over many reselections
-(AG and MA), AG's window (per optimizer step, scaled by the clipping coefficient, checked against a plain
-dense copy of the model; its state round trip), AG and MA growth on hand-built cases with known answers
-(MA never regrows a position active now, AG may and keeps its slot), the loss going down while the base
-stays bit-identical, the budget, random positions, and the dense and sparse (SDDMM) value-gradient paths,
-inside an open window too. CPU only, a few seconds.
+dense formula (gradcheck in fp64), invariants on a tiny LLaMA (zero deltas = base, merging, the resident
+weight, no merge into a quantized base), the schedule, drop/grow invariants over many reselections (AG and
+MA), AG's window (per optimizer step, scaled by the clipping coefficient, checked against a plain dense copy
+of the model; its state round trip), AG and MA growth on hand-built cases with known answers (MA never
+regrows a position active now, AG may and keeps its slot), the loss going down while the base stays
+bit-identical, the budget, random positions, and the dense and sparse (SDDMM) value-gradient paths, inside
+an open window too, with the sparse pattern cached per positions tensor. Training steps go through
+train.train_step (the one place the Selector's per-step protocol is written); a test calls a Selector or
+Window method directly only where that method is what it checks. Writing and reading delta files:
+test_finetune.py. CPU only, a few seconds.
 """
 
 import io
@@ -22,15 +25,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import lora  # noqa: E402
 import quantize  # noqa: E402
 import spiel  # noqa: E402
+import train  # noqa: E402
 from conftest import TINY, random_state_dict  # noqa: E402
-from llama import CheckpointError, ModelArgs, Transformer  # noqa: E402
+from llama import PROJECTIONS, ModelArgs, Transformer  # noqa: E402
 from sm3 import SM3  # noqa: E402
 from spiel import (Schedule, Selector, SparseDeltaFn, SparseDeltaLinear, Window, add_sparse_deltas,  # noqa: E402
-                   budget_summary, delta_layers, drop_and_grow, load_delta, lora_param_count, ma_candidates,
-                   merge_deltas, random_positions, save_delta, split_budget)
+                   budget_summary, delta_layers, drop_and_grow, lora_param_count, ma_candidates, merge_deltas,
+                   random_positions, split_budget)
 
 
 # -----------------------------------------------------------------------------
@@ -76,37 +79,30 @@ def sm3_for(layers: dict, **kw):
                                                                for m in layers.values()}, **kw)
 
 
-def clip_scale(params, max_norm):
-    """clip as train.py does; -> the coefficient the gradients were scaled by (1 if none)."""
-    if max_norm is None:
-        return 1.0
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return min(1.0, max_norm / (norm + 1e-6))
-
-
-def train(model, method, opt, schedule, steps, batch_fn, grad_accum=1, reselect=None, max_norm=None):
-    """the SpIEL loop: open the AG window, backward every micro-batch, clip, fold the step into the window,
-    step, then drop/grow when due."""
+def run_steps(model, method, opt, schedule, steps, batch_fn, answer_tokens, grad_accum=1, reselect=None,
+              max_norm=None):
+    """the SpIEL loop through train.train_step: per optimizer step t, grad_accum micro-batches
+    x = batch_fn(t, micro) (drawn inside the step, after the windows opened), each with answer_tokens predicted
+    tokens, clipped at max_norm if given; the step drops and regrows when due. reselect(real, t): a test's
+    checks around the Selector's reselect (it calls real(t) and returns what it returned). -> each step's loss
+    per predicted token"""
     sel = Selector(model, method, schedule, opt)
+    if reselect is not None:
+        real = sel.reselect
+        sel.reselect = lambda t: reselect(real, t)
     params = [m.values for m in delta_layers(model).values()]
-    losses = []
-    for t in range(1, steps + 1):
-        sel.begin_step(t)
-        total = 0.0
+
+    def micro_batches(t):
         for micro in range(grad_accum):
             x = batch_fn(t, micro)
-            _, loss = model(x[:, :-1], x[:, 1:])
-            (loss / grad_accum).backward()
-            total += loss.item() / grad_accum
-        sel.end_step(clip_scale(params, max_norm))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if schedule.is_reselection(t):
-            if reselect is None:
-                sel.reselect(t)
-            else:
-                reselect(sel, t)  # a test's checks around sel.reselect
-        losses.append(total)
+            assert x[:, 1:].numel() == answer_tokens
+            yield model(x[:, :-1], x[:, 1:], reduction="sum")[1]
+
+    losses = []
+    for t in range(1, steps + 1):
+        loss, _, _ = train.train_step(t, micro_batches(t), grad_accum * answer_tokens, params, opt, sel,
+                                      grad_clip=max_norm or 0.0)
+        losses.append(loss)
     return losses
 
 
@@ -197,7 +193,7 @@ def test_zero_deltas_give_the_base_logits():
     model = tiny_model()
     x = tokens()
     base_logits, _ = model(x)
-    layers = add_sparse_deltas(model, density=0.05)
+    layers = add_sparse_deltas(model, PROJECTIONS, density=0.05)
     assert len(layers) == 14
     assert all(torch.count_nonzero(m.values) == 0 for m in layers.values())
     logits, _ = model(x)
@@ -209,7 +205,7 @@ def test_merge_and_merged_logits():
     merged model gives the same logits; merging again is a no-op (nothing left to add twice)."""
     model = tiny_model()
     x = tokens()
-    layers = add_sparse_deltas(model, density=0.05)
+    layers = add_sparse_deltas(model, PROJECTIONS, density=0.05)
     set_random_values(model)
     base_w = {n: m.base.weight.clone() for n, m in layers.items()}
     sparse_logits, _ = model(x)
@@ -292,173 +288,10 @@ def test_merge_bf16_rounds_once():
     assert torch.equal(base.weight, expected)
 
 
-def test_save_load_roundtrip(tmp_path):
-    """save_delta / load_delta give the same logits, indices, values and metadata; only the values train."""
-    model = tiny_model()
-    x = tokens()
-    add_sparse_deltas(model, density=0.05, seed=3)
-    set_random_values(model)
-    logits, _ = model(x)
-    path = str(tmp_path / "delta.safetensors")
-    save_delta(model, path, meta={"step": 7})
-
-    fresh = tiny_model()
-    meta = load_delta(fresh, path)
-    assert meta["format"] == "spiel-delta" and meta["step"] == "7"
-    assert int(meta["num_deltas"]) == sum(m.values.numel() for m in delta_layers(model).values())
-    assert torch.equal(fresh(x)[0], logits)
-    a, b = delta_layers(model), delta_layers(fresh)
-    assert list(a) == list(b)
-    for n in a:
-        assert torch.equal(a[n].indices.long(), b[n].indices.long()) and torch.equal(a[n].values, b[n].values)
-    assert [p for p in fresh.parameters() if p.requires_grad] == [m.values for m in b.values()]
-
-
-def test_load_delta_sorts_slots(tmp_path):
-    """a file whose slots are out of position order loads with slots sorted (values moved along)."""
-    model = tiny_model()
-    layers = add_sparse_deltas(model, density=0.05)
-    set_random_values(model)
-    x = tokens()
-    logits, _ = model(x)
-    with torch.no_grad():
-        for m in layers.values():
-            perm = torch.randperm(m.indices.numel(), generator=torch.Generator().manual_seed(1))
-            m.indices.copy_(m.indices[perm])
-            m.values.copy_(m.values[perm])
-    path = str(tmp_path / "d.safetensors")
-    save_delta(model, path)
-    fresh = tiny_model()
-    load_delta(fresh, path)
-    for m in delta_layers(fresh).values():
-        assert torch.equal(m.indices, m.indices.sort().values)
-    torch.testing.assert_close(fresh(x)[0], logits, rtol=0, atol=1e-6)
-
-
-def _rewrite(src, dst, edit, edit_meta=None):
-    """copy a delta file with `edit(tensors)` (and `edit_meta(metadata)`) applied."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(src, framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    edit(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    save_file(tensors, dst, metadata=meta)
-    return dst
-
-
-def test_load_delta_errors(tmp_path):
-    """every way a delta file can be refused: another model's shapes, another base, indices out of range or
-    repeated, not a fine-tune file, a LoRA file, missing, already merged into this base, deltas already
-    added. Each message names the file, and a refused delta adds no delta layer."""
-    from safetensors.torch import save_file
-
-    model = tiny_model()
-    add_sparse_deltas(model, density=0.05)
-    set_random_values(model)
-    good = str(tmp_path / "good.safetensors")
-    save_delta(model, good, meta={"finetune_id": "run-1"})
-    name = "layers.0.attention.wq"  # the first matrix of the file
-
-    def out_of_range(t):
-        t[name + ".indices"][0] = 64 * 64
-
-    def repeated(t):
-        t[name + ".indices"][1] = t[name + ".indices"][0]
-
-    not_delta = str(tmp_path / "weights.safetensors")
-    save_file({"w": torch.zeros(3)}, not_delta, metadata={"format": "pt"})
-    lora_model = tiny_model()
-    lora.add_lora(lora_model, rank=2)
-    lora_file = str(tmp_path / "lora.safetensors")
-    lora.save_lora(lora_model, lora_file)
-    merged = tiny_model()
-    merged.merged_ids = ["run-1"]
-    with_deltas = tiny_model()
-    add_sparse_deltas(with_deltas, density=0.05)
-    cases = [  # (file, model to load into, what the message says)
-        (good, tiny_model(dim=32), "another model"),
-        (good, tiny_model(seed=1), "another base"),
-        (_rewrite(good, str(tmp_path / "range.safetensors"), out_of_range), tiny_model(), "outside"),
-        (_rewrite(good, str(tmp_path / "rep.safetensors"), repeated), tiny_model(), "repeated"),
-        (not_delta, tiny_model(), "neither a spiel delta nor a LoRA"),
-        (lora_file, tiny_model(), "not a spiel delta"),
-        (str(tmp_path / "missing.safetensors"), tiny_model(), "not found"),
-        (good, merged, "already merged"),
-    ]
-    for path, target, what in cases:
-        with pytest.raises(CheckpointError, match=what) as e:
-            load_delta(target, path)
-        assert path in str(e.value)
-        assert not delta_layers(target)  # a refused delta leaves the model untouched
-    before = delta_layers(with_deltas)
-    with pytest.raises(CheckpointError, match="already added") as e:
-        load_delta(with_deltas, good)
-    assert good in str(e.value) and delta_layers(with_deltas) == before
-
-
-def test_two_fine_tunes_of_one_base_add_up(tmp_path):
-    """two deltas trained apart on one base merge one after the other into W0 + both scatters; a delta trained
-    on a base with a fine-tune merged in loads where that one is merged (with others) but not on the bare base."""
-    import merge
-
-    files = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        model = tiny_model()
-        add_sparse_deltas(model, density=0.05, seed=seed)
-        set_random_values(model)
-        files[name] = str(tmp_path / f"{name}.safetensors")
-        save_delta(model, files[name], meta={"finetune_id": name})
-        files[name + "_layers"] = delta_layers(model)
-    target = tiny_model()
-    w0 = {n: m.weight.detach().clone() for n, m in target.named_modules() if n in files["a_layers"]}
-    merge.merge_into(target, files["a"])
-    merge.merge_into(target, files["b"])  # was refused: trained on a base without "a"
-    assert target.merged_ids == ["a", "b"]
-    modules = dict(target.named_modules())
-    for n, w in w0.items():
-        a, b = files["a_layers"][n], files["b_layers"][n]
-        want = w + dense_scatter(a.indices, a.values.detach(), w.shape) + dense_scatter(b.indices, b.values.detach(),
-                                                                                        w.shape)
-        torch.testing.assert_close(modules[n].weight, want, rtol=0, atol=1e-6)
-    on_a = tiny_model()
-    on_a.merged_ids = ["a"]
-    add_sparse_deltas(on_a, density=0.05, seed=3)
-    set_random_values(on_a)
-    c = str(tmp_path / "c.safetensors")
-    save_delta(on_a, c, meta={"finetune_id": "c"})
-    load_delta(target, c)  # a and b merged: fine
-    with pytest.raises(CheckpointError, match="another base"):
-        load_delta(tiny_model(), c)
-
-
-@pytest.mark.parametrize("bad_matrix", ["layers.0.attention.wq", "layers.1.feed_forward.w3"])
-def test_refused_delta_file_leaves_model_untouched(tmp_path, bad_matrix):
-    """load_delta checks the whole file (repeated / out-of-range indices in any matrix, the first or the last)
-    before it touches the model: a refused file leaves no layer wrapped and nothing frozen."""
-    model = tiny_model()
-    add_sparse_deltas(model, density=0.05)
-    good = str(tmp_path / "good.safetensors")
-    save_delta(model, good)
-
-    def repeated(t):
-        t[bad_matrix + ".indices"][1] = t[bad_matrix + ".indices"][0]
-
-    bad = _rewrite(good, str(tmp_path / "bad.safetensors"), repeated)
-    target = tiny_model()
-    grads = [p.requires_grad for p in target.parameters()]
-    with pytest.raises(CheckpointError, match="repeated"):
-        load_delta(target, bad)
-    assert not delta_layers(target), f"{len(delta_layers(target))} matrices were wrapped by a refused file"
-    assert [p.requires_grad for p in target.parameters()] == grads, "a refused file froze the model"
-
-
 def test_merge_into_quantized_base_is_refused():
     """merging into an int8 base is an error and leaves the deltas (and the logits) as they were."""
-    model = quantize.quantize_model(tiny_model(), "int8")
-    layers = add_sparse_deltas(model, density=0.05)
+    model = quantize.quantize_model(tiny_model(), "int8", PROJECTIONS)
+    layers = add_sparse_deltas(model, PROJECTIONS, density=0.05)
     assert all(isinstance(m.base, quantize.QuantLinear) for m in layers.values())
     set_random_values(model)
     x = tokens()
@@ -529,7 +362,7 @@ def test_reselection_invariants(method):
     position, AG windows count optimizer steps (first, then first + 1) and close at reselection."""
     torch.manual_seed(0)
     model = tiny_model()
-    layers = add_sparse_deltas(model, density=0.05)
+    layers = add_sparse_deltas(model, PROJECTIONS, density=0.05)
     params = [m.values for m in layers.values()]
     grad_accum = 2 if method == "ag" else 1
     opt = spiel.AdamW(params, lr=1e-2) if method == "ag" else sm3_for(layers, lr=1e-1, momentum=0.9)
@@ -537,11 +370,11 @@ def test_reselection_invariants(method):
     b1, b2 = 0.9, 0.999
     stats = {"reselections": 0, "moved": 0}
 
-    def checked(sel, t):
+    def checked(reselect, t):
         # reselect may reorder the slots (the positions are what count), so compare position by position
         frac = schedule.fraction(t)
         before = snapshot(layers, opt)
-        changed = sel.reselect(t)
+        changed = reselect(t)
         stats["reselections"] += 1
         for name, m in layers.items():
             s = before[name]
@@ -604,6 +437,7 @@ def test_reselection_invariants(method):
                 torch.testing.assert_close(st["exp_avg_sq"][new_slots], mean_sq * (1 - b2 ** steps), rtol=1e-6, atol=0)
                 assert torch.all(st["age"][new_slots] == steps)
         assert all(m.window is None for m in layers.values())  # windows close at reselection
+        return changed
 
     g = torch.Generator().manual_seed(1)
 
@@ -612,7 +446,7 @@ def test_reselection_invariants(method):
             assert all((m.window is not None) == schedule.window_open(t) for m in layers.values()), t
         return torch.randint(256, (2, 13), generator=g)
 
-    train(model, method, opt, schedule, 60, batch, grad_accum=grad_accum, reselect=checked)
+    run_steps(model, method, opt, schedule, 60, batch, 2 * 12, grad_accum=grad_accum, reselect=checked)
     assert stats["reselections"] == 10  # t = 2, 8, ..., 56
     assert stats["moved"] > sum(m.values.numel() for m in layers.values())  # positions really moved
 
@@ -696,9 +530,10 @@ def test_ag_window_statistics_are_clipped_step_gradients(path):
     micro-batches on a tiny LLaMA, clipped with clip_grad_norm_ at a max_norm that really clips; the window's
     candidates, grad_sum and sq_sum are checked against a plain dense copy of the model (dW at the candidates,
     summed over the step's micro-batches, times the clip coefficient); after reselection the grown deltas'
-    AdamW state is the seeding formula of those step gradients."""
+    AdamW state is the seeding formula of those step gradients. The steps are train.train_step's (it clips and
+    hands the window its coefficient)."""
     model = tiny_model()
-    layers = add_sparse_deltas(model, density=0.05)
+    layers = add_sparse_deltas(model, PROJECTIONS, density=0.05)
     spiel.set_grad_path(model, path)
     set_random_values(model, scale=0.02)
     params = [m.values for m in layers.values()]
@@ -706,49 +541,56 @@ def test_ag_window_statistics_are_clipped_step_gradients(path):
     opt = spiel.AdamW(params, lr=1e-3, betas=(b1, b2))
     schedule = Schedule(10, interval=5, first=2)  # window over steps 1 and 2, reselection (all k) at 2
     sel = Selector(model, "ag", schedule, opt)
+    before = {}  # per layer: positions, values and AdamW state just before the reselection at step 2
+    real_reselect = sel.reselect
+
+    def reselect(t):
+        before.update({n: (m.indices.long().clone(), m.values.detach().clone(),
+                           {key: opt.state[m.values][key].clone() for key in ("exp_avg", "exp_avg_sq", "age")})
+                       for n, m in layers.items()})
+        return real_reselect(t)
+    sel.reselect = reselect
     ref = tiny_model()  # the same base as a plain dense model: W = W0 + scatter(values), trainable
     ref.requires_grad_(False)
     ref_lin = dict(ref.named_modules())
     batches = [[tokens(seed=10 * t + i, B=2, T=13) for i in range(2)] for t in range(2)]
+    n_targets = 2 * 2 * 12  # answer tokens per step: 2 micro-batches of 2 x 12
     G = {n: [] for n in layers}  # per layer: the clipped step gradient (dense, flat) of each step
     first_micro = {}
     coefs = []
+
+    def micro_batches(t):  # each micro-batch's summed loss; the dense reference takes the same backward alongside
+        for i, x in enumerate(batches[t - 1]):
+            _, ref_loss = ref(x[:, :-1], x[:, 1:], reduction="sum")
+            (ref_loss / n_targets).backward()
+            if t == 1 and i == 0:
+                first_micro.update({n: ref_lin[n].weight.grad.flatten().clone() for n in layers})
+            yield model(x[:, :-1], x[:, 1:], reduction="sum")[1]
+
     for t in (1, 2):
         with torch.no_grad():  # the reference follows the deltas' current values
             for n, m in layers.items():
                 ref_lin[n].weight.copy_(m.merged_weight(torch.float32))
                 ref_lin[n].weight.requires_grad_(True)
                 ref_lin[n].weight.grad = None
-        sel.begin_step(t)
-        for i, x in enumerate(batches[t - 1]):
-            _, loss = model(x[:, :-1], x[:, 1:])
-            (loss / 2).backward()
-            _, ref_loss = ref(x[:, :-1], x[:, 1:])
-            (ref_loss / 2).backward()
-            if t == 1 and i == 0:
-                first_micro = {n: ref_lin[n].weight.grad.flatten().clone() for n in layers}
+        _, norm, reselected = train.train_step(t, micro_batches(t), n_targets, params, opt, sel, grad_clip=max_norm)
+        assert (reselected is None) == (t == 1)  # the schedule reselects (all k) at step 2
         dense = {n: ref_lin[n].weight.grad.flatten().clone() for n in layers}
         # the gradient norm of the deltas is that of the dense gradients at the active positions
-        ref_norm = torch.cat([dense[n][m.indices.long()] for n, m in layers.items()]).norm()
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        ref_norm = torch.cat([dense[n][before[n][0] if t == 2 else m.indices.long()]
+                              for n, m in layers.items()]).norm()
         assert norm == pytest.approx(float(ref_norm), rel=1e-4)
         coef = min(1.0, max_norm / (norm + 1e-6))
         assert coef < 0.5  # it really clips
         coefs.append(coef)
         for n in layers:
             G[n].append(dense[n] * coef)
-        sel.end_step(coef)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         if t == 1:
             windows = {n: m.window for n, m in layers.items()}
             for n, w in windows.items():  # candidates: the k largest |dW| of the window's first micro-batch
                 k = layers[n].indices.numel()
                 assert set(w.candidates.tolist()) == set(first_micro[n].abs().topk(k).indices.tolist()), n
 
-    before = {n: (m.indices.long().clone(), m.values.detach().clone(),
-                  {key: opt.state[m.values][key].clone() for key in ("exp_avg", "exp_avg_sq", "age")})
-              for n, m in layers.items()}
     for n, w in windows.items():
         c = w.candidates.long()
         g1, g2 = G[n][0][c], G[n][1][c]
@@ -759,8 +601,7 @@ def test_ag_window_statistics_are_clipped_step_gradients(path):
         # the unclipped sums would be far off: the coefficient is really applied
         assert not torch.allclose(w.grad_sum, g1 / coefs[0] + g2 / coefs[1], rtol=0.1)
 
-    assert schedule.is_reselection(2) and schedule.fraction(2) == 1.0
-    sel.reselect(2)  # replaces all k: the new positions are the candidates
+    assert schedule.is_reselection(2) and schedule.fraction(2) == 1.0  # step 2 replaced all k: the candidates
     seeded = 0
     for n, m in layers.items():
         c = windows[n].candidates.long()
@@ -791,24 +632,23 @@ def test_window_state_round_trip():
     accumulates and reselects exactly as the uninterrupted one; a window missing from the state is closed."""
     def setup():
         model = tiny_model()
-        layers = add_sparse_deltas(model, density=0.05, seed=1)
+        layers = add_sparse_deltas(model, PROJECTIONS, density=0.05, seed=1)
         set_random_values(model, scale=0.02)
         opt = spiel.AdamW([m.values for m in layers.values()], lr=1e-3)
         return model, layers, opt, Selector(model, "ag", Schedule(20, interval=10, first=3), opt)
 
     batches = [tokens(seed=t, B=2, T=11) for t in range(1, 4)]
 
-    def step(model, sel, opt, t, scale):
-        sel.begin_step(t)
-        for i in range(2):
-            _, loss = model(batches[t - 1][:, :-1], batches[t - 1][:, 1:])
-            (loss / 2).backward()
-        sel.end_step(scale)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(model, sel, opt, t, clip):  # train.train_step of 2 micro-batches, clipped at `clip` (0: not)
+        x = batches[t - 1]
+        losses = (model(x[:, :-1], x[:, 1:], reduction="sum")[1] for _ in range(2))
+        params = [m.values for m in delta_layers(model).values()]
+        _, norm, reselected = train.train_step(t, losses, 2 * x[:, 1:].numel(), params, opt, sel, grad_clip=clip)
+        assert not clip or norm > clip  # it really clips: the window keeps scaled step gradients
+        return reselected
 
     model_a, layers_a, opt_a, sel_a = setup()
-    step(model_a, sel_a, opt_a, 1, 0.7)
+    step(model_a, sel_a, opt_a, 1, 0.05)
     buf = io.BytesIO()
     torch.save({"sel": sel_a.state_dict(), "opt": opt_a.state_dict(), "values": [m.values.detach() for m in
                                                                                  layers_a.values()]}, buf)
@@ -833,16 +673,18 @@ def test_window_state_round_trip():
         w = Window(layers_b[n].indices)
         w.load_state_dict(wa.state_dict())
         assert torch.equal(w.candidates, wa.candidates) and w.steps == 1 and torch.equal(w.grad_sum, wa.grad_sum)
-    for t, scale in ((2, 0.5), (3, 1.0)):
-        for model, sel, opt in ((model_a, sel_a, opt_a), (model_b, sel_b, opt_b)):
-            step(model, sel, opt, t, scale)
+    windows = {n: (layers_a[n].window, layers_b[n].window) for n in layers_a}
+    changed = []
+    for model, sel, opt in ((model_a, sel_a, opt_a), (model_b, sel_b, opt_b)):
+        assert step(model, sel, opt, 2, 0.03) is None
+        changed.append(step(model, sel, opt, 3, 0.0)[0])  # the schedule's first reselection: the windows close
     for n in layers_a:
-        wa, wb = layers_a[n].window, layers_b[n].window
+        wa, wb = windows[n]
         assert wa.steps == wb.steps == 3
         torch.testing.assert_close(wa.grad_sum, wb.grad_sum, rtol=1e-6, atol=0)
         torch.testing.assert_close(wa.sq_sum, wb.sq_sum, rtol=1e-6, atol=0)
-    changed_a, changed_b = sel_a.reselect(3), sel_b.reselect(3)
-    assert changed_a == changed_b
+        assert layers_a[n].window is layers_b[n].window is None
+    assert changed[0] == changed[1]
     for n in layers_a:
         assert torch.equal(layers_a[n].indices, layers_b[n].indices)
         torch.testing.assert_close(layers_a[n].values, layers_b[n].values, rtol=1e-6, atol=0)
@@ -917,9 +759,7 @@ def ag_case():
     torch.manual_seed(0)
     layer = SparseDeltaLinear(nn.Linear(5, 4, bias=False), 6, indices=torch.tensor([0, 3, 7, 10, 14, 19]))
     opt = spiel.AdamW([layer.values], lr=1e-3)
-    layer(torch.randn(3, 5)).square().sum().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    train.train_step(1, [layer(torch.randn(3, 5)).square().sum()], 1, [layer.values], opt, None)
     with torch.no_grad():  # |values| order: slot 4 (pos 14) < slot 1 (pos 3) < slot 3 (pos 10) < 0 < 5 < 2
         layer.values.copy_(torch.tensor([0.5, -0.01, 2.0, 0.03, -0.002, -1.0]))
     return layer, opt
@@ -1010,13 +850,16 @@ def test_ag_reselect_without_window_is_an_error():
 def test_drop_and_grow_regrow_dropped_both_modes():
     """issue: a dropped position with the best score among candidates. regrow_dropped=False (MA): every
     position active now is excluded, so it is NOT grown back; regrow_dropped=True (AG): it is, keeping its
-    slot, value and state. A candidate that stays active is never grown. k constant, indices unique."""
-    for regrow in (False, True):
+    slot, value and state. A candidate that stays active is never grown. k constant, indices unique. The same
+    with a shared scratch mask (as the Selector passes: larger than the matrix), which is all False again after."""
+    shared = torch.zeros(64, dtype=torch.bool)
+    for regrow, mask in ((False, None), (True, None), (False, shared), (True, shared)):
         layer, _ = ag_case()  # drop n = 2: positions 14 (slot 4) and 3 (slot 1)
         # 7 stays active (never eligible); 3 is dropped but the best eligible score; then 8, 12; 14 is weak
         cand = torch.tensor([7, 3, 8, 12, 14])
         score = torch.tensor([100.0, 10.0, 5.0, 4.0, 1.0])
-        slots, grown = drop_and_grow(layer, 2, cand, score, regrow_dropped=regrow)
+        slots, grown = drop_and_grow(layer, 2, cand, score, regrow_dropped=regrow, mask=mask)
+        assert not shared.any()
         idx = layer.indices.long()
         assert idx.numel() == 6 and torch.unique(idx).numel() == 6
         if regrow:  # 3 regrown in its slot with its value; 8 replaces 14 in slot 4
@@ -1067,8 +910,7 @@ def test_ma_grows_top_outer_product(t):
     out_f, in_f, k = 5, 7, 8
     layer = SparseDeltaLinear(nn.Linear(in_f, out_f, bias=False), k, generator=torch.Generator().manual_seed(1))
     opt = sm3_for({"0": layer}, lr=0.1, momentum=0.9)
-    layer(torch.randn(3, in_f)).square().sum().backward()
-    opt.step()
+    train.train_step(1, [layer(torch.randn(3, in_f)).square().sum()], 1, [layer.values], opt, None)
     vals = torch.randn(k)
     with torch.no_grad():
         layer.values.copy_(vals)
@@ -1105,7 +947,8 @@ def test_ma_grows_top_outer_product(t):
 def test_ma_candidates_equal_the_brute_force_outer_product(seed, zeros):
     """ma_candidates(active, n, row, col) returns the top n INACTIVE positions by row[i] col[j] (as ranking the
     whole outer product would) and their scores, without forming it; also with rows / columns whose
-    accumulators are still 0 and for every n up to all the inactive positions."""
+    accumulators are still 0, for every n up to all the inactive positions, and with a scratch mask passed
+    (the same answer; the mask is all False again after)."""
     g = torch.Generator().manual_seed(seed)
     out_f, in_f, k = 13, 11, 10
     active = random_positions(out_f * in_f, k, g)
@@ -1115,8 +958,11 @@ def test_ma_candidates_equal_the_brute_force_outer_product(seed, zeros):
     score = torch.outer(row, col).flatten()
     mask = torch.zeros(out_f * in_f, dtype=torch.bool)
     mask[active] = True
+    scratch = torch.zeros(out_f * in_f + 7, dtype=torch.bool)  # a Selector's mask: all False, >= size entries
     for n in (1, 4, 20, out_f * in_f - k):
         pos, s = ma_candidates(active, n, row, col)
+        pos_m, s_m = ma_candidates(active, n, row, col, scratch)
+        assert torch.equal(pos_m, pos) and torch.equal(s_m, s) and not scratch.any()  # the mask changes nothing
         assert pos.numel() == n and not mask[pos].any() and pos.unique().numel() == n
         torch.testing.assert_close(s, row[pos // in_f] * col[pos % in_f], rtol=0, atol=0)
         brute = score.masked_fill(mask, -math.inf).topk(n).values
@@ -1134,13 +980,13 @@ def test_training_lowers_loss_base_untouched(method, max_norm):
     non-delta tensor stays bit-identical."""
     torch.manual_seed(0)
     model = tiny_model()
-    layers = add_sparse_deltas(model, density=0.1)
+    layers = add_sparse_deltas(model, PROJECTIONS, density=0.1)
     frozen = frozen_state(model)
     params = [m.values for m in layers.values()]
     opt = spiel.AdamW(params, lr=1e-2) if method == "ag" else sm3_for(layers, lr=1e-1)
     batch = tokens(seed=5, B=4, T=33)
     schedule = Schedule(40, interval=10, first=3)
-    losses = train(model, method, opt, schedule, 40, lambda t, micro: batch, max_norm=max_norm)
+    losses = run_steps(model, method, opt, schedule, 40, lambda t, micro: batch, 4 * 32, max_norm=max_norm)
     assert losses[-1] < 0.9 * losses[0], losses
     # while attached, a full-precision base holds W0 + delta at every use (section 9's resident weight) ...
     for layer in layers.values():
@@ -1197,7 +1043,7 @@ def test_add_sparse_deltas_budgets():
 
     def total(**budget):
         model = tiny_model()
-        layers = add_sparse_deltas(model, **budget)
+        layers = add_sparse_deltas(model, PROJECTIONS, **budget)
         assert [m.weight_shape for m in layers.values()] == shapes
         assert [p for p in model.parameters() if p.requires_grad] == [m.values for m in layers.values()]
         return sum(m.values.numel() for m in layers.values())
@@ -1211,20 +1057,20 @@ def test_add_sparse_deltas_budgets():
                 dict(num_tunable=targeted + 1), dict(density=0.0), dict(density=1.5),
                 dict(lora_rank=10 ** 4), dict(num_tunable=5)):
         with pytest.raises(ValueError):
-            add_sparse_deltas(tiny_model(), **bad)
+            add_sparse_deltas(tiny_model(), PROJECTIONS, **bad)
     model = tiny_model()
-    add_sparse_deltas(model, num_tunable=100)
+    add_sparse_deltas(model, PROJECTIONS, num_tunable=100)
     with pytest.raises(ValueError):
-        add_sparse_deltas(model, num_tunable=100)  # deltas already added
+        add_sparse_deltas(model, PROJECTIONS, num_tunable=100)  # deltas already added
 
 
 def test_lora_param_count_seed_and_summary():
     """lora_param_count = rank * (in + out) over the targets; the seed decides the positions; the summary
     states the count, the matrices and the split by projection."""
     args = ModelArgs(**TINY)
-    assert lora_param_count(tiny_model(), 5) == 5 * sum(o + i for o, i in target_shapes(args))
+    assert lora_param_count(tiny_model(), PROJECTIONS, 5) == 5 * sum(o + i for o, i in target_shapes(args))
     a, b, c = tiny_model(), tiny_model(), tiny_model()
-    la, lb, lc = (add_sparse_deltas(m, density=0.05, seed=s) for m, s in ((a, 1), (b, 1), (c, 2)))
+    la, lb, lc = (add_sparse_deltas(m, PROJECTIONS, density=0.05, seed=s) for m, s in ((a, 1), (b, 1), (c, 2)))
     assert all(torch.equal(la[n].indices, lb[n].indices) for n in la)
     assert not all(torch.equal(la[n].indices, lc[n].indices) for n in la)
     text = budget_summary(a)
@@ -1295,14 +1141,20 @@ def test_dense_and_sparse_gradient_paths_agree(bias):
 
 
 def test_sampled_grad_and_csr_pattern():
-    """sampled_grad(layer, dy, x, positions) is (dy^T x) at any positions (unsorted, repeated); csr_pattern
-    gives the row pointers / columns / sort order, cached until the positions are changed in place."""
+    """sampled_grad(layer, dy^T, x^T, positions) is (dy^T x) at any positions (unsorted, repeated), from the
+    token-major copies token_major(dy) (out, N) and token_major(x) (in, N) (the tiled copy too: N and d multiples
+    of 8); csr_pattern gives the row pointers / columns / sort order, cached until the positions are changed in
+    place."""
     g = torch.Generator().manual_seed(0)
     layer = SparseDeltaLinear(nn.Linear(9, 7, bias=False).double(), 10, generator=g)
     dy, x = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64)
     dW = (dy.T @ x).view(-1)
+    dy_t, x_t = spiel.token_major(dy), spiel.token_major(x)
+    assert torch.equal(dy_t, dy.T) and dy_t.is_contiguous() and torch.equal(x_t, x.T) and x_t.is_contiguous()
+    tiled = torch.randn(16, 24, generator=g)  # N and d multiples of 8: the tiled copy
+    assert torch.equal(spiel.token_major(tiled), tiled.T) and spiel.token_major(tiled).is_contiguous()
     pos = torch.tensor([50, 3, 3, 62, 0, 17, 62, 9])
-    torch.testing.assert_close(spiel.sampled_grad(layer, dy, x, pos), dW[pos], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spiel.sampled_grad(layer, dy_t, x_t, pos), dW[pos], rtol=1e-12, atol=1e-12)
     crow, col, order = spiel.csr_pattern(layer, pos)
     assert torch.equal(pos[order], pos.sort().values)
     assert torch.equal(col, pos[order] % 9)
@@ -1313,24 +1165,33 @@ def test_sampled_grad_and_csr_pattern():
     assert spiel.csr_pattern(layer, idx)[0] is first[0]  # cached
     idx[0] = int(idx[0])  # an in-place write (here of the same value) bumps the version: recomputed
     assert spiel.csr_pattern(layer, idx)[0] is not first[0]
-    torch.testing.assert_close(spiel.sampled_grad(layer, dy, x, idx), dW[idx.long()], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spiel.sampled_grad(layer, dy_t, x_t, idx), dW[idx.long()], rtol=1e-12, atol=1e-12)
 
 
 def test_csr_pattern_cache_is_not_fooled_by_a_reused_address():
-    """the sparse pattern is cached for one tensor object, not for an address: a new tensor at the same address
-    (as an AG window's positions can land where the closed window's were) with version 0 and the same length
-    gets its own pattern. Here two tensors share memory deterministically (both views of one numpy array)."""
+    """the sparse pattern is cached for one tensor object, not for an address: the cache (`.pattern` of the
+    layer, or of the window passed as cache) holds the positions tensor itself and its version, so a new tensor
+    at the same address (as an AG window's positions can land where the closed window's were) with version 0 and
+    the same length gets its own pattern. Here two tensors share memory deterministically (both views of one
+    numpy array)."""
     layer = SparseDeltaLinear(nn.Linear(9, 7, bias=False).double(), 10)
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64)
     dW = (dy.T @ x).view(-1)
+    dy_t, x_t = spiel.token_major(dy), spiel.token_major(x)
     memory = np.array([1, 5, 12, 30, 44, 60], dtype=np.int64)
     old = torch.from_numpy(memory)
-    torch.testing.assert_close(spiel.sampled_grad(layer, dy, x, old), dW[old])
-    memory[:] = [2, 8, 20, 33, 40, 61]  # the memory now holds other positions (as a new allocation would)
-    new = torch.from_numpy(memory)
-    assert new.data_ptr() == old.data_ptr() and new._version == 0
-    torch.testing.assert_close(spiel.sampled_grad(layer, dy, x, new), dW[new])
+    for cache in (None, Window(layer.indices)):  # the layer's own cache, and a window's
+        holder = layer if cache is None else cache
+        holder.pattern = None
+        memory[:] = [1, 5, 12, 30, 44, 60]
+        torch.testing.assert_close(spiel.sampled_grad(layer, dy_t, x_t, old, cache=cache), dW[old])
+        assert holder.pattern[0] is old and holder.pattern[1] == old._version  # the tensor itself, not its address
+        memory[:] = [2, 8, 20, 33, 40, 61]  # the memory now holds other positions (as a new allocation would)
+        new = torch.from_numpy(memory)
+        assert new.data_ptr() == old.data_ptr() and new._version == 0 and new is not old
+        torch.testing.assert_close(spiel.sampled_grad(layer, dy_t, x_t, new, cache=cache), dW[new])
+        assert holder.pattern[0] is new and holder.pattern[1] == new._version  # recomputed for the new tensor
 
 
 def test_back_to_back_windows_sparse_path_gradients():
@@ -1346,26 +1207,26 @@ def test_back_to_back_windows_sparse_path_gradients():
     schedule = Schedule(100, interval=2, first=1)
     sel = Selector(nn.Sequential(layer), "ag", schedule, opt)
     wrong = []
-    for t in range(1, 60):
-        sel.begin_step(t)
+
+    def micro_batches(t):  # loss = sum(y * dy): the backward gets dy; each micro-batch's gradients checked
         for micro in range(2):
             x = torch.randn(5, 12, dtype=torch.float64)
             dy = torch.randn(5, 10, dtype=torch.float64)
             w = layer.window
             before = None if w.candidates is None else w.step_sum.clone()
-            layer.values.grad = None
-            layer(x).backward(dy)
+            grad_before = torch.zeros_like(layer.values) if layer.values.grad is None else layer.values.grad.clone()
+            yield (layer(x) * dy).sum()  # (train_step runs its backward before asking for the next)
             dW = (dy.T @ x).view(-1)
-            if not torch.allclose(layer.values.grad, dW[layer.indices.long()]):
+            if not torch.allclose(layer.values.grad - grad_before, dW[layer.indices.long()]):
                 wrong.append(("values", t, micro))
             if before is not None and not torch.allclose(w.step_sum - before, dW[w.candidates.long()].float(),
                                                          atol=1e-5):
                 wrong.append(("candidates", t, micro))
-        sel.end_step()
-        opt.step()
-        opt.zero_grad()
-        if schedule.is_reselection(t):
-            sel.reselect(t)
+
+    reselections = 0
+    for t in range(1, 60):
+        reselections += train.train_step(t, micro_batches(t), 1, [layer.values], opt, sel)[2] is not None
+    assert reselections == 30  # t = 1, 3, ..., 59: every window closed by a reselection
     assert not wrong, f"wrong gradients at {wrong[:4]} ... ({len(wrong)} in all)"
 
 
@@ -1387,7 +1248,7 @@ def test_grad_path_choice_is_forced_or_follows_density(monkeypatch):
     assert not spiel.use_sparse_path(layer, cpu)
     layer.grad_path = "sparse"
     calls = []
-    monkeypatch.setattr(spiel, "sampled_grad", lambda layer, dy, x, pos, cache=None: calls.append(pos.numel()) or
+    monkeypatch.setattr(spiel, "sampled_grad", lambda layer, dy_t, x_t, pos, cache=None: calls.append(pos.numel()) or
                         torch.zeros(pos.numel()))
     layer(x.requires_grad_()).sum().backward()
     assert calls == [5]  # the forced path really ran, at the 5 active positions
@@ -1415,18 +1276,18 @@ def test_sparse_path_in_bf16():
 
 def test_sort_slots_moves_per_slot_state_only():
     """k equal to the matrix's row count: SM3's row accumulator (out,) has the shape of the values (k,) but is
-    per row, not per slot, so sorting the slots must leave it alone (and move values and momentum along)."""
+    per row, not per slot, so sorting the slots must leave it alone (and move values and momentum along: the
+    optimizer's per_slot state, passed as type(optimizer).per_slot)."""
     layer = spiel.SparseDeltaLinear(torch.nn.Linear(32, 16), 16)  # k == out == 16
     perm = torch.randperm(16)
     layer.indices.copy_(layer.indices[perm])  # slots out of position order
     opt = sm3_for({"0": layer}, lr=0.1, momentum=0.9)
-    layer(torch.randn(5, 32)).pow(2).sum().backward()
-    opt.step()
+    train.train_step(1, [layer(torch.randn(5, 32)).pow(2).sum()], 1, [layer.values], opt, None)
     st = opt.state[layer.values]
     row, col, mom = st["row"].clone(), st["col"].clone(), st["momentum_buffer"].clone()
     vals, idx = layer.values.detach().clone(), layer.indices.clone()
     order = layer.indices.argsort()
-    spiel.sort_slots(layer, st)
+    spiel.sort_slots(layer, st, SM3.per_slot)
     assert torch.equal(layer.indices, idx[order]) and torch.equal(layer.indices, layer.indices.sort().values)
     assert torch.equal(layer.values.detach(), vals[order])
     assert torch.equal(st["row"], row) and torch.equal(st["col"], col)
@@ -1440,11 +1301,12 @@ def test_resident_weight_trains_exactly_like_the_transient_one():
     for resident in (True, False):
         torch.manual_seed(0)
         model = tiny_model()
-        layers = add_sparse_deltas(model, density=0.1)
+        layers = add_sparse_deltas(model, PROJECTIONS, density=0.1)
         for layer in layers.values():
             layer.resident = resident
         opt = spiel.AdamW([m.values for m in layers.values()], lr=1e-2)
-        train(model, "ag", opt, Schedule(12, interval=5, first=2), 12, lambda t, micro: tokens(seed=t, B=2, T=17))
+        run_steps(model, "ag", opt, Schedule(12, interval=5, first=2), 12, lambda t, micro: tokens(seed=t, B=2, T=17),
+                  2 * 16)
         finals.append({k: v.clone() for k, v in model.state_dict().items() if k.endswith((".values", ".indices"))})
     assert finals[0].keys() == finals[1].keys() and all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
     layer = next(iter(layers.values()))
