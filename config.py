@@ -1,8 +1,8 @@
 """
-train.py's knobs: every flag with its one default (get_parser, which memory.py and the tools read too), the
+train.py's knobs: every flag with its one default (get_parser, which the tools read too), the
 demo's and the default task's settings, and which flags --resume may change.
 
-    python train.py                    the demo: demo.py's tiny base fine-tuned on a task it has never seen
+    python train.py                    the demo: demo/base fine-tuned on a task it has never seen
     python train.py --ckpt DIR         the same task on that model (no --data): something checkable at once
     python train.py --ckpt DIR --data my.jsonl ...      a run of your own
     python train.py --out runs/x --resume [--max-steps N]   continue one (the flags that may change: RESUME_FLAGS)
@@ -63,7 +63,7 @@ def lr_and_decay(method: str, lr=None, weight_decay=None) -> tuple:
 
 
 def get_parser(description: str = "") -> Parser:
-    """train.py's arguments: the one place each default is set (memory.py and bench.py read them here)."""
+    """train.py's arguments: the one place each default is set (tools/memory.py and tools/bench.py read them here)."""
     ap = Parser(prog="train.py", description=description)
     a = ap.add_argument
     # model and data
@@ -157,7 +157,7 @@ def parse_targets(text: str) -> str:
 # -----------------------------------------------------------------------------
 # the demo (no arguments) and the default task (--ckpt without --data)
 
-# `python train.py` with no arguments: demo.py's tiny base, fine-tuned on a new task (on a CPU)
+# `python train.py` with no arguments: the tiny base tools/build_demo.py made, fine-tuned on a new task (on a CPU)
 DEMO_ARGS = ["--ckpt", os.path.join(DEMO, "base"), "--data", os.path.join(DEMO, "train.jsonl"),
              "--val-data", os.path.join(DEMO, "val.jsonl"), "--method", "spiel-ag",
              "--density", "0.05", "--lr", "3e-3", "--seq-len", "96", "--batch-size", "16",

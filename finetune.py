@@ -12,6 +12,7 @@ names are this repo's (layers.0.attention.wq). Its safetensors metadata, all str
   base_fingerprint  llama.fingerprint of the base it was trained on
   base_merged       JSON list: the fine-tunes that were merged into that base before (merge.py)
   finetune_id       the run's id, so a fine-tune is never merged twice into one model
+  targets           the projections it holds, e.g. "wq,wk,wv,wo" for an attention-only fine-tune
   and num_deltas, density (a delta) or rank, alpha, dropout (LoRA), with the run's method and step.
 Fine-tunes trained apart on one base add up (sparse fine-tunes compose: SpIEL, arXiv 2401.16405, section 3), so
 a base may hold merged ones: a fine-tune fits a base with its base's fingerprint that holds every fine-tune
@@ -30,7 +31,7 @@ import adapters
 import lora
 import spiel
 from files import CheckpointError, read_json, write_whole
-from llama import ModelArgs, fingerprint, matrix_shape, target_linears
+from llama import PROJECTIONS, ModelArgs, fingerprint, matrix_shape, target_linears
 
 FORMATS = ("spiel-delta", "spiel-lora")
 
@@ -86,7 +87,9 @@ def save(model, path: str, base: Base, meta: Optional[dict] = None):
     if not layers:
         raise ValueError("the model has no sparse deltas or LoRA adapters to save")
     shapes = {n: m.weight_shape for n, m in layers.items()}
-    meta = {"base_fingerprint": base.fingerprint, "base_merged": json.dumps(base.merged), **(meta or {})}
+    targets = ",".join(p for p in PROJECTIONS if p in {n.rpartition(".")[2] for n in shapes})
+    meta = {"base_fingerprint": base.fingerprint, "base_merged": json.dumps(base.merged), "targets": targets,
+            **(meta or {})}
     if deltas:
         k = sum(idx.numel() for idx, _ in deltas.values())
         meta |= {"num_deltas": k, "density": f"{k / sum(math.prod(s) for s in shapes.values()):.6g}"}
@@ -135,9 +138,9 @@ def check(ft: FineTune, model, base: Base):
             got = matrix_shape(linears[name])
             raise CheckpointError(f"{ft.path}: {name} is {o}x{i} in the file but {got[0]}x{got[1]} in this model "
                                   f"(another model?)")
-    if ft.meta.get("finetune_id") in base.merged:
-        raise CheckpointError(f"{ft.path}: already merged into this model (its config.json lists "
-                              f"{ft.meta['finetune_id']}); applying it again would add it twice")
+    if ft.id in base.merged:
+        raise CheckpointError(f"{ft.path}: already merged into this model (its config.json lists {ft.id}); applying "
+                              f"it again would add it twice")
     # the base it was trained on: the same weights, with every fine-tune that was merged into them then merged
     # here too (others merged since are fine: sparse fine-tunes add up)
     if ft.meta.get("base_fingerprint", base.fingerprint) != base.fingerprint:

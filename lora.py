@@ -98,7 +98,7 @@ def attach_lora(model: nn.Module, adapters: dict, rank: int, alpha: float, dropo
     modules = dict(model.named_modules())
     model.requires_grad_(False)
     for name, (A, B) in adapters.items():
-        layer = LoRALinear(modules[name], rank, alpha, dropout)
+        layer = LoRALinear(modules[name], rank, alpha, dropout).train(model.training)  # (eval: no dropout)
         layer.A.copy_(A)
         layer.B.copy_(B)
         swap_module(model, name, layer)

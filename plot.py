@@ -3,7 +3,7 @@ Pictures of a fine-tune: how runs trained, and where a SpIEL delta put its budge
 
     python plot.py runs/ag runs/ma runs/lora --out runs.png       # curves from each run's log.jsonl
     python plot.py --mask runs/ag/delta.safetensors --out mask.png   # where the deltas sit
-    python plot.py --quality bench-quality.json --out quality.png   # bench.py's quality study, by method
+    python plot.py --quality quality.json --out quality.png        # tools/quality.py's study, by method
 
 The run figure has four panels, every run on the same axes: training loss per step, validation loss,
 learning rate, and the fraction of deltas replaced at each reselection (SpIEL section 3, drop and grow).
@@ -165,14 +165,14 @@ def draw_mask(path: str, matrix: str, out: str):
 
 
 def draw_quality(path: str, out: str):
-    """bench.py --quality's result: learned and retained exact match by method (mean and spread over seeds at
+    """tools/quality.py's result: learned and retained exact match by method (mean and spread over seeds at
     each method's best lr), one panel per fixture and run length."""
     from matplotlib.figure import Figure
 
     try:
         results = json.load(open(path))["results"]
     except Exception as e:
-        raise PlotError(f"{path}: not a bench.py --quality result ({e})") from None
+        raise PlotError(f"{path}: not a tools/quality.py result ({e})") from None
     panels = sorted({key.rpartition("/")[0] for key in results}, key=lambda p: (p.split("/")[1], int(p.split("/")[0])))
     fig = Figure(figsize=(6 * len(panels) ** 0.5 + 4, 3.2 * len(panels)), layout="constrained")
     for ax, panel in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", nargs="+", help="legend names for the runs (default: the folder names)")
     ap.add_argument("--mask", help="a delta.safetensors: draw where its deltas are instead of the curves")
     ap.add_argument("--matrix", help="the matrix whose positions the mask figure shows (default: the first)")
-    ap.add_argument("--quality", help="a bench.py --quality JSON: draw exact match by method instead")
+    ap.add_argument("--quality", help="a tools/quality.py JSON: draw exact match by method instead")
     ap.add_argument("--out", required=True, help="the PNG to write")
     args = ap.parse_args(argv)
     if bool(args.runs) + bool(args.mask) + bool(args.quality) != 1:

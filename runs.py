@@ -177,7 +177,7 @@ def write_state(args, step, model, optimizer, selector, batches, procs: Processe
     cuda_rngs = gather(torch.cuda.get_rng_state() if torch.cuda.is_available() else None, procs.world)
     if procs.rank:
         return
-    meta = {"method": args.method, "step": step, "finetune_id": args.finetune_id, "targets": args.targets}
+    meta = {"method": args.method, "step": step, "finetune_id": args.finetune_id}
     state = {"step": step, "world_size": procs.world, "base_fingerprint": base.fingerprint, "optimizer": opt,
              "data": {"epoch": batches.epoch, "index": batches.index}, "trainable": trainable,
              "selector": selector.state_dict() if selector else {}, "rng": rngs, "cuda_rng": cuda_rngs}

@@ -614,7 +614,7 @@ def release(layer):
 
 
 # "auto" takes the sparse path below this density. Each sampled entry costs about as much as 1 / SPARSE_DENSITY_MAX
-# dense multiply-adds (measured with bench.py --grad-paths, docs/bench.md). A fixed rule, not a per-run timing,
+# dense multiply-adds (measured with tools/bench.py --grad-paths, docs/bench.md). A fixed rule, not a per-run timing,
 # so a run (and its resume) is deterministic. CUDA is unmeasured here: auto keeps the authors' dense path there.
 SPARSE_DENSITY_MAX = {"cpu": 0.08, "cuda": 0.0}
 

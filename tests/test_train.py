@@ -1,21 +1,33 @@
 """train.py, merge.py, generate.py end to end on a tiny model: every method learns, exact resume, loss
-masking and normalisation, merging, and bad input."""
+masking and normalisation, merging, and bad input (one line each, checked in this process through train.cli,
+merge.main and generate.main; one test runs the scripts as a shell does, for their __main__ paths)."""
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import data
-from conftest import run_watched
-import runs
+import finetune
 import train
-from llama import IGNORE_INDEX, Tokenizer, load_model
+from conftest import communicate, popen, random_state_dict, train_run, write_hf
+from files import CheckpointError
+from llama import IGNORE_INDEX, PROJECTIONS, Tokenizer, fingerprint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def other_base(tiny, tmp_path_factory):
+    """another tiny base of the same shapes (other random weights), in the Hugging Face layout."""
+    return write_hf(random_state_dict(tiny.args, seed=1), tiny.args, str(tmp_path_factory.mktemp("other") / "hf"),
+                    tokenizer=tiny.tokenizer)
 
 
 def write_jsonl(path, records):
@@ -39,9 +51,7 @@ def read_log(out):
 
 @pytest.mark.parametrize("method", ["spiel-ag", "spiel-ma", "lora", "full"])
 def test_each_method_lowers_validation_loss(tiny, task, tmp_path, method):
-    lr = {"spiel-ma": "1e-1", "full": "3e-3"}.get(method, "3e-2")
-    assert run(tiny, task, tmp_path / method, "--method", method, "--max-steps", "24", "--eval-every", "24",
-               "--lr", lr, "--lora-rank", "4") == 0
+    assert train_run(tiny, task, tmp_path / method, "--max-steps", "24", "--eval-every", "24", method=method) == 0
     evals = [r["val_loss"] for r in read_log(tmp_path / method) if r.get("event") == "eval"]
     assert len(evals) == 2 and evals[1] < 0.9 * evals[0], evals
     artifact = {"lora": "lora.safetensors", "full": "model/config.json"}.get(method, "delta.safetensors")
@@ -51,21 +61,21 @@ def test_each_method_lowers_validation_loss(tiny, task, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["spiel-ag", "spiel-ma", "lora"])
-def test_resume_is_bit_identical(tiny, task, tmp_path, method):
-    """12 steps in one run == 6 steps, stop (inside an open AG window: steps 5..7), resume for 6 more."""
-    common = ("--method", method, "--max-steps", "12", "--lora-rank", "4")
-    assert run(tiny, task, tmp_path / "full_run", *common) == 0
-    assert run(tiny, task, tmp_path / "split", *common, "--stop-at-step", "6") == 0
+def test_resume_is_bit_identical(tiny, task, tmp_path, trained, method):
+    """8 steps in one run (the shared one) == 6 steps, stop (inside an open AG window: steps 5..7), resume for 2
+    more."""
+    whole = trained(method)
+    assert train_run(tiny, task, tmp_path / "split", "--max-steps", "8", "--stop-at-step", "6", method=method) == 0
     state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
     assert state["step"] == 6
     if method == "spiel-ag":
         assert state["selector"] and all(w["steps"] == 2 for w in state["selector"].values())  # steps 5 and 6
     assert train.main(["--out", str(tmp_path / "split"), "--resume"]) == 0
     name = "lora.safetensors" if method == "lora" else "delta.safetensors"
-    a, b = load_file(tmp_path / "full_run" / name), load_file(tmp_path / "split" / name)
+    a, b = load_file(os.path.join(whole, name)), load_file(tmp_path / "split" / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda out: [r["loss"] for r in read_log(out) if "loss" in r]  # noqa: E731
-    assert losses(tmp_path / "full_run") == losses(tmp_path / "split")
+    assert losses(whole) == losses(tmp_path / "split")
 
 
 def test_loss_does_not_depend_on_the_micro_batch_split(tiny, task, tmp_path):
@@ -97,57 +107,104 @@ def test_only_answer_tokens_and_eos_are_labels(tiny):
     assert (t == IGNORE_INDEX).all()
 
 
-def test_merge_gives_the_same_logits_as_the_unmerged_delta(tiny, task, tmp_path):
+def test_merge_gives_the_same_logits_as_the_unmerged_delta(tiny, trained, tmp_path):
     import merge
-    import spiel
-    assert run(tiny, task, tmp_path / "r", "--method", "spiel-ag", "--max-steps", "8") == 0
-    delta = str(tmp_path / "r" / "delta.safetensors")
+    delta = os.path.join(trained("spiel-ag"), "delta.safetensors")
     merge.main(["--ckpt", tiny.hf, "--delta", delta, "--out", str(tmp_path / "merged"), "--dtype", "float32"])
     merged = load_model(str(tmp_path / "merged"), dtype=torch.float32)
     live = load_model(tiny.hf, dtype=torch.float32)
-    spiel.load_delta(live, delta)
+    finetune.load(live, delta, finetune.base_of(live, tiny.hf))
     x = torch.randint(0, 256, (2, 20))
     torch.testing.assert_close(merged(x)[0], live(x)[0], atol=1e-5, rtol=1e-5)
     assert not torch.equal(merged(x)[0], load_model(tiny.hf, dtype=torch.float32)(x)[0])  # the delta did something
 
 
-def cli(*args):
-    return run_watched([sys.executable, *args], cwd=ROOT)
+def run_cli(*argv, capsys=None):
+    """train.cli in this process (no interpreter start-up): -> (exit code, the line it ends with: the message it
+    exits with, or, for a usage error (exit 2) when capsys is given, what argparse printed to stderr)."""
+    with pytest.raises(SystemExit) as e:
+        train.cli(list(argv))
+    code = e.value.code
+    return code, capsys.readouterr().err.strip() if capsys is not None and code == 2 else str(code)
+
+
+def one_line(argv, needle, capsys=None):
+    """train.cli(argv) exits non-zero with one line that holds `needle` (no traceback: an uncaught exception
+    would not be a SystemExit)."""
+    code, message = run_cli(*argv, capsys=capsys)
+    assert code not in (0, None) and needle in message and "\n" not in message.strip(), message
+
+
+def one_line_raise(exc, needle, main, argv):
+    """merge.main / generate.main raise; their __main__ prints `error: <message>`: one line holding `needle`."""
+    with pytest.raises(exc, match=needle) as e:
+        main(argv)
+    assert "\n" not in str(e.value), str(e.value)
 
 
 def one_line_error(p, needle):
+    """a finished subprocess failed with one line on stderr, no traceback."""
     assert p.returncode != 0, p.stdout
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in p.stderr and needle in err[0], p.stderr
 
 
-def test_bad_input_gives_one_line_errors(tiny, task, tmp_path):
-    base = ["train.py", "--ckpt", tiny.hf, "--device", "cpu", "--max-steps", "1", "--out", str(tmp_path / "o")]
+def test_bad_input_gives_one_line_errors(tiny, task, tmp_path, capsys):
+    base = ["--ckpt", tiny.hf, "--device", "cpu", "--max-steps", "1", "--out", str(tmp_path / "o")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
-    one_line_error(cli(*base, "--data", str(broken)), f"{broken}:2: invalid JSON")
+    one_line([*base, "--data", str(broken)], f"{broken}:2: invalid JSON")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    one_line_error(cli(*base, "--data", str(empty)), f"{empty}: no records")
+    one_line([*base, "--data", str(empty)], f"{empty}: no records")
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"instruction": "a"}\n')
-    one_line_error(cli(*base, "--data", str(missing)), f"{missing}:1: Alpaca records need")
-    p = cli(*base, "--data", task[0], "--method", "spiel-xx")
-    assert p.returncode == 2 and "invalid choice" in p.stderr
-    one_line_error(cli(*base, "--data", task[0], "--ckpt", str(tmp_path / "nowhere")), "checkpoint folder not found")
+    one_line([*base, "--data", str(missing)], f"{missing}:1: Alpaca records need")
+    code, message = run_cli(*base, "--data", task[0], "--method", "spiel-xx", capsys=capsys)
+    assert code == 2 and "invalid choice" in message, message
+    one_line([*base, "--data", task[0], "--ckpt", str(tmp_path / "nowhere")], "checkpoint folder not found")
 
 
-def test_a_delta_for_another_model_is_refused(tiny, task, tmp_path):
-    from conftest import random_state_dict, write_hf
-    assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
-    delta = str(tmp_path / "r" / "delta.safetensors")
-    other = write_hf(random_state_dict(tiny.args, seed=1), tiny.args, str(tmp_path / "other"), tokenizer=tiny.tokenizer)
-    one_line_error(cli("merge.py", "--ckpt", other, "--delta", delta, "--out", str(tmp_path / "m")), "another base")
-    one_line_error(cli("generate.py", "--ckpt", other, "--delta", delta, "--prompt", "x"), "another base")
+def test_a_delta_for_another_model_is_refused(tiny, trained, other_base, tmp_path, capsys):
+    import generate
+    import merge
+    delta = os.path.join(trained("spiel-ag"), "delta.safetensors")
+    one_line_raise(CheckpointError, "another base", merge.main,
+                   ["--ckpt", other_base, "--delta", delta, "--out", str(tmp_path / "m")])
+    one_line_raise(CheckpointError, "another base", generate.main,
+                   ["--ckpt", other_base, "--delta", delta, "--prompt", "x"])
     assert not os.path.exists(tmp_path / "m")
-    ok = cli("generate.py", "--ckpt", tiny.hf, "--delta", delta, "--chat", "--prompt", "copy the cat",
-             "--max-new-tokens", "4", "--temperature", "0")
-    assert ok.returncode == 0, ok.stderr
+    generate.main(["--ckpt", tiny.hf, "--delta", delta, "--chat", "--prompt", "copy the cat", "--max-new-tokens",
+                   "4", "--temperature", "0"])  # (no exception: exit 0)
+    assert capsys.readouterr().out.startswith("copy the cat\n")
+
+
+def test_the_scripts_end_bad_input_with_one_line_in_a_shell(tiny, task, trained, other_base, tmp_path):
+    """the scripts as a shell runs them (their __main__ paths; the processes run side by side): one line on
+    stderr, no traceback, a non-zero exit code. train.py's usage error is exactly argparse's line; train.py and
+    generate.py say the same about a broken checkpoint folder (one checker); merge.py refuses a fine-tune of
+    another base."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text("{}")
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text('{"prompt": "a", "completion": "b"}\n')
+    delta = os.path.join(trained("spiel-ag"), "delta.safetensors")
+    commands = {"train": ["train.py", "--ckpt", str(tmp_path / "c"), "--data", str(data_file), "--out",
+                          str(tmp_path / "o")],
+                "generate": ["generate.py", "--ckpt", str(tmp_path / "c"), "--prompt", "x"],
+                "usage": ["train.py", "--ckpt", tiny.hf, "--data", task[0], "--lr", "-1"],
+                "merge": ["merge.py", "--ckpt", other_base, "--delta", delta, "--out", str(tmp_path / "m")]}
+    started = {k: popen([sys.executable, *argv], cwd=ROOT) for k, argv in commands.items()}
+    p = {k: subprocess.CompletedProcess(proc.args, None, *communicate(proc)) for k, proc in started.items()}
+    for k, proc in started.items():
+        p[k].returncode = proc.returncode
+    one_line_error(p["train"], "config.json found but no")
+    assert p["train"].stderr == p["generate"].stderr
+    assert not (tmp_path / "o").exists()
+    assert p["usage"].returncode == 2 and p["usage"].stderr.strip() == "train.py: error: argument --lr: -1 is not > 0", \
+        p["usage"].stderr
+    one_line_error(p["merge"], "another base")
+    assert not (tmp_path / "m").exists()
 
 
 def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path, capsys):
@@ -159,10 +216,11 @@ def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path, capsys):
     files = []
     for seed in (1, 2):
         model = load_model(tiny.hf, dtype=torch.float32)
-        for layer in spiel.add_sparse_deltas(model, density=0.05, seed=seed).values():
+        base = finetune.Base(fingerprint(model))
+        for layer in spiel.add_sparse_deltas(model, PROJECTIONS, density=0.05, seed=seed).values():
             layer.values.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
         files += ["--delta", str(tmp_path / f"d{seed}.safetensors")]
-        spiel.save_delta(model, files[-1], meta={"finetune_id": f"d{seed}"})
+        finetune.save(model, files[-1], base, meta={"finetune_id": f"d{seed}"})
     gen = ["--prompt", "copy the cat", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]
 
     def generated(*argv):  # generate.py's main in this process (no interpreter start-up): what it prints
@@ -175,11 +233,11 @@ def test_two_fine_tunes_of_one_base_generate_and_merge(tiny, tmp_path, capsys):
     assert generated("--ckpt", str(tmp_path / "m")) == both
     alone = [generated("--ckpt", tiny.hf, *extra) for extra in ([], files[:2], files[2:])]
     assert len({both, *alone}) == 4, alone  # each delta changes the text: none was left out
-    one_line_error(cli("generate.py", "--ckpt", tiny.hf, *files, *gen, "--quantize", "int8"), "unquantized")
+    one_line_raise(ValueError, "unquantized", generate.main, ["--ckpt", tiny.hf, *files, *gen, "--quantize", "int8"])
 
 
-def test_an_existing_run_is_never_overwritten_and_nan_stops(tiny, task, tmp_path):
-    assert run(tiny, task, tmp_path / "r", "--max-steps", "2") == 0
+def test_an_existing_run_is_never_overwritten_and_nan_stops(tiny, task, trained, tmp_path):
+    shutil.copytree(trained("spiel-ag"), tmp_path / "r")  # a finished run
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         run(tiny, task, tmp_path / "r", "--max-steps", "2")
     before = (tmp_path / "r" / "delta.safetensors").read_bytes()
@@ -197,7 +255,7 @@ def test_weight_decay_rule_and_authors_defaults(tiny):
     from llama import PRESETS, Transformer
 
     def decay(*argv):
-        a = runs.get_parser().parse_args(["--density", "0.1", *argv])
+        a = config.get_parser().parse_args(["--density", "0.1", *argv])
         _, opt, _ = train.add_trainable(Transformer(PRESETS["tiny"]), a)
         return opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"], opt
 
@@ -210,7 +268,7 @@ def test_weight_decay_rule_and_authors_defaults(tiny):
         lr, wd, opt = decay("--method", method)
         assert (lr, wd) == (want_lr, 0.0)
     assert isinstance(decay("--method", "spiel-ma")[2], sm3.SM3) and decay("--method", "spiel-ma")[2].defaults["eps"] == 1e-8
-    assert runs.get_parser().parse_args([]).grad_clip == 0
+    assert config.get_parser().parse_args([]).grad_clip == 0
 
 
 def test_learning_rate_schedule_never_exceeds_the_peak():
@@ -223,21 +281,22 @@ def test_learning_rate_schedule_never_exceeds_the_peak():
     assert train.lr_at(4, 120, 1.0, 0.03) == 1.0 and train.lr_at(3, 120, 1.0, 0.03) == 0.75  # 3.6 -> 4 steps
 
 
-def test_ckpt_alone_runs_the_default_task_to_its_exact_match_line(tiny, tmp_path):
+def test_ckpt_alone_runs_the_default_task_to_its_exact_match_line(tiny, tmp_path, capsys):
     """`python train.py --ckpt DIR` with no --data: the demo's task on that model, exact match before and after
     (shortened here; the user's flags win over the task's)."""
-    argv = ["train.py", "--ckpt", tiny.hf, "--out", str(tmp_path / "r"), "--max-steps", "2", "--exact-match", "2",
+    argv = ["--ckpt", tiny.hf, "--out", str(tmp_path / "r"), "--max-steps", "2", "--exact-match", "2",
             "--device", "cpu", "--threads", "1"]
-    one_line_error(cli(*argv), "the default budget (as many deltas as LoRA rank 64 trains: 155,648) does not fit")
-    p = cli(*argv, "--density", "0.05")  # (LLaMA 2 has room for the paper's budget; this tiny model has not)
-    assert p.returncode == 0, p.stderr
-    assert "no --data: fine-tuning" in p.stdout and "the demo's task" in p.stdout and "--data your.jsonl" in p.stdout
-    assert "exact match before fine-tuning: " in p.stdout and "exact match after fine-tuning: " in p.stdout
+    one_line(argv, "the default budget (as many deltas as LoRA rank 64 trains: 155,648) does not fit")
+    capsys.readouterr()
+    # (LLaMA 2 has room for the paper's budget; this tiny model has not)
+    assert train.main([*argv, "--density", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "no --data: fine-tuning" in out and "the demo's task" in out and "--data your.jsonl" in out
+    assert "exact match before fine-tuning: " in out and "exact match after fine-tuning: " in out
     args = json.loads((tmp_path / "r" / "args.json").read_text())
     assert args["data"].endswith(os.path.join("demo", "train.jsonl")) and args["max_steps"] == 2
-    assert args["lr"] == train.TASK_LR["spiel-ag"] and args["batch_size"] == 8
-    p = cli("train.py", "--data", os.path.join(ROOT, "demo", "train.jsonl"))
-    one_line_error(p, "--ckpt is required")
+    assert args["lr"] == config.TASK_LR["spiel-ag"] and args["batch_size"] == 8
+    one_line(["--data", os.path.join(ROOT, "demo", "train.jsonl")], "--ckpt is required", capsys)
 
 
 def test_a_padded_vocabulary_trains_generates_and_merges_and_too_few_rows_is_one_line(tiny, task, tmp_path, capsys):
@@ -245,8 +304,8 @@ def test_a_padded_vocabulary_trains_generates_and_merges_and_too_few_rows_is_one
     samples only ids the tokenizer can decode, and merges; fewer rows than pieces names both numbers."""
     import generate
     import merge
-    from conftest import random_state_dict, write_hf, write_meta
-    from llama import CheckpointError, ModelArgs
+    from conftest import write_meta
+    from llama import ModelArgs
     with open(tiny.tokenizer, "rb") as src, open(tmp_path / "tokenizer.model", "wb") as dst:
         dst.write(src.read())  # one level above the Meta folders, as Meta ships it
     sample = ["--prompt", "the cat", "--temperature", "2", "--top-p", "1", "--max-new-tokens", "80", "--device", "cpu"]
@@ -261,7 +320,7 @@ def test_a_padded_vocabulary_trains_generates_and_merges_and_too_few_rows_is_one
                 with pytest.raises(CheckpointError, match=f"{ckpt}: its embedding has {rows} rows but .* has 256 "
                                                           "pieces: this tokenizer is not the model's"):
                     generate.main(["--ckpt", ckpt, *sample])
-                code, message = run_cli(["--ckpt", ckpt, "--data", task[0], "--out", str(out)])
+                code, message = run_cli("--ckpt", ckpt, "--data", task[0], "--out", str(out))
                 assert code and "has 256 pieces" in message and not out.exists()
                 with pytest.raises(CheckpointError, match="has 256 pieces"):
                     merge.main(["--ckpt", ckpt, "--out", str(out)])
@@ -274,22 +333,16 @@ def test_a_padded_vocabulary_trains_generates_and_merges_and_too_few_rows_is_one
         assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == rows
 
 
-def run_cli(argv):
-    with pytest.raises(SystemExit) as e:
-        train.cli(argv)
-    return e.value.code, str(e.value.code)
-
-
 def test_the_mmap_threshold_is_fixed_only_for_a_large_model(monkeypatch):
     """glibc's 1 MB mmap threshold (memory at 7B) for a model with a 32 MB fp32 matrix; smaller ones keep
     glibc's default (the fresh pages would cost them speed)."""
     import ctypes
 
-    import train
+    import system
     from llama import ModelArgs
     calls = []
     monkeypatch.setattr(ctypes, "CDLL", lambda name: type("C", (), {"mallopt": lambda *a: calls.append(a[-2:])})())
-    train.fix_mmap_threshold(ModelArgs(dim=1024, n_layers=6, n_heads=16, vocab_size=4096))  # bench.py's CPU shape
+    system.fix_mmap_threshold(ModelArgs(dim=1024, n_layers=6, n_heads=16, vocab_size=4096))  # bench.py's CPU shape
     assert calls == []
-    train.fix_mmap_threshold(ModelArgs(dim=4096, n_layers=4, n_heads=32, vocab_size=32000))  # 7B width
+    system.fix_mmap_threshold(ModelArgs(dim=4096, n_layers=4, n_heads=32, vocab_size=32000))  # 7B width
     assert calls == [(-3, 1 << 20)]

@@ -80,15 +80,16 @@ def nbytes(t: torch.Tensor) -> int:
 # the model as it will sit in memory: built on the meta device (shapes and dtypes, no storage)
 
 
-def train_args(method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentum=0.0):
-    """train.py's arguments for this method and budget (its parser is the one source of defaults)."""
+def train_args(method, density=None, lora_rank=64, lora_dropout=0.1, sm3_momentum=0.0, targets="all"):
+    """train.py's arguments for this method, budget and targets (its parser is the one source of defaults)."""
     argv = ["--method", method, "--lora-rank", str(lora_rank), "--lora-dropout", str(lora_dropout),
-            "--sm3-momentum", str(sm3_momentum)]
+            "--sm3-momentum", str(sm3_momentum), "--targets", targets]
     argv += ["--density", str(density)] if density else ["--match-lora-rank", str(lora_rank)]
     return config.get_parser().parse_args(argv)
 
 
-def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, window_open=True, **budget):
+def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, window_open=True, targets="all",
+               **budget):
     """the model with its trainable part as train.py builds it (train.add_trainable), on the meta device (no
     storage, no random draws), its optimizer with real (meta) state after one step, and an AG window if open."""
     if method not in METHODS:
@@ -101,7 +102,7 @@ def meta_model(args: ModelArgs, method, quantize=None, dtype=torch.bfloat16, win
     model.reset_rope("meta")
     if quantize:
         quantize_model(model, quantize, PROJECTIONS)
-    _, optimizer, selector = train.add_trainable(model, train_args(method, **budget), total_steps=100)
+    _, optimizer, selector = train.add_trainable(model, train_args(method, targets=targets, **budget), total_steps=100)
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)  # autograd gives a gradient the dtype of its parameter
@@ -141,33 +142,37 @@ def persistent_bytes(model, optimizer) -> dict:
 
 
 def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank=64, lora_dropout=0.1,
-                      mask_bytes=1) -> dict:
+                      mask_bytes=1, targets=PROJECTIONS) -> dict:
     """bytes that autograd saves, for one block whose input needs a gradient and for the head; `tokens` is
     batch x sequence length, `elem` the compute dtype's size. Attention is SDPA's flash kernel: no T^2.
     A dropout mask is bool on CUDA (mask_bytes=1); the CPU keeps it in the input's dtype."""
     N, d, f, H, r = tokens, args.dim, args.ffn_dim, args.n_heads, lora_rank
     dkv = args.n_kv_heads * args.head_dim
+    every = method == "full" and set(targets) == set(PROJECTIONS)  # every weight trains, norms included
     norm = 4 * N * d + 4 * N  # RMSNorm keeps the fp32 copy of its input and 1/rms (N, 1)
-    if method == "full":
+    if every:
         norm += elem * N * d  # a trainable gain also keeps the normalised input
     attn = elem * N * (2 * d + 2 * dkv) + 4 * N * H  # flash: q, k (rotated), v, the output, logsumexp fp32
     ffn = 3 * elem * N * f  # SwiGLU: gate (for silu), silu(gate) and up (for the product)
-    # the projections' inputs (wo's is the attention output, already counted): with sparse deltas or full
-    # fine-tuning, the two normalised block inputs (shared by wq/wk/wv and w1/w3) and the SwiGLU product
-    inputs = elem * N * (2 * d + f)
+    # the targeted projections' inputs (wo's is the attention output, already counted; a frozen one keeps
+    # nothing): the normalised block inputs (each shared by wq/wk/wv and by w1/w3) and the SwiGLU product
+    inputs = elem * N * (d * bool({"wq", "wk", "wv"} & set(targets)) + d * bool({"w1", "w3"} & set(targets))
+                         + f * ("w2" in targets))
     if method == "lora":  # the frozen base keeps nothing; the low-rank path keeps its input and x A
-        shapes = [(d, d), (dkv, d), (dkv, d), (d, d), (f, d), (f, d), (d, f)]  # (out, in) per target
+        all_shapes = {"wq": (d, d), "wk": (dkv, d), "wv": (dkv, d), "wo": (d, d), "w1": (f, d), "w3": (f, d),
+                      "w2": (d, f)}  # (out, in)
+        shapes = [all_shapes[t] for t in targets]
         if lora_dropout > 0:  # each target drops out its own copy of the input, and keeps the mask
             inputs = sum((elem + mask_bytes) * N * i for _, i in shapes)
-        inputs += 7 * elem * N * r  # x A (N, r) for the B matmul
+        inputs += len(shapes) * elem * N * r  # x A (N, r) for the B matmul
         if elem != 4:  # A and B cast to the compute dtype, kept for the input's gradient
             inputs += sum(elem * r * (o + i) for o, i in shapes)
     head = 4 * N * d + 4 * N  # the final norm
-    if method == "full":  # its gain, the output head's input, the embedding's token ids
+    if every:  # its gain, the output head's input, the embedding's token ids
         head += 2 * elem * N * d + 8 * N
     block = 2 * norm + attn + ffn + inputs
     # the first block's input (the frozen embedding's output) needs no gradient: its first norm keeps nothing
-    return {"block": block, "first block": block if method == "full" else block - norm, "head": head}
+    return {"block": block, "first block": block if every else block - norm, "head": head}
 
 
 # -----------------------------------------------------------------------------
@@ -177,16 +182,18 @@ def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank
 def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: int = 2048, batch_size: int = 1,
              grad_checkpoint: bool = False, density=None, lora_rank: int = 64, lora_dropout: float = 0.1,
              sm3_momentum: float = 0.0, window_open: bool = True, dtype=torch.bfloat16, gpus: int = 1,
-             fsdp: bool = False, device: str = "cuda") -> dict:
+             fsdp: bool = False, device: str = "cuda", targets: str = "all") -> dict:
     """peak training memory in bytes per GPU, by kind (see the module docstring for how they add up to "total").
 
     quantize: None, "int8" or "nf4" (the frozen projections). SpIEL's budget is `density` of the targeted
-    weights, else as many deltas as LoRA of rank `lora_rank` trains (the paper's: 64). gpus > 1: torchrun's
+    weights, else as many deltas as LoRA of rank `lora_rank` trains (the paper's: 64); targets: train.py's
+    --targets (all, attention, mlp, or a list of projections). gpus > 1: torchrun's
     data parallel, everything replicated; with fsdp the weights FSDP holds (the parameters: a quantized
     base's buffers stay replicated; the trainable deltas / adapters are left whole) are split over the GPUs,
     and the block being computed is whole again (with the next one prefetched)."""
     quantize = None if quantize in (None, "none", "bf16") else quantize
-    model, optimizer = meta_model(args, method, quantize, dtype, window_open, density=density, lora_rank=lora_rank,
+    targets = config.parse_targets(targets)
+    model, optimizer = meta_model(args, method, quantize, dtype, window_open, targets, density=density, lora_rank=lora_rank,
                                   lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
     est = persistent_bytes(model, optimizer)
     if device == "cpu":  # (train.py on a CPU computes in fp32: the caller passes dtype)
@@ -208,7 +215,7 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     if method == "lora":  # a SpIEL budget (density) sets LoRA's rank, as in train.py: model the rank it got
         lora_rank = next(iter(lora.lora_layers(model).values())).rank
     elem, N, L = torch.finfo(dtype).bits // 8, batch_size * seq_len, args.n_layers
-    act = saved_activations(args, method, N, elem, lora_rank, lora_dropout)
+    act = saved_activations(args, method, N, elem, lora_rank, lora_dropout, targets=targets.split(","))
     if grad_checkpoint:  # each block keeps only its input; its activations come back one block at a time
         est["activations"] = L * elem * N * args.dim + act["head"]
         block = act["block"]
@@ -224,10 +231,11 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     # the largest dense (out, in) temporary: a dequantized / merged weight (forward, backward), or the dense
     # weight gradient of a sparse delta (with its |.| when an AG window picks candidates)
     largest = args.dim * max(args.dim, args.ffn_dim)  # w1, w2, w3: (ffn, dim) or (dim, ffn)
+    targeted = max(math.prod(m.weight_shape) for m in spiel.delta_layers(model).values()) \
+        if method.startswith("spiel") else largest  # (the largest matrix with deltas)
     dequant = DEQUANT_BYTES[quantize] or elem
-    per_elem = {"spiel-ag": max(dequant, 2 * elem), "spiel-ma": max(dequant, elem),
-                "lora": DEQUANT_BYTES[quantize] or 0, "full": 0}[method]
-    est["weight transient"] = largest * per_elem
+    per_elem = {"spiel-ag": max(dequant, 2 * elem), "spiel-ma": max(dequant, elem)}.get(method, 0)
+    est["weight transient"] = max(largest * (DEQUANT_BYTES[quantize] or 0), targeted * per_elem)
     biggest = max((p for g in optimizer.param_groups for p in g["params"]), key=torch.Tensor.numel)
     per_elem = STEP_BYTES["sm3"] if isinstance(optimizer, SM3) else STEP_BYTES["adamw"] \
         if isinstance(optimizer, spiel.AdamW) else TORCH_ADAMW_STEP_TENSORS * biggest.element_size()
@@ -454,6 +462,7 @@ def main(argv=None):
     a("--density", type=float, default=defaults["density"], help="SpIEL budget as a fraction of the targeted "
       "weights (default: as many deltas as LoRA of --lora-rank trains)")
     a("--lora-rank", type=int, default=defaults["lora_rank"])
+    a("--targets", type=config.parse_targets, default=defaults["targets"], help="as train.py's --targets")
     a("--lora-dropout", type=float, default=defaults["lora_dropout"])
     a("--sm3-momentum", type=float, default=defaults["sm3_momentum"])
     a("--table", action="store_true", help="print the markdown table of 7B/13B x methods x bases and exit")
@@ -484,6 +493,7 @@ def main(argv=None):
         return 0
     est = estimate(margs, args.method, quantize, args.seq_len, args.batch_size, args.grad_checkpoint, args.density,
                    args.lora_rank, args.lora_dropout, args.sm3_momentum, gpus=args.gpus, fsdp=args.fsdp,
+                   targets=args.targets,
                    dtype=torch.float32 if args.device == "cpu" else torch.bfloat16, device=args.device)
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(margs).parameters())
