@@ -2,7 +2,8 @@
 run as 1 process x grad-accum 2, with and without --fsdp, for every method; an interrupted 2-process run
 resumes exactly; processes that disagree on the indices stop with a message; one failing process ends all; a
 Ctrl-C to torchrun prints one line and a resume command that works.
-Each torchrun call runs several configurations in the same 2 processes (train.main, one after another)."""
+Each torchrun call runs several configurations in the same 2 processes (train.main, one after another).
+All of it is the slow tier: every test launches torchrun."""
 
 import json
 import os
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 import train
 from conftest import communicate, popen, run_watched, wait_until
 from test_train import ROOT
+
+pytestmark = pytest.mark.slow  # torchrun launches
 
 RUNNER = """
 import json, os, sys
@@ -52,7 +55,7 @@ def args(tiny, task, out, method, accum, *extra):
             "--threads", "1", *extra]
 
 
-def trained(out, method) -> dict:
+def trained_tensors(out, method) -> dict:
     if method == "full":
         return torch.load(os.path.join(out, "state.pt"), weights_only=True)["trainable"]
     return load_file(os.path.join(out, "lora.safetensors" if method == "lora" else "delta.safetensors"))
@@ -83,9 +86,9 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tiny, task, tmp_pat
     p = torchrun(tmp_path, configs)
     assert p.returncode == 0, p.stderr[-3000:]
     for m in METHODS:
-        ref = trained(one_process / m, m)
+        ref = trained_tensors(one_process / m, m)
         for name in (m, m + "-fsdp"):
-            got = trained(tmp_path / name, m)
+            got = trained_tensors(tmp_path / name, m)
             assert got.keys() == ref.keys(), name
             for k in ref:
                 if k.endswith(".indices"):
@@ -107,7 +110,7 @@ def test_an_interrupted_two_process_run_resumes_exactly(tiny, task, tmp_path):
         train.main(["--out", str(split), "--resume"])
     p = torchrun(tmp_path, [["--out", str(split), "--resume"]])
     assert p.returncode == 0, p.stderr[-3000:]
-    a, b = trained(whole, "spiel-ag"), trained(split, "spiel-ag")
+    a, b = trained_tensors(whole, "spiel-ag"), trained_tensors(split, "spiel-ag")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -115,11 +118,12 @@ def test_ctrl_c_in_one_process_stops_all_after_the_same_step(tiny, task, tmp_pat
     """a Ctrl-C that reaches only rank 1 (during step 4): both processes finish step 4, save it, exit 130,
     and the resumed run ends where an uninterrupted one does."""
     patch = """
+import os, signal
 import torch.distributed as dist
 lr_at = train.lr_at
 def interrupting(step, *a):
     if dist.get_rank() == 1 and step == 4:
-        train.STOP.append(1)  # as the signal handler does
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C to this process alone (its handler: system.Stop)
     return lr_at(step, *a)
 train.lr_at = interrupting
 """
@@ -129,7 +133,7 @@ train.lr_at = interrupting
     assert torch.load(split / "state.pt", weights_only=True)["step"] == 4
     p = torchrun(tmp_path, [["--out", str(split), "--resume"], args(tiny, task, whole, "spiel-ag", 1)])
     assert p.returncode == 0, p.stderr[-3000:]
-    a, b = trained(whole, "spiel-ag"), trained(split, "spiel-ag")
+    a, b = trained_tensors(whole, "spiel-ag"), trained_tensors(split, "spiel-ag")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -167,10 +171,15 @@ def test_a_stop_under_torchrun_prints_one_line_and_a_resume_command_that_works(t
     """SIGINT to torchrun (Ctrl-C in its terminal): torchrun passes it on; rank 0 alone says so, both
     processes save the same step, and the command printed to continue works when pasted into a shell."""
     out = tmp_path / "r"
-    held = """import time
+    held = """import time, system
+stops, enter = [], system.Stop.__enter__
+def entering(self):  # the run's Stop (its signal handlers), kept here so that step 4 can look at it
+    stops.append(self)
+    return enter(self)
+system.Stop.__enter__ = entering
 lr_at = train.lr_at
 def held(step, *a):  # step 4 waits for the Ctrl-C (so the run cannot end before it arrives)
-    while step > 3 and not train.STOP:
+    while step > 3 and not stops[-1].requested:
         time.sleep(0.05)
     return lr_at(step, *a)
 train.lr_at = held

@@ -1,29 +1,25 @@
 """
-Tests for memory.py: the estimate against the bytes real tensors hold after a real training step on a tiny
+Tests for tools/memory.py: the estimate against the bytes real tensors hold after a real training step on a tiny
 LLaMA (weights, deltas, gradients, optimizer state, the AG window; AdamW and SM3, with and without a
-quantized base), the activation model against what autograd actually saves, the 7B numbers of
-../shared/notes/spiel-algorithm.md section 6, and the --measure path run on the CPU. A few seconds.
+quantized base), the activation model against what autograd actually saves, the 7B sanity bounds of
+tools/memory.py's docstring, and its command line and --measure path run on the CPU (in this process). A few
+seconds.
 """
 
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora
+import memory
+import spiel
+import train
+from conftest import TINY, random_state_dict
+from llama import PRESETS, PROJECTIONS, ModelArgs, Transformer, load_model, matrix_shape, read_shapes, target_linears
+from sm3 import SM3
 
-import lora  # noqa: E402
-import memory  # noqa: E402
-import spiel  # noqa: E402
-import train  # noqa: E402
-from conftest import TINY, random_state_dict, run_watched  # noqa: E402
-from llama import PRESETS, ModelArgs, Transformer, load_model, matrix_shape, read_shapes, target_linears  # noqa: E402
-from sm3 import SM3  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSISTENT = ("base weights", "other weights", "trainable", "gradients", "optimizer state", "AG window")
 
 
@@ -37,7 +33,7 @@ def real_step(model, method, density=0.05, lora_rank=4, sm3_momentum=0.0):
     Returns the optimizer."""
     selector = None
     if method.startswith("spiel"):
-        layers = spiel.add_sparse_deltas(model, density=density)
+        layers = spiel.add_sparse_deltas(model, PROJECTIONS, density=density)
         values = [m.values for m in layers.values()]
         positions = {m.values: (m.indices, m.weight_shape) for m in layers.values()}  # SM3's sparse deltas
         optimizer = spiel.AdamW(values) if method == "spiel-ag" else \
@@ -45,7 +41,7 @@ def real_step(model, method, density=0.05, lora_rank=4, sm3_momentum=0.0):
         selector = spiel.Selector(model, method[-2:], spiel.Schedule(10, interval=4, first=2), optimizer)
         selector.begin_step(1)
     elif method == "lora":  # LoRA and full fine-tuning: torch's AdamW
-        lora.add_lora(model, lora_rank)
+        lora.add_lora(model, PROJECTIONS, lora_rank)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
     else:
         optimizer = torch.optim.AdamW(list(model.requires_grad_(True).parameters()), foreach=False)
@@ -117,8 +113,8 @@ def test_estimate_matches_real_tensors_after_a_step(tiny, method, quantize, extr
         assert est["base weights"] < dense["base weights"] / (3.5 if quantize == "int8" else 6)
 
 
-def test_7b_numbers_of_the_notes():
-    # ../shared/notes/spiel-algorithm.md section 6: LLaMA-2-7B at LoRA-rank-64's budget
+def test_7b_sanity_bounds():
+    """the 7B numbers of tools/memory.py's docstring: LLaMA-2-7B at LoRA-rank-64's budget."""
     k = 159_907_840
     ag = memory.estimate(PRESETS["7B"], "spiel-ag", None, seq_len=16)
     ma = memory.estimate(PRESETS["7B"], "spiel-ma", None, seq_len=16)
@@ -171,11 +167,11 @@ def test_lora_rank_follows_a_density_budget():
     tiny = ModelArgs(**TINY)
     with torch.device("meta"):
         model = Transformer(tiny)
-    targeted = sum(math.prod(matrix_shape(m)) for m in target_linears(model).values())
-    r = lora.rank_for_budget(model, round(0.05 * targeted))
+    targeted = sum(math.prod(matrix_shape(m)) for m in target_linears(model, PROJECTIONS).values())
+    r = lora.rank_for_budget(model, PROJECTIONS, round(0.05 * targeted))
     assert r != 4
     est = memory.estimate(tiny, "lora", None, 64, 2, False, density=0.05, lora_rank=4, dtype=torch.float32)
-    assert est["trainable"] == 4 * spiel.lora_param_count(model, r)
+    assert est["trainable"] == 4 * spiel.lora_param_count(model, PROJECTIONS, r)
     assert est == memory.estimate(tiny, "lora", None, 64, 2, False, lora_rank=r, dtype=torch.float32)
 
 
@@ -211,7 +207,7 @@ def test_saved_activations_match_autograd(method, quantize, dropout, dtype):
     model.reset_rope("cpu")
     if quantize:
         import quantize as q
-        q.quantize_model(model, quantize)
+        q.quantize_model(model, quantize, PROJECTIONS)
     budget = {"density": None} if method == "lora" else {"density": 0.05}  # LoRA at rank 4
     train.add_trainable(model, memory.train_args(method, lora_rank=4, lora_dropout=dropout, **budget))
     model.train()
@@ -234,16 +230,16 @@ def test_saved_activations_match_autograd(method, quantize, dropout, dtype):
 # the command line and --measure (on the CPU, a tiny preset)
 
 
-def test_cli_breakdown_and_ckpt_shapes(tiny):
+def test_cli_breakdown_and_ckpt_shapes(tiny, capsys):
     for path in (tiny.meta1, tiny.hf):
         a = read_shapes(path)
         assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim) == \
                (tiny.args.dim, tiny.args.n_layers, tiny.args.n_heads, tiny.args.n_kv_heads, tiny.args.vocab_size,
                 tiny.args.ffn_dim)
-    out = run_watched([sys.executable, "memory.py", "--ckpt", tiny.meta1, "--method", "spiel-ma", "--quantize",
-                       "nf4", "--seq-len", "64", "--density", "0.05", "--grad-checkpoint"], cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert "peak estimate" in out.stdout and "optimizer state" in out.stdout
+    assert memory.main(["--ckpt", tiny.meta1, "--method", "spiel-ma", "--quantize", "nf4", "--seq-len", "64",
+                        "--density", "0.05", "--grad-checkpoint"]) == 0
+    out = capsys.readouterr().out
+    assert "peak estimate" in out and "optimizer state" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
@@ -254,10 +250,8 @@ def test_measure_refuses_without_a_gpu():
 
 def test_measure_runs_end_to_end_on_cpu(tmp_path):
     out_json = tmp_path / "mem.json"
-    out = run_watched([sys.executable, "memory.py", "--measure", "--device", "cpu", "--preset", "tiny",
-                       "--seq-len", "32", "--batch-size", "2", "--density", "0.05", "--json", str(out_json)],
-                      cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"})  # tiny matmuls: threads only contend
-    assert out.returncode == 0, out.stderr
+    assert memory.main(["--measure", "--device", "cpu", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2",
+                        "--density", "0.05", "--json", str(out_json)]) == 0
     report = json.loads(out_json.read_text())
     assert set(report["runs"]) == {"spiel-ag", "spiel-ma"}
     for method, run in report["runs"].items():

@@ -122,6 +122,8 @@ def test_merge_gives_the_same_logits_as_the_unmerged_delta(tiny, trained, tmp_pa
 def run_cli(*argv, capsys=None):
     """train.cli in this process (no interpreter start-up): -> (exit code, the line it ends with: the message it
     exits with, or, for a usage error (exit 2) when capsys is given, what argparse printed to stderr)."""
+    if capsys is not None:
+        capsys.readouterr()  # (only what this call prints)
     with pytest.raises(SystemExit) as e:
         train.cli(list(argv))
     code = e.value.code
@@ -195,14 +197,15 @@ def test_the_scripts_end_bad_input_with_one_line_in_a_shell(tiny, task, trained,
                 "usage": ["train.py", "--ckpt", tiny.hf, "--data", task[0], "--lr", "-1"],
                 "merge": ["merge.py", "--ckpt", other_base, "--delta", delta, "--out", str(tmp_path / "m")]}
     started = {k: popen([sys.executable, *argv], cwd=ROOT) for k, argv in commands.items()}
-    p = {k: subprocess.CompletedProcess(proc.args, None, *communicate(proc)) for k, proc in started.items()}
+    p = {}
     for k, proc in started.items():
-        p[k].returncode = proc.returncode
+        stdout, stderr = communicate(proc)
+        p[k] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     one_line_error(p["train"], "config.json found but no")
     assert p["train"].stderr == p["generate"].stderr
     assert not (tmp_path / "o").exists()
-    assert p["usage"].returncode == 2 and p["usage"].stderr.strip() == "train.py: error: argument --lr: -1 is not > 0", \
-        p["usage"].stderr
+    usage = p["usage"]
+    assert usage.returncode == 2 and usage.stderr.strip() == "train.py: error: argument --lr: -1 is not > 0", usage.stderr
     one_line_error(p["merge"], "another base")
     assert not (tmp_path / "m").exists()
 
