@@ -64,8 +64,8 @@ class SparseDeltaFn(torch.autograd.Function):
         dx = dy @ w if ctx.needs_input_grad[0] else None  # (..., in)
         if not ctx.needs_input_grad[1]:
             return dx, None, None
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
-        return dx, value_grad(layer, dy2, x2).to(values.dtype), None
+        g = value_grad(layer, dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))  # (N, out), (N, in)
+        return dx, g if g.dtype == values.dtype else g.to(values.dtype), None
 
 
 def value_grad(layer, dy, x) -> torch.Tensor:
@@ -79,7 +79,7 @@ def value_grad(layer, dy, x) -> torch.Tensor:
         w.add(g[w.candidates])
         return g[idx]
     if use_sparse_path(layer, dy.device):  # only the needed entries of dW (section 9)
-        dy_t, x_t = token_major(dy), token_major(x)  # (out, N), (in, N)
+        dy_t, x_t = dy.T.contiguous(), layer.inputs.token_major(x)  # (out, N), (in, N): tokens contiguous
         if w is not None:  # the candidates' entries too (their sparsity pattern is cached on the window)
             w.add(sampled_grad(layer, dy_t, x_t, w.candidates, cache=w))
         return sampled_grad(layer, dy_t, x_t, idx)
@@ -91,10 +91,12 @@ def value_grad(layer, dy, x) -> torch.Tensor:
 
 class SparseDeltaLinear(nn.Module):
     """a frozen base linear (nn.Linear or a quantized one) plus k trainable deltas at flat positions.
-    resident: let a full-precision base hold W0 + delta in its own storage (section 9); off under --fsdp."""
+    resident: let a full-precision base hold W0 + delta in its own storage (section 9); off under --fsdp.
+    inputs: the Inputs its backward takes the input's transpose from (section 9), shared by the layers of a
+    model; a layer of its own by default."""
 
     def __init__(self, base: nn.Module, k: int, generator: Optional[torch.Generator] = None,
-                 indices: Optional[torch.Tensor] = None, resident: bool = True):
+                 indices: Optional[torch.Tensor] = None, resident: bool = True, inputs=None):
         super().__init__()
         self.base = base.requires_grad_(False)
         out_f, in_f = self.weight_shape = matrix_shape(base)
@@ -109,6 +111,7 @@ class SparseDeltaLinear(nn.Module):
         self.window = None  # SpIEL-AG's open accumulation window (a Window), opened and closed by the Selector
         self.grad_path = "auto"  # how d(values) is computed: "dense", "sparse" or "auto" (section 9)
         self.pattern = None  # section 9: the sparsity pattern of the indices, cached (rebuilt when they change)
+        self.inputs = Inputs() if inputs is None else inputs  # section 9: x^T, shared by layers of one input
         # section 9: W0 at the active positions while the base holds W0 + delta, and a token of the last write
         self.resident, self.w0, self.written = resident and isinstance(base, nn.Linear), None, None
 
@@ -187,9 +190,9 @@ def add_sparse_deltas(model: nn.Module, targets, density: Optional[float] = None
         num_tunable if num_tunable is not None else lora_param_count(model, targets, lora_rank)
     if not 0 < total <= sum(sizes):
         raise ValueError(f"a budget of {total} deltas does not fit {sum(sizes)} targeted weights")
-    g = torch.Generator().manual_seed(seed)
+    g, inputs = torch.Generator().manual_seed(seed), Inputs()
     for (name, base), k in zip(linears.items(), split_budget(sizes, total)):
-        swap_module(model, name, SparseDeltaLinear(base, k, generator=g, resident=resident))
+        swap_module(model, name, SparseDeltaLinear(base, k, generator=g, resident=resident, inputs=inputs))
     return delta_layers(model)
 
 
@@ -305,9 +308,10 @@ class Window:
 
 def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Tensor, mask=None):
     """the n inactive positions of largest row[i] * col[j] and their scores; active: the k active flat
-    positions; mask: see member. The (out, in) outer product is never formed: how many of its entries reach a
-    threshold is counted row by row on the sorted columns, a bisection finds the threshold that leaves n
-    inactive positions above it, and only those (about n + k) are scored."""
+    positions; mask: see member. The (out, in) outer product is never formed: a threshold is read off a regular
+    sample of it (low enough to leave at least n inactive positions at or above it, a few more to spare),
+    how many entries reach it is counted row by row on the sorted columns, and only those (about n + k) are
+    scored."""
     out_f, in_f = row.numel(), col.numel()
     n = min(n, out_f * in_f - active.numel())
     col_sorted, col_order = col.sort()  # (in,) ascending
@@ -317,12 +321,14 @@ def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Te
         bound = torch.where(row > 0, tau / row, math.inf if tau > 0 else -math.inf)
         return in_f - torch.searchsorted(col_sorted, bound)
 
-    lo, hi = 0.0, float(row.max() * col.max())
-    for _ in range(32):  # bisection: the largest tau that leaves at least n inactive positions at or above it
-        mid = (lo + hi) / 2
-        above = int(per_row(mid).sum()) - int((active_scores >= mid).sum())
-        lo, hi = (mid, hi) if above >= n else (lo, mid)
-    m = per_row(lo)  # (out,) how many of each row's largest columns to score; M = m.sum() ~ n + k
+    sample = torch.outer(row[::max(1, out_f // 128)], col[::max(1, in_f // 128)]).flatten()  # (>= 16384,)
+    share = 1.25 * (n + active.numel()) / (out_f * in_f)  # of all positions: those to score, a quarter spare
+    while True:
+        tau = float(sample.kthvalue(max(1, int(sample.numel() * (1 - share)))).values) if share < 1 else 0.0
+        m = per_row(tau)  # (out,) how many of each row's largest columns to score; M = m.sum()
+        if tau <= 0 or int(m.sum()) - int((active_scores >= tau).sum()) >= n:
+            break
+        share *= 4  # (too few inactive positions at or above it: lower it)
     rows = torch.repeat_interleave(torch.arange(out_f, device=row.device), m)  # (M,) row of each entry
     rank = torch.arange(rows.numel(), device=row.device) - (m.cumsum(0) - m)[rows]  # (M,) 0.. within a row
     cols = col_order[in_f - 1 - rank]  # (M,) the row's columns, largest first
@@ -509,20 +515,29 @@ class AdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st.update({key: torch.zeros_like(p, dtype=torch.float32) for key in ("exp_avg", "exp_avg_sq", "age")})
-                g, m, v, age = p.grad.float(), st["exp_avg"], st["exp_avg_sq"], st["age"]
-                age += 1
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                # step = m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^age), v_hat = v / (1 - b2^age)
-                denom = (v / (1 - torch.pow(b2, age))).sqrt_().add_(eps)
-                update = (m / (1 - torch.pow(b1, age))).div_(denom)
-                p.mul_(1 - lr * wd).sub_(update.to(p.dtype), alpha=lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update({key: torch.zeros_like(p, dtype=torch.float32) for key in self.per_slot})
+            if not params:
+                continue
+            # every matrix's deltas at once (foreach: one call per operation, not one per matrix)
+            m, v, age = ([self.state[p][key] for p in params] for key in self.per_slot)
+            g = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+            torch._foreach_add_(age, 1)
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            # step = m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^age), v_hat = v / (1 - b2^age)
+            denom = torch._foreach_div(v, one_minus(torch._foreach_pow(b2, age)))
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            update = torch._foreach_div(m, one_minus(torch._foreach_pow(b1, age)))
+            torch._foreach_div_(update, denom)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, on the pre-step value
+            torch._foreach_add_(params, [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(update, params)],
+                                alpha=-lr)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -530,6 +545,13 @@ class AdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq", "age"):
                 if key in st:
                     st[key] = st[key].float()
+
+
+def one_minus(xs: list) -> list:
+    """1 - x for each tensor of a list, in place."""
+    torch._foreach_neg_(xs)
+    torch._foreach_add_(xs, 1)
+    return xs
 
 
 # -----------------------------------------------------------------------------
@@ -566,11 +588,11 @@ def delta_tensors(model: nn.Module) -> dict:
 def attach_deltas(model: nn.Module, deltas: dict) -> dict:
     """freeze the model and give each linear named in `deltas` (name -> (indices, values), checked by the caller:
     unique positions inside its matrix) those deltas, slots sorted by position (section 9). -> name -> layer"""
-    modules = dict(model.named_modules())
+    modules, inputs = dict(model.named_modules()), Inputs()
     model.requires_grad_(False)
     for name, (idx, val) in deltas.items():
         order = idx.argsort()
-        layer = SparseDeltaLinear(modules[name], idx.numel(), indices=idx[order])
+        layer = SparseDeltaLinear(modules[name], idx.numel(), indices=idx[order], inputs=inputs)
         layer.values.copy_(val[order])
         swap_module(model, name, layer)
     return delta_layers(model)
@@ -597,8 +619,11 @@ def resident_weight(layer, values) -> torch.Tensor:
         layer.w0 = (key, w[layer.indices])  # (k,) W0 at the active positions
     elif layer.w0[0][0] is not key[0] or layer.w0[0][1] != key[1]:
         raise RuntimeError("the positions of resident deltas changed: call spiel.release(layer) before moving them")
-    acc = torch.promote_types(w.dtype, torch.float32)  # W0 + v summed in fp32 (fp64 stays fp64), rounded once
-    w[layer.indices] = (layer.w0[1].to(acc) + values.to(acc)).to(w.dtype)
+    if w.dtype == values.dtype:  # (an fp32 base: nothing to convert)
+        w[layer.indices] = layer.w0[1] + values
+    else:  # W0 + v summed in fp32 (fp64 stays fp64), rounded once
+        acc = torch.promote_types(w.dtype, torch.float32)
+        w[layer.indices] = (layer.w0[1].to(acc) + values.to(acc)).to(w.dtype)
     layer.written = object()  # a token for this write: a backward may reuse what its own forward wrote
     return layer.base.weight
 
@@ -634,9 +659,10 @@ def set_grad_path(model: nn.Module, path: str):
 
 
 def csr_pattern(layer, positions: torch.Tensor, cache=None) -> tuple:
-    """(row pointers (out + 1,), columns (m,), the order that sorts `positions` or None if they are sorted),
-    kept in `cache.pattern` (default: the layer's; an AG window keeps its candidates') for this very tensor
-    until it changes (drop-and-grow writes indices in place: a new version). int32 where it fits: 4 B a delta."""
+    """(the sparsity pattern of `positions` (m,) as a CSR tensor of the layer's shape, with zero values; the order
+    that sorts `positions`, or None if they are sorted), kept in `cache.pattern` (default: the layer's; an AG
+    window keeps its candidates') for this very tensor until it changes (drop-and-grow writes indices in place:
+    a new version). Row pointers and columns in int32 where they fit: 4 bytes a delta."""
     cache = layer if cache is None else cache
     if cache.pattern is None or cache.pattern[0] is not positions or cache.pattern[1] != positions._version:
         pos = positions.long()
@@ -646,7 +672,11 @@ def csr_pattern(layer, positions: torch.Tensor, cache=None) -> tuple:
         small = torch.int32 if pos.numel() < 2**31 else torch.long
         crow = torch.zeros(out_f + 1, dtype=small, device=pos.device)
         crow[1:] = torch.bincount(pos // in_f, minlength=out_f).cumsum(0)
-        cache.pattern = (positions, positions._version, crow, (pos % in_f).to(small), order)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
+            warnings.simplefilter("ignore")
+            csr = torch.sparse_csr_tensor(crow, (pos % in_f).to(small), torch.zeros(pos.numel(), device=pos.device),
+                                          layer.weight_shape, check_invariants=False)
+        cache.pattern = (positions, positions._version, csr, order)
     return cache.pattern[2:]
 
 
@@ -668,14 +698,21 @@ def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
         share *= 4  # (too few above the cut: lower it)
 
 
-def token_major(t: torch.Tensor) -> torch.Tensor:
-    """t (N, d) -> (d, N) contiguous, copied in 8 x 8 tiles (twice as fast as t.T.contiguous() on a CPU)."""
-    n, d = t.shape
-    if n % 8 or d % 8 or not t.is_contiguous():
-        return t.T.contiguous()
-    out = torch.empty(d, n, dtype=t.dtype, device=t.device)
-    out.view(d // 8, 8, n // 8, 8).copy_(t.view(n // 8, 8, d // 8, 8).permute(2, 3, 0, 1))
-    return out
+class Inputs:
+    """the token-contiguous transpose x^T (in, N) of a layer's input x (N, in), which the SDDMM reads, made once
+    per input: wq, wk and wv read the same x (the attention norm's output), and so do w1 and w3, and their
+    backward passes run one after another, so the last transpose is kept and reused while it is still that
+    input's. One is shared by the delta layers of a model (add_sparse_deltas). It holds the input itself, so its
+    key (storage, offset, shape, strides, version) cannot match a different tensor at a reused address."""
+
+    def __init__(self):
+        self.last = None  # (key, x, x^T)
+
+    def token_major(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x._version)
+        if self.last is None or self.last[0] != key:
+            self.last = (key, x, x.T.contiguous())
+        return self.last[2]
 
 
 def sampled_grad(layer, dy_t: torch.Tensor, x_t: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
@@ -683,10 +720,6 @@ def sampled_grad(layer, dy_t: torch.Tensor, x_t: torch.Tensor, positions: torch.
     product reads contiguous memory; cache: where the pattern is kept."""
     if dy_t.dtype not in (torch.float32, torch.float64):  # no half-precision SDDMM kernel: compute it in fp32
         dy_t, x_t = dy_t.float(), x_t.float()
-    crow, col, order = csr_pattern(layer, positions, cache)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
-        warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, col, dy_t.new_zeros(col.numel()), layer.weight_shape,
-                                          check_invariants=False)
-    g = torch.sparse.sampled_addmm(pattern, dy_t, x_t.T, beta=0.0).values()  # (m,)
+    pattern, order = csr_pattern(layer, positions, cache)
+    g = torch.sparse.sampled_addmm(pattern.to(dy_t.dtype), dy_t, x_t.T, beta=0.0).values()  # (m,)
     return g if order is None else torch.empty_like(g).index_copy_(0, order, g)

@@ -115,8 +115,11 @@ def train_step(step: int, losses, n_targets: int, params, optimizer, selector, g
     train_loss = loss_sum.item() / n_targets
     if not math.isfinite(train_loss):
         return train_loss, math.nan, None
-    # clip (only if asked: the authors do not), and measure the gradient norm either way
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf))
+    # measure the gradient norm, and clip (only if asked: the authors do not)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if grad_clip:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    grad_norm = float(norm)
     if selector:  # SpIEL-AG: the window keeps this step's gradient as clipping scaled it
         selector.end_step(min(1.0, grad_clip / (grad_norm + 1e-6)) if grad_clip else 1.0)
     optimizer.step()  # AdamW with a per-element age (AG), SM3 (MA), torch's AdamW (LoRA, full)

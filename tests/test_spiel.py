@@ -1142,30 +1142,69 @@ def test_dense_and_sparse_gradient_paths_agree(bias):
 
 def test_sampled_grad_and_csr_pattern():
     """sampled_grad(layer, dy^T, x^T, positions) is (dy^T x) at any positions (unsorted, repeated), from the
-    token-major copies token_major(dy) (out, N) and token_major(x) (in, N) (the tiled copy too: N and d multiples
-    of 8); csr_pattern gives the row pointers / columns / sort order, cached until the positions are changed in
-    place."""
+    token-major copies (out, N) and (in, N); csr_pattern gives the CSR pattern (row pointers, columns) and the sort
+    order, cached until the positions are changed in place."""
     g = torch.Generator().manual_seed(0)
     layer = SparseDeltaLinear(nn.Linear(9, 7, bias=False).double(), 10, generator=g)
     dy, x = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64)
     dW = (dy.T @ x).view(-1)
-    dy_t, x_t = spiel.token_major(dy), spiel.token_major(x)
-    assert torch.equal(dy_t, dy.T) and dy_t.is_contiguous() and torch.equal(x_t, x.T) and x_t.is_contiguous()
-    tiled = torch.randn(16, 24, generator=g)  # N and d multiples of 8: the tiled copy
-    assert torch.equal(spiel.token_major(tiled), tiled.T) and spiel.token_major(tiled).is_contiguous()
+    dy_t, x_t = dy.T.contiguous(), layer.inputs.token_major(x)
+    assert torch.equal(x_t, x.T) and x_t.is_contiguous()
     pos = torch.tensor([50, 3, 3, 62, 0, 17, 62, 9])
     torch.testing.assert_close(spiel.sampled_grad(layer, dy_t, x_t, pos), dW[pos], rtol=1e-12, atol=1e-12)
-    crow, col, order = spiel.csr_pattern(layer, pos)
+    csr, order = spiel.csr_pattern(layer, pos)
     assert torch.equal(pos[order], pos.sort().values)
-    assert torch.equal(col, pos[order] % 9)
-    assert torch.equal(crow, torch.tensor([0, 3, 5, 5, 5, 5, 6, 8]))  # sorted rows: 0 0 0 1 1 5 6 6
+    assert torch.equal(csr.col_indices(), (pos[order] % 9).int())
+    assert torch.equal(csr.crow_indices(), torch.tensor([0, 3, 5, 5, 5, 5, 6, 8], dtype=torch.int32))  # rows 0 0 0 1 1 5 6 6
+    assert csr.shape == (7, 9) and not csr.values().any()
     idx = layer.indices
     first = spiel.csr_pattern(layer, idx)
-    assert first[2] is None  # sorted slots: no reorder
+    assert first[1] is None  # sorted slots: no reorder
     assert spiel.csr_pattern(layer, idx)[0] is first[0]  # cached
     idx[0] = int(idx[0])  # an in-place write (here of the same value) bumps the version: recomputed
     assert spiel.csr_pattern(layer, idx)[0] is not first[0]
     torch.testing.assert_close(spiel.sampled_grad(layer, dy_t, x_t, idx), dW[idx.long()], rtol=1e-12, atol=1e-12)
+
+
+def test_layers_that_read_one_input_transpose_it_once():
+    """the delta layers of a model share one Inputs: wq, wk and wv (w1 and w3) read the same tensor, and their
+    backward passes reuse its transpose; a new input, or the same one written in place, is transposed anew."""
+    model = Transformer(ModelArgs(**TINY))
+    layers = spiel.add_sparse_deltas(model, PROJECTIONS, density=0.05)
+    inputs = {id(m.inputs) for m in layers.values()}
+    assert len(inputs) == 1
+    shared = next(iter(layers.values())).inputs
+    calls = []
+    real = torch.Tensor.contiguous
+
+    def counting(t, *a, **k):
+        calls.append(tuple(t.shape))
+        return real(t, *a, **k)
+    x = torch.randn(12, 64)
+    torch.Tensor.contiguous = counting
+    try:
+        first = shared.token_major(x)
+        assert shared.token_major(x.view(12, 64)) is first and len(calls) == 1  # a view of the same input: reused
+        x.mul_(1)  # written in place: a new version, a new transpose
+        assert shared.token_major(x) is not first and len(calls) == 2
+        assert shared.token_major(torch.randn(12, 64)) is not first and len(calls) == 3
+    finally:
+        torch.Tensor.contiguous = real
+    # the backward of a whole model transposes each distinct input once: 4 per block, for 7 matrices
+    tokens, seen = torch.randint(256, (2, 10)), []
+    real_tm = spiel.Inputs.token_major
+
+    def watched(self, x):
+        before = self.last
+        out = real_tm(self, x)
+        seen.append(self.last is before)  # True: reused
+        return out
+    spiel.Inputs.token_major = watched
+    try:
+        model(tokens, tokens)[1].backward()
+    finally:
+        spiel.Inputs.token_major = real_tm
+    assert len(seen) == 14 and seen.count(False) == 8, seen  # 2 blocks x 7 matrices, 2 x 4 inputs
 
 
 def test_csr_pattern_cache_is_not_fooled_by_a_reused_address():
@@ -1178,7 +1217,7 @@ def test_csr_pattern_cache_is_not_fooled_by_a_reused_address():
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64)
     dW = (dy.T @ x).view(-1)
-    dy_t, x_t = spiel.token_major(dy), spiel.token_major(x)
+    dy_t, x_t = dy.T.contiguous(), x.T.contiguous()
     memory = np.array([1, 5, 12, 30, 44, 60], dtype=np.int64)
     old = torch.from_numpy(memory)
     for cache in (None, Window(layer.indices)):  # the layer's own cache, and a window's

@@ -291,8 +291,8 @@ def grad_paths(a) -> dict:
                                             int(density * out_f * in_f), generator=g)
             times = {}
             for path, fn in (("dense", lambda: (dy.T @ x).view(-1)[layer.indices]),
-                             ("sparse", lambda: spiel.sampled_grad(layer, spiel.token_major(dy),
-                                                                   spiel.token_major(x), layer.indices))):
+                             ("sparse", lambda: spiel.sampled_grad(layer, dy.T.contiguous(),
+                                                                   x.T.contiguous(), layer.indices))):
                 fn()  # warm-up
                 ts = []
                 for _ in range(5):
