@@ -109,7 +109,7 @@ def get_parser(description: str = "") -> Parser:
     a("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs; with --resume: extends or shortens the run)")
     a("--extend-lr", default="replan", choices=["replan", "continue"], help="with --resume --max-steps N: the "
       "learning rate from then on follows an N-step run's schedule (replan), or decays linearly from where it is "
-      "to 0 at step N (continue)")
+      "over the remaining steps, as the schedule's own decay does (continue)")
     # system
     a("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the frozen base quantized")
     a("--dtype", choices=["float32", "bfloat16"], help="base and compute dtype (default: bf16 on a GPU that has "

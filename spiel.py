@@ -659,10 +659,11 @@ def set_grad_path(model: nn.Module, path: str):
 
 
 def csr_pattern(layer, positions: torch.Tensor, cache=None) -> tuple:
-    """(the sparsity pattern of `positions` (m,) as a CSR tensor of the layer's shape, with zero values; the order
-    that sorts `positions`, or None if they are sorted), kept in `cache.pattern` (default: the layer's; an AG
-    window keeps its candidates') for this very tensor until it changes (drop-and-grow writes indices in place:
-    a new version). Row pointers and columns in int32 where they fit: 4 bytes a delta."""
+    """(the sparsity pattern of `positions` (m,) as a CSR tensor of the layer's shape, its values a zero broadcast
+    (nothing stored per entry); the order that sorts `positions`, or None if they are sorted), kept in
+    `cache.pattern` (default: the layer's; an AG window keeps its candidates') for this very tensor until it
+    changes (drop-and-grow writes indices in place: a new version). Row pointers and columns in int32 where they
+    fit: 4 bytes a delta."""
     cache = layer if cache is None else cache
     if cache.pattern is None or cache.pattern[0] is not positions or cache.pattern[1] != positions._version:
         pos = positions.long()
@@ -674,8 +675,9 @@ def csr_pattern(layer, positions: torch.Tensor, cache=None) -> tuple:
         crow[1:] = torch.bincount(pos // in_f, minlength=out_f).cumsum(0)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": it works as used here
             warnings.simplefilter("ignore")
-            csr = torch.sparse_csr_tensor(crow, (pos % in_f).to(small), torch.zeros(pos.numel(), device=pos.device),
-                                          layer.weight_shape, check_invariants=False)
+            zeros = torch.zeros((), device=pos.device).expand(pos.numel())  # (m,) values: one stored zero
+            csr = torch.sparse_csr_tensor(crow, (pos % in_f).to(small), zeros, layer.weight_shape,
+                                          check_invariants=False)
         cache.pattern = (positions, positions._version, csr, order)
     return cache.pattern[2:]
 

@@ -259,7 +259,7 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
     with system.Stop(quiet=procs.rank > 0) as stop, bar:
         for step in range(start, total_steps + 1):
             t_step = time.time()
-            lr_now = lr_at(step, total_steps, peak, args.warmup, args.lr_anchor)  # warmup, linear decay to 0
+            lr_now = lr_at(step, total_steps, peak, args.warmup, args.lr_anchor)  # warmup, then linear decay
             for group in optimizer.param_groups:
                 group["lr"] = lr_now  # (set by hand: no scheduler object to save and restore)
             micro = [batches.next() for _ in range(args.grad_accum * procs.world)]  # every process's
@@ -327,6 +327,8 @@ def resume(args, model, optimizer, selector, batches, procs, base, total_steps, 
     if change and args.extend_lr == "continue":
         args.lr_anchor = [start - 1, lr_at(start - 1, planned, peak, args.warmup, args.lr_anchor)]
         change += f", its learning rate decaying from {args.lr_anchor[1]:.2e}"
+    elif change:  # replan: the N-step run's schedule from here on
+        args.lr_anchor = None
     say(f"resumed {args.out} at step {start} of {total_steps}{change}")
     if procs.rank == 0:
         runs.write_args(args)  # an extension or a moved input is now the run's

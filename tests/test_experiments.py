@@ -192,6 +192,11 @@ def test_an_extended_run_replans_or_continues_its_learning_rate(trained, tmp_pat
         else:  # no jump: from step 8's lr down to lr_8 / 8 at step 16
             assert lrs[9] == pytest.approx(lrs[8]) and lrs[16] == pytest.approx(lrs[8] / 8)
             assert all(lrs[t + 1] < lrs[t] for t in range(9, 16))
+            # a later extension that replans follows the 20-step schedule: the anchor is dropped
+            assert train.main(["--out", str(out), "--resume", "--max-steps", "20", "--extend-lr", "replan"]) == 0
+            lrs = {r["step"]: r["lr"] for r in log(out) if "lr" in r}
+            assert lrs[17] == pytest.approx(train.lr_at(17, 20, peak, 2))
+            assert json.load(open(out / "args.json"))["lr_anchor"] is None
 
 
 # -----------------------------------------------------------------------------

@@ -26,13 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+import config  # noqa: E402
 import data  # noqa: E402
 import files  # noqa: E402
 import finetune  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
 from generate import exact_match  # noqa: E402
-from llama import PROJECTIONS, Tokenizer, find_tokenizer, load_model  # noqa: E402
+from llama import PROJECTIONS, Tokenizer, Transformer, find_tokenizer, load_model, matrix_shape, read_shapes, \
+    target_linears  # noqa: E402
 from merge import save_hf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +74,70 @@ ABLATION = {"spiel-ag+clip1": ("spiel-ag", ["--grad-clip", "1"]), "spiel-ag+wd30
 BEST_300 = {"spiel-ag": {"demo": (3e-3,), "transfer": (1e-2,)}, "spiel-ma": {"demo": (0.1,), "transfer": (0.1,)},
             "lora": {"demo": (3e-3,), "transfer": (1e-2,)}}
 QUALITY.update({name: (QUALITY[base][0] + extra, BEST_300[base]) for name, (base, extra) in ABLATION.items()})
+
+# --ablations: what SpIEL's choices earn, each variant at its method's best 300-step lr (not tuned again)
+#   regrowth: the method's criterion, random positions (--regrow random), the support fixed after the first
+#   reselection (--reselect-every 0), and both: a random support that stays (as random-support sparse
+#   fine-tuning, SpaRTA, arXiv 2502.15975)
+#   targets: all seven projections, attention only, MLP only, at one number of trainable parameters: LoRA rank 4's
+#   on all seven (SpIEL: --num-tunable; LoRA on fewer matrices: the largest rank within it, alpha / r = 2)
+REGROWTH = {"": [], "+random": ["--regrow", "random"], "+fixed": ["--reselect-every", "0"],
+            "+random+fixed": ["--regrow", "random", "--reselect-every", "0"]}
+
+
+def per_rank(targets: str) -> int:
+    """in + out summed over the targeted matrices of the fixtures' base (demo/ and demo/transfer/ share shapes)."""
+    with torch.device("meta"):
+        model = Transformer(read_shapes(fixture_files("demo")["ckpt"]))
+    return sum(sum(matrix_shape(m)) for m in target_linears(model, config.parse_targets(targets).split(",")).values())
+
+
+def ablation_variants() -> dict:
+    """name -> (train.py flags, the lr per fixture), registered in QUALITY; and name -> (method, regrowth,
+    targets, trainable parameters) for the table."""
+    n_all, rows = Q_RANK * per_rank("all"), {}
+    for m in ("spiel-ag", "spiel-ma"):
+        for suffix, extra in REGROWTH.items():
+            if suffix:  # (the criterion on all targets: the study's own run of the method)
+                QUALITY[m + suffix] = (QUALITY[m][0] + extra, BEST_300[m])
+            rows[m + suffix] = (m, suffix.strip("+").replace("+", ", ") or "criterion", "all", n_all)
+    rows["lora"] = ("lora", "-", "all", n_all)
+    for t in ("attention", "mlp"):
+        for m in ("spiel-ag", "spiel-ma"):
+            QUALITY[f"{m}@{t}"] = (["--method", m, "--num-tunable", str(n_all), "--targets", t], BEST_300[m])
+            rows[f"{m}@{t}"] = (m, "criterion", t, n_all)
+        r = n_all // per_rank(t)
+        QUALITY[f"lora@{t}"] = (["--method", "lora", "--lora-rank", str(r), "--lora-alpha", str(2 * r), "--targets",
+                                 t], BEST_300["lora"])
+        rows[f"lora@{t}"] = ("lora", "-", t, r * per_rank(t))
+    return rows
+
+
+def ablations(a) -> dict:
+    rows = ablation_variants()
+    lr = {(fx, name): BEST_300[method][os.path.basename(fx.rstrip("/"))][0] for fx in a.fixtures
+          for name, (method, *_) in rows.items()}
+    steps = a.quality_steps[0]  # (300 by default)
+    jobs = [(fx, name, lr[fx, name], seed, steps) for fx in a.fixtures for name in rows for seed in a.seeds]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        scores = dict(zip(jobs, pool.map(lambda j: quality_job(a, *j), jobs)))
+    print(f"\nablations: {steps} steps, {len(a.seeds)} seeds, held-out exact match %, mean ± std (per seed)\n"
+          "| fixture | method | regrowth | targets | trainable | lr | learned (test) | retained |\n|---|---|---|---|---|---|---|---|")
+    report = {}
+    for fx in a.fixtures:
+        for name, (method, regrow, targets, n) in rows.items():
+            runs = [(seed, scores[j]) for j in jobs if j[0] == fx and j[1] == name for seed in [j[3]]]
+            if any("error" in r for _, r in runs):
+                print(f"| {fx} | {method} | {regrow} | {targets} | {n:,} | | failed: {runs[0][1].get('error')} | |")
+                continue
+            cell = {k: [100 * r[k] for _, r in runs] for k in ("test", "retained")}
+            report[f"{fx}/{name}"] = {"method": method, "regrowth": regrow, "targets": targets, "trainable": n,
+                                      "lr": lr[fx, name], "seeds": [seed for seed, _ in runs], **cell}
+            fmt = lambda v: f"{statistics.fmean(v):.0f} ± {statistics.pstdev(v):.0f} ({' / '.join(f'{x:.0f}' for x in v)})"  # noqa: E731
+            print(f"| {os.path.basename(fx.rstrip('/'))} | {method} | {regrow} | {targets} | {n:,} | {lr[fx, name]:g} | "
+                  f"{fmt(cell['test'])} | {fmt(cell['retained'])} |")
+    return {"mode": "ablations", "steps": steps, "seeds": a.seeds, "rank": Q_RANK, "common": Q_COMMON,
+            "results": report}
 
 
 def grid(method, fixture) -> tuple:
@@ -229,6 +295,7 @@ def main(argv=None):
       "run is scored once)")
     a("--fixtures", nargs="+", default=list(FIXTURES), help=f"{' or '.join(FIXTURES)}, or a folder laid out alike")
     a("--quality-methods", nargs="+", default=[m for m in QUALITY if m not in ABLATION], choices=list(QUALITY))
+    a("--ablations", action="store_true", help="the ablation table instead: regrowth and targets, 300 steps")
     a("--quality-steps", type=int, nargs="+", default=[300, 1000], help="a short and a long run")
     a("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a("--lr-from", help="a tools/quality.py JSON: run each method only at the best lr found there (a long run)")
@@ -250,9 +317,9 @@ def main(argv=None):
         return 0
     os.makedirs(args.runs_dir, exist_ok=True)
     t0 = time.time()
-    res = quality(args)
+    res = ablations(args) if args.ablations else quality(args)
     res["seconds"] = time.time() - t0
-    path = args.json or "quality.json"
+    path = args.json or f"{res['mode']}.json"
     files.write_json(path, res)
     print(f"wrote {path} ({res['seconds']:.0f}s)")
     return 0
