@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import config
 import lora
 import memory
 import spiel
@@ -196,10 +197,12 @@ def saved_bytes(model, run):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method,quantize,dropout", [("spiel-ag", None, 0.1), ("spiel-ag", "int8", 0.1),
-                                                     ("full", None, 0.1), ("lora", None, 0.1), ("lora", None, 0.0),
-                                                     ("lora", "int8", 0.1)])
-def test_saved_activations_match_autograd(method, quantize, dropout, dtype):
+@pytest.mark.parametrize("method,quantize,dropout,targets", [
+    ("spiel-ag", None, 0.1, "all"), ("spiel-ag", "int8", 0.1, "all"), ("full", None, 0.1, "all"),
+    ("lora", None, 0.1, "all"), ("lora", None, 0.0, "all"), ("lora", "int8", 0.1, "all"),
+    ("spiel-ag", None, 0.1, "attention"), ("spiel-ma", None, 0.1, "mlp"), ("lora", None, 0.1, "attention"),
+    ("lora", None, 0.0, "wq,wv"), ("full", None, 0.1, "mlp")])
+def test_saved_activations_match_autograd(method, quantize, dropout, targets, dtype):
     args = ModelArgs(**(TINY | {"n_layers": 3}))  # grouped-query attention, as TINY
     model = Transformer(args)
     model.load_state_dict(random_state_dict(args))
@@ -209,13 +212,14 @@ def test_saved_activations_match_autograd(method, quantize, dropout, dtype):
         import quantize as q
         q.quantize_model(model, quantize, PROJECTIONS)
     budget = {"density": None} if method == "lora" else {"density": 0.05}  # LoRA at rank 4
-    train.add_trainable(model, memory.train_args(method, lora_rank=4, lora_dropout=dropout, **budget))
+    train.add_trainable(model, memory.train_args(method, lora_rank=4, lora_dropout=dropout, targets=targets, **budget))
     model.train()
     B, T = 2, 16
     tokens = torch.randint(args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # two tensors, as a data loader gives them
     elem = torch.finfo(dtype).bits // 8
-    act = memory.saved_activations(args, method, B * T, elem, lora_rank=4, lora_dropout=dropout, mask_bytes=elem)
+    act = memory.saved_activations(args, method, B * T, elem, lora_rank=4, lora_dropout=dropout, mask_bytes=elem,
+                                   targets=config.parse_targets(targets).split(","))
     # one block whose input needs a gradient (the second): exactly the model's count
     h = model.layers[0](model.tok_embeddings(x), model.rope_cos[:T], model.rope_sin[:T])
     got, _ = saved_bytes(model, lambda: model.layers[1](h, model.rope_cos[:T], model.rope_sin[:T]))

@@ -171,8 +171,10 @@ def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank
     if every:  # its gain, the output head's input, the embedding's token ids
         head += 2 * elem * N * d + 8 * N
     block = 2 * norm + attn + ffn + inputs
-    # the first block's input (the frozen embedding's output) needs no gradient: its first norm keeps nothing
-    return {"block": block, "first block": block if every else block - norm, "head": head}
+    # the first block's input (the frozen embedding's output) needs no gradient: its first norm keeps nothing,
+    # and with no attention projection targeted, neither do its attention and the norm after it
+    first = block - norm - (0 if {"wq", "wk", "wv", "wo"} & set(targets) else attn + norm)
+    return {"block": block, "first block": block if every else first, "head": head}
 
 
 # -----------------------------------------------------------------------------
@@ -438,8 +440,12 @@ def layer_caches(model) -> int:
         for name, v in vars(layer).items():
             if name not in ("_parameters", "_buffers", "_modules", "window"):
                 for t in (v if isinstance(v, (tuple, list)) else [v]):
-                    if torch.is_tensor(t):
-                        tensors[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                    if torch.is_tensor(t) and t.layout == torch.sparse_csr:  # (its values: one broadcast zero)
+                        parts = (t.crow_indices(), t.col_indices())
+                    else:
+                        parts = [t] if torch.is_tensor(t) else []
+                    for p in parts:
+                        tensors[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
     return sum(tensors.values())
 
 
