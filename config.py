@@ -13,7 +13,8 @@ import os
 import shlex
 
 from files import CheckpointError, read_json
-from llama import HF_TO_META, PROJECTIONS, default_device
+from llama import HF_TO_META, PROJECTIONS
+from system import default_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "demo")

@@ -9,7 +9,7 @@ names are this repo's (layers.0.attention.wq). Its safetensors metadata, all str
   format            "spiel-delta" or "spiel-lora"
   shapes            JSON: module -> [out, in]
   row_order         "meta": q/k rows, and a delta's positions in them, in Meta's order (llama.py)
-  base_fingerprint  llama.fingerprint of the base it was trained on
+  base_fingerprint  fingerprint(base): a hash of weights fine-tuning never changes
   base_merged       JSON list: the fine-tunes that were merged into that base before (merge.py)
   finetune_id       the run's id, so a fine-tune is never merged twice into one model
   targets           the projections it holds, e.g. "wq,wk,wv,wo" for an attention-only fine-tune
@@ -19,6 +19,7 @@ a base may hold merged ones: a fine-tune fits a base with its base's fingerprint
 that had been merged into its base.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -31,9 +32,21 @@ import adapters
 import lora
 import spiel
 from files import CheckpointError, read_json, write_whole
-from llama import PROJECTIONS, ModelArgs, fingerprint, matrix_shape, target_linears
+from llama import PROJECTIONS, ModelArgs, matrix_shape, target_linears
 
 FORMATS = ("spiel-delta", "spiel-lora")
+
+
+def fingerprint(model) -> str:
+    """a short hash of weights fine-tuning never touches (norms, a slice of the embedding), rounded to bf16 so
+    that the same base loaded in another dtype or quantized gives the same answer. A fine-tune records the
+    fingerprint of its base; computed before --fsdp shards the model (one process alone holds a shard)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
+            h.update(name.encode())
+            h.update(t[:64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass

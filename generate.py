@@ -17,8 +17,9 @@ import torch
 import data
 import finetune
 from files import CheckpointError
-from llama import IGNORE_INDEX, Tokenizer, Transformer, check_checkpoint, check_vocab, default_device, default_dtype, \
+from llama import IGNORE_INDEX, Tokenizer, Transformer, check_checkpoint, check_vocab, \
     find_tokenizer, load_model, read_shapes
+from system import default_device, default_dtype
 
 
 def sample_top_p(probs, top_p: float, generator=None):

@@ -19,7 +19,6 @@ The two layouts on disk:
 """
 
 import glob
-import hashlib
 import os
 import re
 from dataclasses import dataclass, fields
@@ -35,21 +34,6 @@ IGNORE_INDEX = -100  # label value that does not count in the loss
 # the seven projections of a block, which fine-tuning targets (all of them by default, as the paper does);
 # embeddings, norms and the output head stay frozen
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU that has it (compute capability >= 8.0), else fp32. never fp16 for training: it needs
-    loss scaling, which would also scale SpIEL-AG's accumulated gradients."""
-    if str(device).startswith("cuda"):
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        print("warning: this GPU has no bf16 (compute capability < 8.0); computing in fp32 "
-              "(--quantize int8 or nf4 keeps the stored base small)")
-    return torch.float32  # on the CPU bf16 matmuls are slow
 
 
 # -----------------------------------------------------------------------------
@@ -504,7 +488,7 @@ def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = torch.bfl
 
 
 # -----------------------------------------------------------------------------
-# the model's linears that fine-tuning targets, and a fingerprint of the base
+# the model's linears that fine-tuning targets
 
 
 def matrix_shape(m) -> tuple:
@@ -522,15 +506,3 @@ def swap_module(model: nn.Module, name: str, new: nn.Module):
     """put `new` where the submodule `name` is."""
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
-def fingerprint(model: nn.Module) -> str:
-    """a short hash of weights fine-tuning never touches (norms, a slice of the embedding), rounded to bf16 so
-    that the same base loaded in another dtype or quantized gives the same answer. A fine-tune records the
-    fingerprint of its base; computed before --fsdp shards the model (one process alone holds a shard)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
-            h.update(name.encode())
-            h.update(t[:64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -12,15 +12,7 @@ deltas of smallest |value| are dropped and as many new positions are grown, chos
 The file follows the paper: 1 the layer and its gradient, 2 the budget, 3 the schedule, 4 SpIEL-AG's
 window, 5 SpIEL-MA's candidates, 6 drop and grow, 7 the optimizer, 8 merging and attaching, and last
 9 the speed-ups, which are not the method (a resident merged weight, and the sparse value gradient).
-
-Decisions where the paper leaves room, or where this code departs from the authors' (README, Defaults):
-- AG's window statistics are those of the optimizer step's gradient (the micro-batches summed, scaled as
-  gradient clipping scaled it), accumulated in fp32: AdamW updates with that gradient, so a grown delta's
-  seeded moments match it. The authors accumulate per micro-batch in the gradient's dtype.
-- A grown SpIEL-AG delta's AdamW state is seeded so that bias correction at age = window steps returns the
-  window's mean and mean square of the step gradient; a grown SpIEL-MA delta's momentum (if any) starts at 0.
-- A SpIEL-AG reselection may grow a position it just dropped (it keeps its slot); SpIEL-MA never grows a
-  position active before the reselection, as the authors do.
+docs/method.md states the decisions the paper leaves open, and where this code departs from the authors'.
 """
 
 
@@ -34,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llama import matrix_shape, swap_module, target_linears
+from system import check_ranks_agree
 
 # -----------------------------------------------------------------------------
 # 1. the sparse-delta layer and its gradient (section 3.1)
@@ -308,10 +301,9 @@ class Window:
 
 def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Tensor, mask=None):
     """the n inactive positions of largest row[i] * col[j] and their scores; active: the k active flat
-    positions; mask: see member. The (out, in) outer product is never formed: a threshold is read off a regular
-    sample of it (low enough to leave at least n inactive positions at or above it, a few more to spare),
-    how many entries reach it is counted row by row on the sorted columns, and only those (about n + k) are
-    scored."""
+    positions; mask: see member. The (out, in) outer product is never formed: how many of its entries reach a
+    threshold is counted row by row on the sorted columns, a bisection finds the threshold that leaves n
+    inactive positions above it, and only those (about n + k) are scored."""
     out_f, in_f = row.numel(), col.numel()
     n = min(n, out_f * in_f - active.numel())
     col_sorted, col_order = col.sort()  # (in,) ascending
@@ -321,14 +313,12 @@ def ma_candidates(active: torch.Tensor, n: int, row: torch.Tensor, col: torch.Te
         bound = torch.where(row > 0, tau / row, math.inf if tau > 0 else -math.inf)
         return in_f - torch.searchsorted(col_sorted, bound)
 
-    sample = torch.outer(row[::max(1, out_f // 128)], col[::max(1, in_f // 128)]).flatten()  # (>= 16384,)
-    share = 1.25 * (n + active.numel()) / (out_f * in_f)  # of all positions: those to score, a quarter spare
-    while True:
-        tau = float(sample.kthvalue(max(1, int(sample.numel() * (1 - share)))).values) if share < 1 else 0.0
-        m = per_row(tau)  # (out,) how many of each row's largest columns to score; M = m.sum()
-        if tau <= 0 or int(m.sum()) - int((active_scores >= tau).sum()) >= n:
-            break
-        share *= 4  # (too few inactive positions at or above it: lower it)
+    lo, hi = 0.0, float(row.max() * col.max())
+    for _ in range(32):  # bisection: the largest tau that leaves at least n inactive positions at or above it
+        mid = (lo + hi) / 2
+        above = int(per_row(mid).sum()) - int((active_scores >= mid).sum())
+        lo, hi = (mid, hi) if above >= n else (lo, mid)
+    m = per_row(lo)  # (out,) how many of each row's largest columns to score; M = m.sum() ~ n + k
     rows = torch.repeat_interleave(torch.arange(out_f, device=row.device), m)  # (M,) row of each entry
     rank = torch.arange(rows.numel(), device=row.device) - (m.cumsum(0) - m)[rows]  # (M,) 0.. within a row
     cols = col_order[in_f - 1 - rank]  # (M,) the row's columns, largest first
@@ -468,7 +458,7 @@ class Selector:
             layer.window = None
             changed[name] = slots.numel()
         if dist.is_initialized():  # a cheap check that every rank holds the same indices
-            check_ranks_agree(self.layers, t)
+            check_ranks_agree([layer.indices for layer in self.layers.values()], t)
         return changed
 
     def state_dict(self) -> dict:
@@ -481,22 +471,6 @@ class Selector:
             if name in sd:
                 layer.window = Window(layer.indices)
                 layer.window.load_state_dict(sd[name])
-
-
-class RanksDisagree(Exception):
-    """processes of one run hold different sparse indices: their deltas would silently diverge."""
-
-
-def check_ranks_agree(layers: dict, t: int):
-    """stop the run if any rank's indices differ from rank 0's (compared by a checksum)."""
-    s = torch.stack([(layer.indices.long() * 2654435761 % 2**31).sum() for layer in layers.values()])  # (matrices,)
-    ref = s.clone()
-    dist.broadcast(ref, src=0)
-    ok = torch.tensor([float(torch.equal(s, ref))], device=s.device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not ok.item():
-        raise RanksDisagree(f"step {t}: the ranks disagree on the sparse indices after reselection "
-                           f"(rank {dist.get_rank()}: checksum {s.sum().item()} vs rank 0's {ref.sum().item()})")
 
 
 # -----------------------------------------------------------------------------
@@ -599,16 +573,13 @@ def attach_deltas(model: nn.Module, deltas: dict) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 9. the sparse value gradient: only the k needed entries of dy^T x, a sampled dense-dense matmul (SDDMM)
-# Outside AG windows only the active entries of dW are needed (the authors compute all of dW and gather);
-# each is dy[:, row] . x[:, col] over the N tokens: k N multiply-adds instead of out in N.
-
-# A resident merged weight. Section 1 builds W0 + scatter(values) afresh in every forward and backward: on
-# the CPU bench shape those (out, in) copies cost about 0.06 s of a 1.0 s step (docs/bench.md). A full-
-# precision base can instead hold W0 + delta in its own storage while the deltas are attached: the k active
-# entries are rewritten at every use (k writes), and W0 there is kept aside (k numbers) to be put back by
-# release() before the positions change (the Selector does, and a resume) or the deltas come off. Not for a
+# 9. the speed-ups. A resident merged weight: section 1 builds W0 + scatter(values) afresh in every forward and
+# backward, an (out, in) copy each time; a full-precision base can instead hold W0 + delta in its own storage
+# while the deltas are attached: the k active entries are rewritten at every use, and W0 there is kept aside to
+# be put back by release() before the positions change (the Selector, a resume) or the deltas come off. Not for a
 # quantized base (no dense storage) nor a sharded one (--fsdp gathers its storage afresh for every block).
+# The sparse value gradient: outside AG windows only the k active entries of dW are needed (the authors compute
+# all of dW and gather); each is dy[:, row] . x[:, col] over the N tokens, a sampled product (SDDMM).
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """
-What a training run asks of the machine: its processes under torchrun (data parallel, FSDP for the frozen base),
-a polite stop on Ctrl-C or a job scheduler's SIGTERM, glibc's malloc at 7B width, and the run's own peak memory.
+What a training run asks of the machine: its device and compute dtype, its processes under torchrun (data
+parallel, FSDP for the frozen base), a polite stop on Ctrl-C or a job scheduler's SIGTERM, glibc's malloc at 7B
+width, and the run's own peak memory.
 """
 
 import os
@@ -59,6 +60,38 @@ def gather(obj, world: int) -> list:
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on a GPU that has it (compute capability >= 8.0), else fp32. never fp16 for training: it needs
+    loss scaling, which would also scale SpIEL-AG's accumulated gradients."""
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        print("warning: this GPU has no bf16 (compute capability < 8.0); computing in fp32 "
+              "(--quantize int8 or nf4 keeps the stored base small)")
+    return torch.float32  # on the CPU bf16 matmuls are slow
+
+
+class RanksDisagree(Exception):
+    """processes of one run hold different sparse indices: their deltas would silently diverge."""
+
+
+def check_ranks_agree(indices: list, t: int):
+    """after SpIEL's reselection at step t: stop the run if any process's sparse indices differ from rank 0's
+    (compared by a checksum per matrix)."""
+    s = torch.stack([(idx.long() * 2654435761 % 2**31).sum() for idx in indices])  # (matrices,)
+    ref = s.clone()
+    dist.broadcast(ref, src=0)
+    ok = torch.tensor([float(torch.equal(s, ref))], device=s.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise RanksDisagree(f"step {t}: the ranks disagree on the sparse indices after reselection "
+                           f"(rank {dist.get_rank()}: checksum {s.sum().item()} vs rank 0's {ref.sum().item()})")
 
 
 # -----------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import spiel
 import system
 from files import CheckpointError, sha256
 from generate import answer, evaluate, exact_match
-from llama import (IGNORE_INDEX, PROJECTIONS, Tokenizer, check_checkpoint, check_vocab, default_dtype,
-                   find_tokenizer, load_model, matrix_shape, read_args, target_linears)
+from llama import (IGNORE_INDEX, PROJECTIONS, Tokenizer, check_checkpoint, check_vocab, find_tokenizer,
+                   load_model, matrix_shape, read_args, target_linears)
 from sm3 import SM3
 
 # -----------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
     if procs.rank == 0:
         runs.claim(args, lock)  # a live run's folder is refused at once, naming its holder
     torch.manual_seed(args.seed + procs.rank)
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    dtype = getattr(torch, args.dtype) if args.dtype else system.default_dtype(device)
 
     # --- data and model ---------------------------------------------------------------------------
     tok = Tokenizer(find_tokenizer(args.ckpt))
@@ -388,7 +388,7 @@ def cli(argv):
     """the command line: a bad input or an interruption ends in one line on stderr."""
     try:
         sys.exit(main(argv))
-    except (CheckpointError, data.DataError, ValueError, FileExistsError, spiel.RanksDisagree) as e:
+    except (CheckpointError, data.DataError, ValueError, FileExistsError, system.RanksDisagree) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted outside the training loop: run the same command again (with --resume "

@@ -279,3 +279,36 @@ def test_random_regrowth_survives_a_kill_and_matches_across_two_processes(tiny, 
             assert torch.equal(one[k], two[k]), k
         else:
             torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_peft_q_v_adapter_gives_peft_logits_here_and_goes_back(tiny, tmp_path):
+    """where transformers and peft are installed: an adapter PEFT trained with target_modules ["q_proj", "v_proj"]
+    gives PEFT's logits here, applied and merged; exported back (convert.py --to peft) PEFT loads it with those
+    target_modules and the same logits."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf, dtype=torch.float32)
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                   target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, tiny.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):  # a few steps, so that B is not 0
+        ref(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ref.save_pretrained(str(tmp_path / "adapter"))
+    ref.eval()
+    ours = load_model(tiny.hf, dtype=torch.float32)
+    ft = finetune.load(ours, str(tmp_path / "adapter"), finetune.base_of(ours, tiny.hf))
+    assert {n.rpartition(".")[2] for n in ft.shapes} == {"wq", "wv"}
+    merge.main(["--ckpt", tiny.hf, "--delta", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")])
+    convert.convert(str(tmp_path / "adapter"), "spiel", str(tmp_path / "ours.safetensors"), tiny.hf)
+    convert.convert(str(tmp_path / "ours.safetensors"), "peft", str(tmp_path / "back"), tiny.hf)
+    assert json.load(open(tmp_path / "back" / "adapter_config.json"))["target_modules"] == ["q_proj", "v_proj"]
+    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        tiny.hf, dtype=torch.float32), str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+        for got in (ours(x)[0], load_model(str(tmp_path / "m"), dtype=torch.float32)(x)[0], back(input_ids=x).logits):
+            assert (got - want).abs().max() < 1e-4
+        assert (want - load_model(tiny.hf, dtype=torch.float32)(x)[0]).abs().max() > 1e-2

@@ -27,7 +27,8 @@ import merge
 from conftest import TINY, random_state_dict, write_meta
 from files import CheckpointError
 from finetune import Base
-from llama import PROJECTIONS, ModelArgs, Transformer, fingerprint, load_model
+from finetune import fingerprint
+from llama import PROJECTIONS, ModelArgs, Transformer, load_model
 from lora import add_lora, lora_layers
 from spiel import add_sparse_deltas, delta_layers
 
@@ -261,7 +262,7 @@ def test_save_load_round_trip(tmp_path):
     fresh = tiny_model()
     meta = finetune.load(fresh, path, base_of(fresh)).meta
     assert meta["format"] == "spiel-lora" and meta["rank"] == "3" and meta["step"] == "7"
-    assert float(meta["alpha"]) == 8.0 and meta["base_fingerprint"] == llama.fingerprint(tiny_model())
+    assert float(meta["alpha"]) == 8.0 and meta["base_fingerprint"] == fingerprint(tiny_model())
     assert float(meta["dropout"]) == 0.0 and finetune.read(path).kind == "spiel-lora"
     assert torch.equal(fresh.eval()(x)[0], model(x)[0])
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \

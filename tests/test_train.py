@@ -18,7 +18,8 @@ import finetune
 import train
 from conftest import communicate, popen, random_state_dict, train_run, write_hf
 from files import CheckpointError
-from llama import IGNORE_INDEX, PROJECTIONS, Tokenizer, fingerprint, load_model
+from finetune import fingerprint
+from llama import IGNORE_INDEX, PROJECTIONS, Tokenizer, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -50,7 +50,7 @@ import lora  # noqa: E402
 import spiel  # noqa: E402
 import system  # noqa: E402
 import train  # noqa: E402
-from llama import PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, default_dtype, read_shapes  # noqa: E402
+from llama import PRESETS, PROJECTIONS, ModelArgs, RMSNorm, Transformer, read_shapes  # noqa: E402
 from quantize import quantize_model  # noqa: E402
 from sm3 import SM3  # noqa: E402
 
@@ -353,7 +353,7 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --measure needs a CUDA GPU and this machine has none (the estimate itself, "
                          "without --measure, runs anywhere)")
-    dtype = default_dtype(device)  # bf16 on the GPU, as train.py; fp32 on the CPU (its bf16 matmuls crawl)
+    dtype = system.default_dtype(device)  # bf16 on the GPU, as train.py; fp32 on the CPU (its bf16 matmuls crawl)
     seq_len = min(seq_len, args.max_seq_len)
     t0 = time.time()
     model = random_model(args, device, dtype, quantize, seed)
