@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from llama import PROJECTIONS
+import quantize  # noqa: E402
 from quantize import (NF4_CODE, NF4_DQ_BLOCK, QuantLinear, dequantize_int8, dequantize_nf4, quantize_int8,
                       quantize_model, quantize_nf4)
 
@@ -252,3 +253,20 @@ def test_state_dict_safetensors_roundtrip(tmp_path, mode):
     fresh.load_state_dict(load_file(tmp_path / "q.safetensors"))
     x = torch.randn(4, 64)
     assert torch.equal(fresh(x), m(x))
+
+
+def test_quantizing_in_chunks_equals_the_whole_matrix_at_once():
+    """quantize_int8 and quantize_nf4 work a chunk of quantize.CHUNK weights at a time (reused buffers); across
+    chunk boundaries and a partial last chunk they give exactly what one pass over the whole matrix gives."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 2624, generator=g) * 0.02  # 2.6M weights: two whole chunks and a part
+    w[3, :70] = 0  # an all-zero NF4 block
+    q8, s8 = quantize.quantize_int8(w)
+    s_ref = w.abs().amax(-1) / 127
+    assert torch.equal(s8, s_ref)
+    assert torch.equal(q8, torch.round(w / quantize._safe(s_ref)[:, None]).clamp(-127, 127).to(torch.int8))
+    nf4 = quantize.quantize_nf4(w)
+    blocks = w.reshape(-1, quantize.NF4_BLOCK)
+    x = blocks / quantize._safe(blocks.abs().amax(-1))[:, None]
+    codes = sum((x >= t).to(torch.uint8) for t in quantize.NF4_THRESHOLDS)  # (n_blocks, 64)
+    assert torch.equal(nf4["qweight"], (codes[:, 0::2] << 4) | codes[:, 1::2])
