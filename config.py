@@ -107,7 +107,8 @@ def get_parser(description: str = "") -> Parser:
     a("--batch-size", type=COUNT, default=1, help="examples per micro-batch")
     a("--grad-accum", type=COUNT, default=128, help="micro-batches per step and process (paper: 128 sequences)")
     a("--epochs", type=POSITIVE, default=2.0)
-    a("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs; with --resume: extends or shortens the run)")
+    a("--max-steps", type=COUNT,
+      help="optimizer steps (overrides --epochs; with --resume: extends or shortens the run)")
     a("--extend-lr", default="replan", choices=["replan", "continue"], help="with --resume --max-steps N: the "
       "learning rate from then on follows an N-step run's schedule (replan), or decays linearly from where it is "
       "over the remaining steps, as the schedule's own decay does (continue)")

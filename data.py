@@ -71,7 +71,8 @@ def to_turns(record) -> tuple:
         rest = msgs[1:] if system is not None else msgs
         roles = [m["role"] for m in rest]
         if len(rest) % 2 or roles != ["user", "assistant"] * (len(rest) // 2):
-            raise ValueError("messages must alternate user, assistant (after an optional system) and end with assistant")
+            raise ValueError("messages must alternate user, assistant (after an optional system) "
+                             "and end with assistant")
         return system, [(rest[i]["content"], rest[i + 1]["content"]) for i in range(0, len(rest), 2)]
     if "instruction" in record:
         ins, inp, out = record["instruction"], record.get("input", ""), record.get("output")
@@ -207,7 +208,8 @@ class Batches:
     and trains on its own share of each step's micro-batches."""
 
     def __init__(self, examples: list, batch_size: int, seed: int):
-        self.examples, self.batch_size, self.seed, self.epoch, self.index, self.order = examples, batch_size, seed, 0, 0, None
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.epoch, self.index, self.order = 0, 0, None
 
     def next(self) -> list:
         if self.order is None or self.order[0] != self.epoch:  # one permutation per epoch

@@ -249,8 +249,9 @@ def load_state(args, model, optimizer, selector, batches, procs: Processes, fing
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: damaged ({(str(e).splitlines() or [type(e).__name__])[0]}); it is written "
-                              f"atomically, so this is a copy or disk fault: restore the folder, or start a new run") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: damaged ({first}); it is written atomically, so this is a copy or disk "
+                              f"fault: restore the folder, or start a new run") from None
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["dict"]
     if missing or not len(state["rng"]) == len(state["cuda_rng"]) == state["world_size"] or \
             not {"epoch", "index"} <= set(state["data"]):
@@ -260,7 +261,8 @@ def load_state(args, model, optimizer, selector, batches, procs: Processes, fing
     if state.get("base_fingerprint", fingerprint) != fingerprint:
         raise CheckpointError(f"{args.ckpt}: not the base this run trained on (its fingerprint differs from {path}'s)")
     if state["world_size"] != procs.world:
-        saved = Processes(world=state["world_size"], per_node=procs.per_node if procs.world > 1 else state["world_size"])
+        per_node = procs.per_node if procs.world > 1 else state["world_size"]
+        saved = Processes(world=state["world_size"], per_node=per_node)
         raise CheckpointError(f"{path}: saved by {state['world_size']} process(es), resumed by {procs.world}; resume "
                               f"with: {resume_command(args.out, saved)}")
     if full_fsdp(args):

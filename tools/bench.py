@@ -232,7 +232,8 @@ def speed(a) -> dict:
     for p in a.wait_policies:
         for m, r in best[p].items():
             if len(r.get("phase_mean_s", {})) > 1:
-                print(f"  {m} ({p}) by phase: " + ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r["phase_mean_s"].items())))
+                phases = sorted(r["phase_mean_s"].items())
+                print(f"  {m} ({p}) by phase: " + ", ".join(f"{k} {v:.3f}s" for k, v in phases))
     return {"mode": "speed", "shape": a.shape, "rank": RANK, "rounds": a.rounds, "best": best}
 
 

@@ -130,7 +130,8 @@ def main():
     init_model(tok_path, os.path.join(tmp, "init"))
     # 2. data: pre-training on copy/reverse; fine-tuning (train + held-out) on shift
     rng = random.Random(1)
-    write_jsonl(os.path.join(tmp, "pretrain.jsonl"), [record(rng.choice(["copy", "reverse"]), rng) for _ in range(20000)])
+    pretrain = [record(rng.choice(["copy", "reverse"]), rng) for _ in range(20000)]
+    write_jsonl(os.path.join(tmp, "pretrain.jsonl"), pretrain)
     os.makedirs(DEMO, exist_ok=True)
     write_jsonl(os.path.join(DEMO, "train.jsonl"), [record("shift", rng) for _ in range(3000)])
     write_jsonl(os.path.join(DEMO, "val.jsonl"), [record("shift", rng) for _ in range(200)])

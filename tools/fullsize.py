@@ -54,7 +54,8 @@ def write_checkpoint(folder: str, args: ModelArgs, seed: int = 0):
                    f"layers.{i}.attention.wk.weight": (args.n_kv_heads * hd, args.dim),
                    f"layers.{i}.attention.wv.weight": (args.n_kv_heads * hd, args.dim),
                    f"layers.{i}.attention.wo.weight": (args.dim, args.n_heads * hd),
-                   f"layers.{i}.feed_forward.w1.weight": (f, args.dim), f"layers.{i}.feed_forward.w2.weight": (args.dim, f),
+                   f"layers.{i}.feed_forward.w1.weight": (f, args.dim),
+                   f"layers.{i}.feed_forward.w2.weight": (args.dim, f),
                    f"layers.{i}.feed_forward.w3.weight": (f, args.dim),
                    f"layers.{i}.attention_norm.weight": (args.dim,), f"layers.{i}.ffn_norm.weight": (args.dim,)}
     sd = {k: (1 + 0.1 * torch.randn(s, generator=g) if len(s) == 1 else 0.02 * torch.randn(s, generator=g)).bfloat16()

@@ -195,8 +195,8 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     and the block being computed is whole again (with the next one prefetched)."""
     quantize = None if quantize in (None, "none", "bf16") else quantize
     targets = config.parse_targets(targets)
-    model, optimizer = meta_model(args, method, quantize, dtype, window_open, targets, density=density, lora_rank=lora_rank,
-                                  lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
+    model, optimizer = meta_model(args, method, quantize, dtype, window_open, targets, density=density,
+                                  lora_rank=lora_rank, lora_dropout=lora_dropout, sm3_momentum=sm3_momentum)
     est = persistent_bytes(model, optimizer)
     if device == "cpu":  # (train.py on a CPU computes in fp32: the caller passes dtype)
         est["runtime"] = CPU_RUNTIME
@@ -361,8 +361,9 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
     model.train()
     print(f"random {args.n_layers}-layer model (dim {args.dim}) on {device}, {dtype}, base {quantize or 'dense'}, "
           f"built in {time.time() - t0:.1f}s; {batch_size} x {seq_len} tokens per step, grad checkpointing")
-    report = {"device": torch.cuda.get_device_name() if cuda else str(device), "dtype": str(dtype), "quantize": quantize,
-              "seq_len": seq_len, "batch_size": batch_size, "steps": steps, "grad_checkpoint": True, "runs": {}}
+    report = {"device": torch.cuda.get_device_name() if cuda else str(device), "dtype": str(dtype),
+              "quantize": quantize, "seq_len": seq_len, "batch_size": batch_size, "steps": steps,
+              "grad_checkpoint": True, "runs": {}}
     for method in ("spiel-ag", "spiel-ma"):
         est = estimate(args, method, quantize, seq_len, batch_size, True, density, lora_rank, dtype=dtype)
         try:

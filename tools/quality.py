@@ -69,7 +69,8 @@ QUALITY = {  # name -> (train.py flags, or "plain" for the plain loop; the lr gr
 # (each grid was centred on the best of a wider 5-value scan, 300 steps, seed 0; the study's table shows
 # where each method's best lr falls in its grid: docs/bench.md)
 # the ablation: an old default put back, at the method's best 300-step lr
-ABLATION = {"spiel-ag+clip1": ("spiel-ag", ["--grad-clip", "1"]), "spiel-ag+wd30": ("spiel-ag", ["--weight-decay", "30"]),
+ABLATION = {"spiel-ag+clip1": ("spiel-ag", ["--grad-clip", "1"]),
+            "spiel-ag+wd30": ("spiel-ag", ["--weight-decay", "30"]),
             "spiel-ma+clip1": ("spiel-ma", ["--grad-clip", "1"]), "lora+clip1": ("lora", ["--grad-clip", "1"])}
 BEST_300 = {"spiel-ag": {"demo": (3e-3,), "transfer": (1e-2,)}, "spiel-ma": {"demo": (0.1,), "transfer": (0.1,)},
             "lora": {"demo": (3e-3,), "transfer": (1e-2,)}}
@@ -122,7 +123,8 @@ def ablations(a) -> dict:
     with ThreadPoolExecutor(a.jobs) as pool:
         scores = dict(zip(jobs, pool.map(lambda j: quality_job(a, *j), jobs)))
     print(f"\nablations: {steps} steps, {len(a.seeds)} seeds, held-out exact match %, mean ± std (per seed)\n"
-          "| fixture | method | regrowth | targets | trainable | lr | learned (test) | retained |\n|---|---|---|---|---|---|---|---|")
+          "| fixture | method | regrowth | targets | trainable | lr | learned (test) | retained |\n"
+          "|---|---|---|---|---|---|---|---|")
     report = {}
     for fx in a.fixtures:
         for name, (method, regrow, targets, n) in rows.items():
@@ -133,9 +135,11 @@ def ablations(a) -> dict:
             cell = {k: [100 * r[k] for _, r in runs] for k in ("test", "retained")}
             report[f"{fx}/{name}"] = {"method": method, "regrowth": regrow, "targets": targets, "trainable": n,
                                       "lr": lr[fx, name], "seeds": [seed for seed, _ in runs], **cell}
-            fmt = lambda v: f"{statistics.fmean(v):.0f} ± {statistics.pstdev(v):.0f} ({' / '.join(f'{x:.0f}' for x in v)})"  # noqa: E731
-            print(f"| {os.path.basename(fx.rstrip('/'))} | {method} | {regrow} | {targets} | {n:,} | {lr[fx, name]:g} | "
-                  f"{fmt(cell['test'])} | {fmt(cell['retained'])} |")
+            def fmt(v):
+                each = " / ".join(f"{x:.0f}" for x in v)
+                return f"{statistics.fmean(v):.0f} ± {statistics.pstdev(v):.0f} ({each})"
+            print(f"| {os.path.basename(fx.rstrip('/'))} | {method} | {regrow} | {targets} | {n:,} | "
+                  f"{lr[fx, name]:g} | {fmt(cell['test'])} | {fmt(cell['retained'])} |")
     return {"mode": "ablations", "steps": steps, "seeds": a.seeds, "rank": Q_RANK, "common": Q_COMMON,
             "results": report}
 
@@ -278,8 +282,8 @@ def quality(a) -> dict:
                 cell = lambda key: f"{100 * ms(key)[0]:.0f} ± {100 * ms(key)[1]:.0f}"  # noqa: E731
                 lrs = " / ".join(f"{lr:g}: {100 * statistics.fmean(x['dev'] for x in ok[lr]):.0f}" if lr in ok else
                                  f"{lr:g}: failed" for lr in grids[(fx, m)])
-                table.append(f"| {steps} | {os.path.basename(fx.rstrip('/'))} | {m} | {best:g} | {cell('test')} | {cell('retained')} | "
-                             f"{ms('val_loss')[0]:.3f} | {lrs} |")
+                table.append(f"| {steps} | {os.path.basename(fx.rstrip('/'))} | {m} | {best:g} | {cell('test')} | "
+                             f"{cell('retained')} | {ms('val_loss')[0]:.3f} | {lrs} |")
     print(f"\nquality: {len(a.seeds)} seeds, mean ± std (%) of held-out exact match at each method's best lr "
           f"(chosen on dev)\n| steps | fixture | method | best lr | learned (test) | retained | val loss | "
           f"dev EM (%) per lr of the grid |\n|---|---|---|---|---|---|---|---|")
@@ -302,7 +306,8 @@ def main(argv=None):
     a("--jobs", type=int, default=n_cores(), help="runs at once (each on one thread)")
     a("--train-py", default=os.path.join(ROOT, "train.py"), help="the train.py the study runs (e.g. an older "
       "version's, for a before / after table)")
-    for flag in ("--plain", "--score", "--fixture", "--out"):  # internal: one plain-loop run / score, in a fresh process
+    # internal: one plain-loop run / score, in a fresh process
+    for flag in ("--plain", "--score", "--fixture", "--out"):
         a(flag, help=argparse.SUPPRESS)
     a("--lr", type=float, help=argparse.SUPPRESS)
     a("--seed", type=int, default=0, help=argparse.SUPPRESS)

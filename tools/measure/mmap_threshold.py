@@ -1,6 +1,7 @@
-"""what glibc's fixed 1 MB mmap threshold (train.py's, for a large model) costs a step on tools/bench.py's CPU shape: two
-copies of each method in one process, their steps interleaved, the threshold set before each step to 1 MB for one
-copy and 32 MB (the top of glibc's own range) for the other. Mean and median of the steps after the 5th.
+"""what glibc's fixed 1 MB mmap threshold (train.py's, for a large model) costs a step on tools/bench.py's CPU
+shape: two copies of each method in one process, their steps interleaved, the threshold set before each step to
+1 MB for one copy and 32 MB (the top of glibc's own range) for the other. Mean and median of the steps after the
+5th.
     python tools/measure/mmap_threshold.py lora-nodrop spiel-ma"""
 import argparse
 import ctypes

@@ -49,7 +49,8 @@ def transposes():  # dy of every matrix; x once per distinct input (spiel.Inputs
 
 pieces = {
     "dy and x transposed (x once per input)": transposes,
-    "the sampled product (SDDMM)": lambda: [spiel.sampled_grad(m, a, b, m.indices) for m, a, b in zip(layers, dy_t, x_t)],
+    "the sampled product (SDDMM)":
+        lambda: [spiel.sampled_grad(m, a, b, m.indices) for m, a, b in zip(layers, dy_t, x_t)],
     "the resident weight's writes (forward)": lambda: [spiel.resident_weight(m, m.values) for m in layers],
     "SM3's step": opt.step,
     "for scale: dx = dy W, which the frozen base does too": lambda: [dy @ m.base.weight for m, dy in zip(layers, dys)],
