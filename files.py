@@ -156,3 +156,25 @@ class Progress:
     def close(self):
         if self.bar:
             self.bar.close()
+
+
+def what_file(path: str) -> str:
+    """what a file given where a checkpoint folder was expected is, and what to pass instead (for the message of
+    llama.check_checkpoint)."""
+    name, folder = os.path.basename(path), os.path.dirname(os.path.abspath(path))
+    fmt = None
+    if name.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception:
+            pass  # not readable as safetensors: described by its name below
+    if fmt in ("spiel-delta", "spiel-lora"):
+        return (f"a {'sparse delta' if fmt == 'spiel-delta' else 'LoRA adapter'} file: pass the base model's folder "
+                f"(generate.py and merge.py take this file with --delta)")
+    if name == "tokenizer.model":
+        return "a tokenizer: pass the checkpoint folder (its tokenizer.model sits in it or one level up)"
+    if name.endswith((".safetensors", ".pth", ".bin", ".pt")) or name in ("config.json", "params.json"):
+        return f"a file of a checkpoint: pass the folder that holds it ({folder})"
+    return "a file"

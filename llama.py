@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import CheckpointError, Progress, read_json, torch_load
+from files import CheckpointError, Progress, read_json, torch_load, what_file
 
 IGNORE_INDEX = -100  # label value that does not count in the loss
 # the seven projections of a block, which fine-tuning targets (all of them by default, as the paper does);
@@ -296,27 +296,6 @@ def check_checkpoint(path: str, tokenizer: bool = True) -> str:
     if tokenizer:
         find_tokenizer(path)
     return layout
-
-
-def what_file(path: str) -> str:
-    """what a file given as a checkpoint folder is, and what to pass instead (for check_checkpoint's message)."""
-    name, folder = os.path.basename(path), os.path.dirname(os.path.abspath(path))
-    fmt = None
-    if name.endswith(".safetensors"):
-        try:
-            from safetensors import safe_open
-            with safe_open(path, framework="pt") as f:
-                fmt = (f.metadata() or {}).get("format")
-        except Exception:
-            pass  # not readable as safetensors: described by its name below
-    if fmt in ("spiel-delta", "spiel-lora"):
-        return (f"a {'sparse delta' if fmt == 'spiel-delta' else 'LoRA adapter'} file: pass the base model's folder "
-                f"(generate.py and merge.py take this file with --delta)")
-    if name == "tokenizer.model":
-        return "a tokenizer: pass the checkpoint folder (its tokenizer.model sits in it or one level up)"
-    if name.endswith((".safetensors", ".pth", ".bin", ".pt")) or name in ("config.json", "params.json"):
-        return f"a file of a checkpoint: pass the folder that holds it ({folder})"
-    return "a file"
 
 
 def find_tokenizer(ckpt_dir: str) -> str:

@@ -35,10 +35,8 @@ def _safe(scale):  # an all-zero row or block has scale 0: divide by a tiny numb
 # -----------------------------------------------------------------------------
 # int8: symmetric absmax, one fp32 scale per row
 
-CHUNK = 1 << 20  # weights per chunk while quantizing: every temporary is one reused buffer of this size. A fresh
-# (out, in) temporary per matrix costs page faults under train.py's fixed mmap threshold at 7B width (NF4 loaded
-# 1.5x slower than int8 that way), and smaller chunks cost parallel regions (under OMP_WAIT_POLICY=PASSIVE each
-# wakes the threads: 256K was 2x slower)
+CHUNK = 1 << 20  # weights per chunk while quantizing, in reused buffers: a fresh (out, in) temporary costs page
+# faults under train.py's 1 MB mmap threshold (NF4 loaded 1.5x slower); 256K chunks took 2x as long (more ops)
 
 
 def absmax_rows(w):
