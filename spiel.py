@@ -481,6 +481,7 @@ class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay on the pre-step value) whose bias correction uses a per-element age,
     so a delta grown at step t is corrected as a fresh parameter (or as one seeded with `age` window steps)."""
     per_slot = ("exp_avg", "exp_avg_sq", "age")  # all its state has one entry per delta (the Selector moves it)
+    part = 1 << 22  # deltas per foreach call at most: its temporaries (12 B a delta) stay at 50 MB at 7B width
 
     def __init__(self, params, lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -493,25 +494,28 @@ class AdamW(torch.optim.Optimizer):
             for p in params:
                 if not self.state[p]:
                     self.state[p].update({key: torch.zeros_like(p, dtype=torch.float32) for key in self.per_slot})
-            if not params:
-                continue
-            # every matrix's deltas at once (foreach: one call per operation, not one per matrix)
-            m, v, age = ([self.state[p][key] for p in params] for key in self.per_slot)
-            g = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
-            torch._foreach_add_(age, 1)
-            torch._foreach_lerp_(m, g, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, g, g, value=1 - b2)
-            # step = m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^age), v_hat = v / (1 - b2^age)
-            denom = torch._foreach_div(v, one_minus(torch._foreach_pow(b2, age)))
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps)
-            update = torch._foreach_div(m, one_minus(torch._foreach_pow(b1, age)))
-            torch._foreach_div_(update, denom)
-            if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, on the pre-step value
-            torch._foreach_add_(params, [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(update, params)],
-                                alpha=-lr)
+            i = 0
+            while i < len(params):  # many matrices' deltas at once (foreach: one call per operation), in parts
+                j, n = i + 1, params[i].numel()
+                while j < len(params) and n + params[j].numel() <= self.part:
+                    j, n = j + 1, n + params[j].numel()
+                ps, i = params[i:j], j
+                m, v, age = ([self.state[p][key] for p in ps] for key in self.per_slot)
+                g = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
+                torch._foreach_add_(age, 1)
+                torch._foreach_lerp_(m, g, 1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, g, g, value=1 - b2)
+                # step = m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^age), v_hat = v / (1 - b2^age)
+                denom = torch._foreach_div(v, one_minus(torch._foreach_pow(b2, age)))
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)
+                update = torch._foreach_div(m, one_minus(torch._foreach_pow(b1, age)))
+                torch._foreach_div_(update, denom)
+                if wd:
+                    torch._foreach_mul_(ps, 1 - lr * wd)  # decoupled weight decay, on the pre-step value
+                torch._foreach_add_(ps, [u if u.dtype == p.dtype else u.to(p.dtype) for u, p in zip(update, ps)],
+                                    alpha=-lr)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

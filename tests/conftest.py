@@ -155,6 +155,36 @@ def random_state_dict(args: ModelArgs, seed=0, dtype=torch.float32):
     return sd
 
 
+def tokens(seed=0, B=2, T=12):
+    return torch.randint(TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def set_random_values(model, seed=0, scale=0.05):
+    """random values for every sparse delta of the model (seeded), so that a fine-tune changes the logits."""
+    from spiel import delta_layers
+    g = torch.Generator().manual_seed(seed)
+    for layer in delta_layers(model).values():
+        layer.values.copy_(torch.randn(layer.values.shape, generator=g) * scale)
+
+
+def train_peft_adapter(tiny, folder, peft, transformers, **lora_config):
+    """a LoRA adapter PEFT trains for 3 steps on the tiny HF model (so B is not 0), saved in `folder`:
+    -> (the PEFT model in eval mode, the input ids it trained on)."""
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf, dtype=torch.float32)
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                   **lora_config))
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, tiny.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        ref(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ref.save_pretrained(str(folder))
+    return ref.eval(), x
+
+
 def write_meta(sd, args: ModelArgs, folder, n_shards=1):
     """Meta layout: params.json + consolidated.NN.pth, tensor-parallel shards (see llama-formats.md)."""
     os.makedirs(folder, exist_ok=True)

@@ -22,7 +22,7 @@ import generate
 import lora
 import merge
 import spiel
-from conftest import random_state_dict, run_watched, to_hf, write_hf
+from conftest import random_state_dict, run_watched, to_hf, train_peft_adapter, write_hf
 from files import CheckpointError
 from llama import PROJECTIONS, load_model
 
@@ -358,19 +358,8 @@ def test_peft_loads_our_export_with_our_logits(tiny, files, tmp_path):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_a_peft_trained_adapter_gives_peft_logits_here(tiny, tmp_path, rslora):
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf, dtype=torch.float32)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=SHORT, task_type="CAUSAL_LM",
-                          use_rslora=rslora)
-    ref = peft.get_peft_model(ref, cfg)
-    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
-    x = torch.randint(0, tiny.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    for _ in range(3):  # a few steps, so that B is not 0
-        ref(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    ref.save_pretrained(str(tmp_path / "adapter"))
-    ref.eval()
+    ref, x = train_peft_adapter(tiny, tmp_path / "adapter", peft, transformers, target_modules=SHORT,
+                                use_rslora=rslora)
     ours = load_model(tiny.hf, dtype=torch.float32)
     finetune.load(ours, str(tmp_path / "adapter"), finetune.base_of(ours, tiny.hf))
     merge.main(["--ckpt", tiny.hf, "--delta", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"),

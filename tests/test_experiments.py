@@ -22,7 +22,8 @@ import generate
 import merge
 import spiel
 import train
-from conftest import ROOT, TRAIN_ARGS, TRAIN_LR, communicate, popen, run_watched, train_run, wait_until
+from conftest import (ROOT, TRAIN_ARGS, TRAIN_LR, communicate, popen, run_watched, train_peft_adapter, train_run,
+                      wait_until)
 from llama import PROJECTIONS, load_model, permute_hf_to_meta
 
 ATTENTION = ("wq", "wk", "wv", "wo")
@@ -286,18 +287,7 @@ def test_a_peft_q_v_adapter_gives_peft_logits_here_and_goes_back(tiny, tmp_path)
     gives PEFT's logits here, applied and merged; exported back (convert.py --to peft) PEFT loads it with those
     target_modules and the same logits."""
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny.hf, dtype=torch.float32)
-    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                   target_modules=["q_proj", "v_proj"]))
-    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
-    x = torch.randint(0, tiny.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    for _ in range(3):  # a few steps, so that B is not 0
-        ref(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    ref.save_pretrained(str(tmp_path / "adapter"))
-    ref.eval()
+    ref, x = train_peft_adapter(tiny, tmp_path / "adapter", peft, transformers, target_modules=["q_proj", "v_proj"])
     ours = load_model(tiny.hf, dtype=torch.float32)
     ft = finetune.load(ours, str(tmp_path / "adapter"), finetune.base_of(ours, tiny.hf))
     assert {n.rpartition(".")[2] for n in ft.shapes} == {"wq", "wv"}

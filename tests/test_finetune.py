@@ -24,7 +24,7 @@ import finetune
 import generate
 import llama
 import merge
-from conftest import TINY, random_state_dict, write_meta
+from conftest import TINY, random_state_dict, set_random_values, tokens, write_meta
 from files import CheckpointError
 from finetune import Base
 from finetune import fingerprint
@@ -50,17 +50,6 @@ def tiny_model(seed=0, **changes):
 def base_of(model, merged=()) -> Base:
     """the Base of a model built here (no checkpoint folder): its fingerprint, and what was merged into it."""
     return Base(fingerprint(model), list(merged))
-
-
-def tokens(seed=0, B=2, T=12):
-    return torch.randint(TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def set_random_values(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    for layer in delta_layers(model).values():
-        layer.values.copy_(torch.randn(layer.values.shape, generator=g) * scale)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import quantize  # noqa: E402
 import spiel  # noqa: E402
 import train  # noqa: E402
-from conftest import TINY, random_state_dict  # noqa: E402
+from conftest import TINY, random_state_dict, set_random_values, tokens  # noqa: E402
 from llama import PROJECTIONS, ModelArgs, Transformer  # noqa: E402
 from sm3 import SM3  # noqa: E402
 from spiel import (Schedule, Selector, SparseDeltaFn, SparseDeltaLinear, Window, add_sparse_deltas,  # noqa: E402
@@ -55,17 +55,6 @@ def tiny_model(seed=0, **changes):
     model = Transformer(args)
     model.load_state_dict(random_state_dict(args, seed=seed))
     return model
-
-
-def tokens(seed=0, B=2, T=12):
-    return torch.randint(TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def set_random_values(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    for layer in delta_layers(model).values():
-        layer.values.copy_(torch.randn(layer.values.shape, generator=g) * scale)
 
 
 def frozen_state(model):
@@ -1357,14 +1346,17 @@ def test_resident_weight_trains_exactly_like_the_transient_one():
         layer.merged_weight(layer.base.weight.dtype)
 
 
-def test_adamw_foreach_equals_the_per_delta_formula_bit_for_bit():
-    """spiel.AdamW updates every matrix's deltas with foreach calls; it equals, bit for bit, the formula written
-    out per tensor: m = lerp(m, g, 1 - b1), v = b2 v + (1 - b2) g^2, age += 1, p = p (1 - lr wd) - lr m_hat /
-    (sqrt(v_hat) + eps) with per-element bias corrections 1 - b^age (ages differ: grown deltas are younger)."""
+@pytest.mark.parametrize("part", [1 << 22, 22, 1])  # one foreach call for all; [5, 17] and [64]; one each
+def test_adamw_foreach_equals_the_per_delta_formula_bit_for_bit(part):
+    """spiel.AdamW updates many matrices' deltas per foreach call (in parts of at most `part` deltas); it equals,
+    bit for bit, the formula written out per tensor: m = lerp(m, g, 1 - b1), v = b2 v + (1 - b2) g^2, age += 1,
+    p = p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps) with per-element bias corrections 1 - b^age (ages differ:
+    grown deltas are younger), however the matrices are split into parts."""
     g = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(n, generator=g)) for n in (5, 17, 64)]
     ref = [p.detach().clone() for p in params]
     opt = spiel.AdamW(params, lr=3e-3, weight_decay=0.1)
+    opt.part = part
     state = [None] * len(ref)
     for step in range(6):
         grads = [torch.randn(p.shape, generator=g) for p in params]

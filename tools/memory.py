@@ -25,7 +25,7 @@ of what autograd keeps (`saved_activations` below; tests/test_memory.py checks i
 Peak = persistent + max(backward phase, optimizer-step phase), where
   persistent     = weights + trainable part + gradients + optimizer state + AG window
   backward phase = saved activations + max(logits, one block's backward + the largest weight transient)
-  optimizer step = the optimizer's temporaries for its largest tensor.
+  optimizer step = the optimizer's temporaries for its largest tensor (SpIEL-AG: for one foreach part).
 It is an upper bound by design: the gradients, counted as persistent, only fill up during backward.
 GB here is 1e9 bytes. --measure checks the goal on one GPU: 7B, int8 base, 2048 tokens, batch 1, grad
 checkpointing: SpIEL-MA below 16 GB and SpIEL-AG below 20 GB of torch.cuda.max_memory_allocated.
@@ -64,8 +64,9 @@ GOALS = {"spiel-ma": 16 * GB, "spiel-ag": 20 * GB}  # 7B, int8 base, seq 2048, b
 # spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
 # (uint8), their int64 copy for the lookup and the fp32 lookup
 DEQUANT_BYTES = {None: None, "int8": 8, "nf4": 13}  # None: the compute dtype's size
-# temporaries of one optimizer step on its largest tensor, per element: spiel.AdamW (SpIEL-AG: fp32 grad copy,
-# m_hat, v_hat, the update and its pieces) and SM3 on a sparse delta (int64 rows/cols/indices, nu, the update);
+# temporaries of one optimizer step on its largest tensor (spiel.AdamW: on one foreach part), per element:
+# spiel.AdamW (SpIEL-AG: fp32 grad copy, m_hat, v_hat, the update and its pieces) and SM3 on a sparse delta
+# (int64 rows/cols/indices, nu, the update);
 # torch.optim.AdamW (LoRA, full; foreach=False) makes sqrt(v) and sqrt(v) / c: two tensors of the parameter's
 # dtype, so its entry is a count of parameter-sized elements, not bytes
 STEP_BYTES = {"adamw": 24, "sm3": 40}
@@ -241,7 +242,11 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     biggest = max((p for g in optimizer.param_groups for p in g["params"]), key=torch.Tensor.numel)
     per_elem = STEP_BYTES["sm3"] if isinstance(optimizer, SM3) else STEP_BYTES["adamw"] \
         if isinstance(optimizer, spiel.AdamW) else TORCH_ADAMW_STEP_TENSORS * biggest.element_size()
-    est["optimizer step"] = biggest.numel() * per_elem
+    # spiel.AdamW steps many matrices per foreach call: up to spiel.AdamW.part deltas share the temporaries
+    n_all = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    counted = max(biggest.numel(), min(n_all, spiel.AdamW.part)) if isinstance(optimizer, spiel.AdamW) else \
+        biggest.numel()
+    est["optimizer step"] = counted * per_elem
     persistent = sum(est.get(k, 0) for k in ("base weights", "other weights", "trainable", "gradients",
                                              "optimizer state", "AG window", "resident W0", "unsharded blocks",
                                              "runtime", "sparse patterns"))
@@ -263,7 +268,7 @@ NOTES = {
     "logits": "fp32 log-softmax and two gradients of its size (tokens x vocab)",
     "block backward": "one block recomputed + activation gradients in flight",
     "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight or dense grad",
-    "optimizer step": "temporaries of the step on the largest tensor (after backward)",
+    "optimizer step": "temporaries of the step on the largest tensor or foreach part (after backward)",
     "unsharded blocks": "--fsdp: one block's weights gathered whole, and the next one prefetched",
     "resident W0": "SpIEL on a full-precision base: W0 at each delta, in the base's dtype (spiel.py section 9)",
 }
