@@ -494,12 +494,7 @@ class AdamW(torch.optim.Optimizer):
             for p in params:
                 if not self.state[p]:
                     self.state[p].update({key: torch.zeros_like(p, dtype=torch.float32) for key in self.per_slot})
-            i = 0
-            while i < len(params):  # many matrices' deltas at once (foreach: one call per operation), in parts
-                j, n = i + 1, params[i].numel()
-                while j < len(params) and n + params[j].numel() <= self.part:
-                    j, n = j + 1, n + params[j].numel()
-                ps, i = params[i:j], j
+            for ps in in_parts(params, self.part):  # many matrices' deltas per foreach call (one call per op)
                 m, v, age = ([self.state[p][key] for p in ps] for key in self.per_slot)
                 g = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in ps]
                 torch._foreach_add_(age, 1)
@@ -523,6 +518,18 @@ class AdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq", "age"):
                 if key in st:
                     st[key] = st[key].float()
+
+
+def in_parts(tensors: list, limit: int):
+    """the list in consecutive runs of at most `limit` elements in all (a larger tensor alone)."""
+    run, n = [], 0
+    for t in tensors:
+        if run and n + t.numel() > limit:
+            yield run
+            run, n = [], 0
+        run, n = run + [t], n + t.numel()
+    if run:
+        yield run
 
 
 def one_minus(xs: list) -> list:
