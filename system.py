@@ -4,6 +4,7 @@ parallel, FSDP for the frozen base), a polite stop on Ctrl-C or a job scheduler'
 width, and the run's own peak memory.
 """
 
+import atexit
 import os
 import signal
 import sys
@@ -33,7 +34,10 @@ def setup_distributed(device: str) -> tuple:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if backend == "gloo":  # ended at exit while Python is whole: left to its teardown, gloo's threads can
+            atexit.register(dist.destroy_process_group)  # still hold tensors, and a finished process aborts
     world = dist.get_world_size()
     return Processes(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))), device
 

@@ -109,6 +109,15 @@ def run_watched(args, **kw) -> subprocess.CompletedProcess:
     stdout, stderr = communicate(p)
     return subprocess.CompletedProcess(args, p.returncode, stdout, stderr)
 
+
+def ranks_said(p, n=3000) -> str:
+    """a torchrun's stderr up to its own failure report (which hides what the processes said): the last n chars."""
+    text = p.stderr
+    if (cut := text.find("] failed (exitcode")) >= 0:
+        text = text[:text.rfind("\n", 0, cut) + 1]
+    return text[-n:]
+
+
 WORDS = ("the a cat dog sat on mat one two three four five six seven eight nine ten plus minus is what "
          "user assistant answer question reverse copy sort list add number red green blue hello world").split()
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import communicate, popen, run_watched, wait_until
+from conftest import communicate, popen, ranks_said, run_watched, wait_until
 from test_train import ROOT
 
 pytestmark = pytest.mark.slow  # torchrun launches
@@ -84,7 +84,7 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tiny, task, tmp_pat
     configs = [args(tiny, task, tmp_path / f"{m}{'-fsdp' * fsdp}", m, 1, *(["--fsdp"] * fsdp))
                for fsdp in (False, True) for m in METHODS]
     p = torchrun(tmp_path, configs)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, ranks_said(p)
     for m in METHODS:
         ref = trained_tensors(one_process / m, m)
         for name in (m, m + "-fsdp"):
@@ -102,16 +102,36 @@ def test_an_interrupted_two_process_run_resumes_exactly(tiny, task, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     p = torchrun(tmp_path, [args(tiny, task, whole, "spiel-ag", 1),
                             args(tiny, task, split, "spiel-ag", 1, "--stop-at-step", "6")])
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, ranks_said(p)
     state = torch.load(split / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["selector"]  # inside an open window
     # one process cannot continue a two-process run
     with pytest.raises(Exception, match=r"saved by 2 process\(es\), resumed by 1; resume with: torchrun --nproc_per_node 2"):
         train.main(["--out", str(split), "--resume"])
     p = torchrun(tmp_path, [["--out", str(split), "--resume"]])
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, ranks_said(p)
     a, b = trained_tensors(whole, "spiel-ag"), trained_tensors(split, "spiel-ag")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_processes_exit_cleanly(tmp_path):
+    """after the last collective each process leaves at its own pace. Left to Python's teardown, the process
+    group's gloo threads made a finished process die of SIGABRT (about 1 launch in 4 with 2 processes, 9 in 10
+    with 4): system.setup_distributed ends the group at exit. 5 launches of 4 processes."""
+    script = tmp_path / "finish.py"
+    script.write_text(f"""import sys, time
+sys.path.insert(0, {ROOT!r})
+import torch, torch.distributed as dist, system
+procs, _ = system.setup_distributed("cpu")
+for i in range(50):  # one all-reduce a step, as system.Stop.agree
+    flag = torch.tensor([float(i)])  # (still alive when Python tears down)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+time.sleep(0.05 * (procs.rank == 0))  # rank 0 leaves last, as when it saves the run's files
+""")
+    for _ in range(5):
+        p = run_watched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                         str(script)], env=ENV)
+        assert p.returncode == 0, ranks_said(p)
 
 
 def test_ctrl_c_in_one_process_stops_all_after_the_same_step(tiny, task, tmp_path):
@@ -129,10 +149,10 @@ train.lr_at = interrupting
 """
     split, whole = tmp_path / "split", tmp_path / "whole"
     p = torchrun(tmp_path, [args(tiny, task, split, "spiel-ag", 1)], patch=patch)
-    assert p.returncode != 0 and "stopped after step 4" in p.stdout, p.stderr[-3000:]
+    assert p.returncode != 0 and "stopped after step 4" in p.stdout, ranks_said(p)
     assert torch.load(split / "state.pt", weights_only=True)["step"] == 4
     p = torchrun(tmp_path, [["--out", str(split), "--resume"], args(tiny, task, whole, "spiel-ag", 1)])
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, ranks_said(p)
     a, b = trained_tensors(whole, "spiel-ag"), trained_tensors(split, "spiel-ag")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -197,5 +217,5 @@ train.lr_at = held
     resume = hints[0].split("continue with: ")[1]
     assert resume.startswith("torchrun --nproc_per_node 2 train.py --out ") and resume.endswith(" --resume")
     p = run_watched(["bash", "-c", resume], cwd=ROOT, env=ENV)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, ranks_said(p)
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 30

@@ -273,7 +273,7 @@ def test_random_regrowth_survives_a_kill_and_matches_across_two_processes(tiny, 
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     p = run_watched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                      str(runner), *common, "--grad-accum", "1", "--out", str(tmp_path / "two")], cwd=ROOT, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, ranks_said(p)
     one, two = tensors(tmp_path / "one")[0], tensors(tmp_path / "two")[0]
     for k in one:
         if k.endswith(".indices"):
