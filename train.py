@@ -387,13 +387,14 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
 def cli(argv):
     """the command line: a bad input or an interruption ends in one line on stderr."""
     try:
-        sys.exit(main(argv))
+        code = main(argv)
     except (CheckpointError, data.DataError, ValueError, FileExistsError, system.RanksDisagree) as e:
-        sys.exit(f"error: {e}")
+        code = f"error: {e}"
     except KeyboardInterrupt:
         print("interrupted outside the training loop: run the same command again (with --resume "
               "if it saved a checkpoint)", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    system.leave(code)  # (sys.exit, but under torchrun on the CPU)
 
 
 if __name__ == "__main__":

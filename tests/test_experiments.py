@@ -269,7 +269,7 @@ def test_random_regrowth_survives_a_kill_and_matches_across_two_processes(tiny, 
     assert equal(tensors(tmp_path / "one")[0], tensors(tmp_path / "killed")[0])
     # 2 processes x grad-accum 1 == 1 process x 2: the same random positions on both, the same deltas
     runner = tmp_path / "runner.py"
-    runner.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport train\nsys.exit(train.main(sys.argv[1:]))\n")
+    runner.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport train\ntrain.cli(sys.argv[1:])\n")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     p = run_watched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                      str(runner), *common, "--grad-accum", "1", "--out", str(tmp_path / "two")], cwd=ROOT, env=env)
