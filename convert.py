@@ -29,7 +29,7 @@ def convert(src: str, to: str, out: str, ckpt: str, base_name=None):
         raise FileExistsError(f"{out}: exists; choose a new output file")
     if to != "spiel":
         check_new_folder(out)
-    args = read_args(ckpt, check_checkpoint(ckpt, tokenizer=False))
+    args = read_args(ckpt, check_checkpoint(ckpt))
     ft = finetune.read(src, args)
     base = adapters.base_shapes(args)
     for name, shape in ft.shapes.items():

@@ -110,7 +110,8 @@ def encode_example(tok, system, turns, seq_len: int) -> tuple:
     """-> (inputs (T,), targets (T,)) with targets[t] the token after inputs[t] or IGNORE_INDEX, T <= seq_len.
     Turn by turn: prompt ids (no label), answer ids and EOS (labels). So the ids before each answer are
     exactly `prompt_ids` of that conversation so far: training and generation see the same prefix."""
-    ids, is_label = [tok.bos_id], [False]
+    ids = tok.encode("", bos=True)  # the BOS, where the model has one (Qwen has none)
+    is_label = [False] * len(ids)
     for i, (user, answer) in enumerate(turns):
         p, a = encode_turn(tok, user_text(user, system if i == 0 else None), answer)
         ids += p + a + [tok.eos_id]  # the EOS is a label: the model must learn to stop
@@ -123,7 +124,7 @@ def encode_example(tok, system, turns, seq_len: int) -> tuple:
 
 def prompt_ids(tok, user: str, system=None) -> list:
     """what generation starts from: BOS and the template up to the assistant's answer, tokenized alone."""
-    return [tok.bos_id] + tok.encode(user_text(user, system), bos=False)
+    return tok.encode("", bos=True) + tok.encode(user_text(user, system), bos=False)
 
 
 def load_examples(path: str, tok, seq_len: int) -> tuple:
@@ -147,7 +148,9 @@ def load_examples(path: str, tok, seq_len: int) -> tuple:
 def unknown_warning(tok, examples, share: float = 0.01):
     """one warning line when more than `share` of the answer tokens are <unk> (text the tokenizer cannot write,
     so the model cannot learn it), with the counts and the characters of the first such answer; else None."""
-    unk = tok.sp.unk_id()
+    unk = tok.unk_id
+    if unk is None:  # (a byte-level tokenizer writes any text)
+        return None
     n_label = n_unk = n_prompt = n_prompt_unk = 0
     first = None  # the first answer with an <unk>
     for x, y, (_, turns) in examples:

@@ -16,9 +16,9 @@ import torch
 
 import data
 import finetune
+import tokenizer
 from files import CheckpointError
-from llama import IGNORE_INDEX, Tokenizer, Transformer, check_checkpoint, check_vocab, \
-    find_tokenizer, load_model, read_shapes
+from llama import IGNORE_INDEX, Transformer, check_checkpoint, check_vocab, load_model, read_shapes
 from system import default_device, default_dtype
 
 
@@ -31,8 +31,9 @@ def sample_top_p(probs, top_p: float, generator=None):
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95,
-             eos_id: Optional[int] = None, generator=None, n_words: Optional[int] = None) -> list:
-    """continue one prompt (token ids) with the KV cache: the whole prompt first, then one token at a time.
+             stop_ids=(), generator=None, n_words: Optional[int] = None) -> list:
+    """continue one prompt (token ids) with the KV cache: the whole prompt first, then one token at a time, until
+    one of stop_ids (the tokenizer's: its EOS and the checkpoint's eos_token_id) or max_new_tokens.
     n_words: the ids the tokenizer can decode; a padded embedding's extra rows are never picked. -> the new ids"""
     total = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
     if len(prompt) >= total:
@@ -49,7 +50,7 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
             nxt = last.argmax(-1, keepdim=True) if temperature <= 0 else \
                 sample_top_p(torch.softmax(last / temperature, dim=-1), top_p, generator)
             out.append(nxt.item())
-            if nxt.item() == eos_id:
+            if nxt.item() in stop_ids:
                 break
             tokens = nxt
         return out
@@ -60,8 +61,8 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
 
 def answer(model, tok, system, user, max_new) -> str:
     """the greedy answer to one chat turn (the prompt exactly as training tokenized it: data.prompt_ids)."""
-    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0, eos_id=tok.eos_id,
-                               n_words=tok.n_words))
+    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0,
+                               stop_ids=tok.stop_ids, n_words=tok.n_words))
 
 
 def exact_match(model, tok, examples, n) -> float:
@@ -113,7 +114,7 @@ def main(argv=None):
     if len(args.delta) > 1 and args.quantize != "none":
         raise ValueError("several fine-tunes at once need an unquantized base (--quantize none), or merge "
                          "them first with merge.py")
-    tok = Tokenizer(find_tokenizer(args.ckpt))
+    tok = tokenizer.load(args.ckpt)
     check_vocab(args.ckpt, tok)
     model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
                        quantize=None if args.quantize == "none" else args.quantize)
@@ -126,7 +127,7 @@ def main(argv=None):
             finetune.merge(model, ft, base)
     ids = data.prompt_ids(tok, args.prompt, args.system) if args.chat else tok.encode(args.prompt)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, eos_id=tok.eos_id, generator=g,
+    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, stop_ids=tok.stop_ids, generator=g,
                    n_words=tok.n_words)
     print(args.prompt + ("\n" if args.chat else "") + tok.decode(new))
 

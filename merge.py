@@ -23,30 +23,38 @@ import torch
 import finetune
 import lora
 import spiel
-from files import CheckpointError, Progress, check_new_folder, write_folder
-from llama import HF_TO_META, ModelArgs, Tokenizer, Transformer, check_checkpoint, check_vocab, find_tokenizer, \
-    load_model, permute_meta_to_hf, read_shapes, rename
+import tokenizer
+from files import CheckpointError, Progress, check_new_folder, read_json, write_folder
+from llama import HF_TO_META, ModelArgs, Transformer, check_checkpoint, check_vocab, load_model, permute_meta_to_hf, \
+    read_shapes, rename
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype, merged: list) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
-        "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "bos_token_id": 1,
-        "eos_token_id": 2, "initializer_range": 0.02, "torch_dtype": str(dtype).removeprefix("torch."),
-        "spiel_merged": merged,
-    }
+def hf_config(args: ModelArgs, ckpt, dtype: torch.dtype, merged: list) -> dict:
+    """the export's config.json: the source checkpoint's own (its model_type, rope scaling, biases, tie, special
+    token ids: all of it stays) with the export's dtype and the fine-tunes merged into it; for Meta's layout, a
+    LlamaForCausalLM config of its ModelArgs (LLaMA 2 and CodeLlama: Meta's Llama 3 layout is refused on load)."""
+    if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")) and \
+            not os.path.isfile(os.path.join(ckpt, "params.json")):
+        cfg = read_json(os.path.join(ckpt, "config.json"))
+    else:
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+               "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
+               "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads,
+               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False, "attention_bias": False,
+               "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}
+    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    return cfg | {"spiel_merged": merged}
 
 
 MAX_SHARD_BYTES = 5 * 2**30  # as transformers' save_pretrained
 
 
-def save_hf(model: Transformer, tokenizer_path, out_dir: str, merged=(), state_dict=None, replace: bool = False,
+def save_hf(model: Transformer, ckpt, out_dir: str, merged=(), state_dict=None, replace: bool = False,
             verbose: bool = True):
-    """config.json (listing the fine-tunes `merged` into these weights), safetensors shards (+ index when sharded)
-    and tokenizer.model, written beside out_dir and renamed into place (a failed export leaves nothing
+    """config.json (hf_config of the source checkpoint `ckpt`, listing the fine-tunes `merged` into these
+    weights), safetensors shards (+ index when sharded) and the source's tokenizer files (tokenizer.files; none when
+    ckpt is None), written beside out_dir and renamed into place (a failed export leaves nothing
     half-written); a non-empty out_dir is never touched, unless `replace` (train.py's own model/ when a finished
     run is extended: swapped once the new one is whole). state_dict: the model's weights when they are not all in
     `model` (a sharded model gathered by its caller)."""
@@ -62,7 +70,9 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, merged=(), state_d
     meta_to_hf = {v: k for k, v in HF_TO_META.items()}
     shards, size = [{}], 0
     for key, t in (state_dict or model.state_dict()).items():
-        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+        if key == "output.weight" and model.args.tie_embeddings:
+            continue  # (the embedding's: a tied checkpoint has no lm_head.weight)
+        if ".attention.wq." in key or ".attention.wk." in key:
             t = permute_meta_to_hf(t, model.args.n_heads if ".wq." in key else model.args.n_kv_heads)
         if shards[-1] and size + t.nbytes > MAX_SHARD_BYTES:
             shards, size = shards + [{}], 0
@@ -84,9 +94,9 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, merged=(), state_d
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(model.args, next(iter(shards[0].values())).dtype, list(merged)), f, indent=2)
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            json.dump(hf_config(model.args, ckpt, next(iter(shards[0].values())).dtype, list(merged)), f, indent=2)
+        for name, path in (tokenizer.files(ckpt) if ckpt else {}).items():
+            shutil.copyfile(path, os.path.join(tmp, name))
     write_folder(out_dir, write, replace)  # (beside out_dir, renamed when whole: a failure leaves nothing)
 
 
@@ -102,7 +112,7 @@ def main(argv=None):
 
     check_new_folder(args.out)  # everything that can be checked before the (slow) load of the base
     check_checkpoint(args.ckpt)
-    check_vocab(args.ckpt, Tokenizer(find_tokenizer(args.ckpt)))  # (the export carries this tokenizer)
+    check_vocab(args.ckpt, tokenizer.load(args.ckpt))  # (the export carries this tokenizer)
     shapes = read_shapes(args.ckpt) if args.delta else None
     fts = [finetune.read(path, shapes) for path in args.delta]  # each fine-tune is read once
     model = load_model(args.ckpt, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
@@ -110,7 +120,7 @@ def main(argv=None):
     for ft in fts:
         finetune.merge(model, ft, base)
         print(f"merged {ft.path}")
-    save_hf(model, find_tokenizer(args.ckpt), args.out, base.merged)
+    save_hf(model, args.ckpt, args.out, base.merged)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     print(f"wrote {args.out} (Hugging Face layout, {dtype})")
 

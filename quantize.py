@@ -128,7 +128,7 @@ class DequantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))
+        return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
@@ -136,7 +136,7 @@ class DequantLinearFn(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features, out_features, mode, device=None):
+    def __init__(self, in_features, out_features, mode, device=None, bias: bool = False):
         super().__init__()
         if mode not in ("int8", "nf4"):
             raise ValueError(f"unknown quantization mode {mode!r}, expected 'int8' or 'nf4'")
@@ -155,6 +155,8 @@ class QuantLinear(nn.Module):
                            absmax_mean=((), torch.float32))
         for name, (size, dt) in buffers.items():
             self.register_buffer(name, torch.empty(size, dtype=dt, device=device))
+        # a bias (Qwen2's q, k, v) stays in full precision, frozen
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     @property
     def weight_shape(self):
@@ -189,10 +191,8 @@ def quantize_model(model, mode, targets):
     (one on the meta device stays empty: the loader fills it)."""
     for name, child in model.named_children():
         if isinstance(child, nn.Linear) and name in targets:
-            if child.bias is not None:
-                raise ValueError(f"quantize_model: {name} has a bias; QuantLinear supports bias-free layers only")
             q = QuantLinear(child.in_features, child.out_features, mode, child.weight.device)
-            q.dtype = child.weight.dtype
+            q.dtype, q.bias = child.weight.dtype, None if child.bias is None else child.bias.requires_grad_(False)
             if not child.weight.is_meta:
                 q.load_weight(child.weight)
             setattr(model, name, q)

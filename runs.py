@@ -192,15 +192,16 @@ def write_state(args, step, model, optimizer, selector, batches, procs: Processe
     progress.close()
 
 
-def export_model(args, model, tokenizer_path: str, base: finetune.Base, procs: Processes):
-    """after full fine-tuning: the model in the HF layout in <out>/model (gathered on rank 0 under --fsdp),
+def export_model(args, model, base: finetune.Base, procs: Processes):
+    """after full fine-tuning: the model in the HF layout in <out>/model (with the base's config and tokenizer
+    files; gathered on rank 0 under --fsdp),
     replacing the one an earlier (extended) run exported once the new one is whole."""
     sd = None
     if full_fsdp(args):
         from torch.distributed.checkpoint import state_dict as dcp
         sd = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if procs.rank == 0:
-        save_hf(model, tokenizer_path, os.path.join(args.out, "model"), base.merged, state_dict=sd, replace=True)
+        save_hf(model, args.ckpt, os.path.join(args.out, "model"), base.merged, state_dict=sd, replace=True)
 
 
 def tensor_bytes(obj) -> int:

@@ -30,10 +30,11 @@ import lora
 import runs
 import spiel
 import system
+import tokenizer
 from files import CheckpointError, sha256
 from generate import answer, evaluate, exact_match
-from llama import (IGNORE_INDEX, PROJECTIONS, Tokenizer, check_checkpoint, check_vocab, find_tokenizer,
-                   load_model, matrix_shape, read_args, target_linears)
+from llama import (IGNORE_INDEX, PROJECTIONS, check_checkpoint, check_vocab, load_model, matrix_shape, read_args,
+                   target_linears)
 from sm3 import SM3
 
 # -----------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else system.default_dtype(device)
 
     # --- data and model ---------------------------------------------------------------------------
-    tok = Tokenizer(find_tokenizer(args.ckpt))
+    tok = tokenizer.load(args.ckpt)
     check_vocab(args.ckpt, tok)  # (more embedding rows than pieces is fine: a padded vocabulary)
     train_set, val_set, total_steps = load_data(args, tok, procs.world, shapes.max_seq_len, say)
     model, base, n_base = load_base(args, layout, device, dtype, procs.rank == 0, say)
@@ -373,7 +374,7 @@ def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, 
     log({"event": "end", "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed,
          "peak_memory_gb": memory["peak_gb"], "memory_counts": memory["what"]})
     if args.method == "full":  # the fine-tuned model itself, in the HF layout
-        runs.export_model(args, model, tok.path, base, procs)
+        runs.export_model(args, model, base, procs)
     if args.exact_match and val_set:
         report_quality(args, model, tok, val_set, device, total_steps, say, log)
     artifact = os.path.join(args.out, runs.finetune_file(args.method))

@@ -9,7 +9,8 @@ import random
 import pytest
 
 import data
-from llama import IGNORE_INDEX, Tokenizer
+from llama import IGNORE_INDEX
+from tokenizer import SentencePiece as Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -63,7 +64,7 @@ def test_generation_starts_from_exactly_the_ids_the_loss_conditioned_on(tok):
         # the labels are the answer (as this tokenizer writes it after the prompt) and EOS
         labels = targets[len(prompt) - 1:].tolist()
         assert labels[-1] == tok.eos_id
-        if tok.sp.unk_id() not in labels:  # (the demo's tokenizer has no capitals)
+        if tok.unk_id not in labels:  # (the demo's tokenizer has no capitals)
             assert tok.decode(labels[:-1]).strip() == answer.strip()
 
 
@@ -84,7 +85,7 @@ def test_answers_the_tokenizer_cannot_write_are_warned_about(tmp_path):
     import config
     import train
     tok = Tokenizer(os.path.join(ROOT, "demo", "base", "tokenizer.model"))
-    assert tok.sp.unk_id() in tok.encode("Stone", bos=False)
+    assert tok.unk_id in tok.encode("Stone", bos=False)
     path = tmp_path / "caps.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"name rock {LETTERS[i % 26]}", "output": "Stone Age"}) + "\n"
                             for i in range(40)))

@@ -68,6 +68,7 @@ def test_the_leaves_and_the_model_sit_low():
     for leaf in LEAVES:
         assert graph[leaf] == [], f"{leaf}.py imports {graph[leaf]}"
     assert graph["llama"] in (["files"], ["files", "quantize"]), graph["llama"]  # the model knows no method
+    assert graph["tokenizer"] == ["files"], graph["tokenizer"]  # nor its tokenizer
     for method in ("spiel", "lora"):
         assert set(graph[method]) <= {"llama", "files", "system"}, graph[method]
 

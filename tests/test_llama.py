@@ -12,7 +12,8 @@ import torch
 from conftest import run_watched, write_meta
 from generate import generate
 from files import CheckpointError
-from llama import IGNORE_INDEX, Tokenizer, find_tokenizer, load_model
+from llama import IGNORE_INDEX, load_model
+from tokenizer import SentencePiece as Tokenizer, find as find_tokenizer
 from merge import save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,11 +101,30 @@ def test_loss_ignores_masked_targets(tiny):
     model = load_model(tiny.meta1, dtype=torch.float32)
     targets = TOKENS.roll(-1, 1).clone()
     targets[0, :5] = IGNORE_INDEX
-    logits, loss = model(TOKENS, targets)
+    logits, loss = model(TOKENS)[0], model(TOKENS, targets)[1]
     manual = torch.nn.functional.cross_entropy(logits[0, 5:], targets[0, 5:])
     torch.testing.assert_close(loss, manual)
     _, loss_sum = model(TOKENS, targets, reduction="sum")
     torch.testing.assert_close(loss_sum, manual * (TOKENS.shape[1] - 5))
+
+
+def test_the_loss_in_chunks_equals_the_whole_loss_and_its_gradient(tiny, monkeypatch):
+    """a large vocabulary's logits are computed a chunk of positions at a time, each recomputed in backward: the
+    loss and every gradient equal the unchunked ones (here 3 positions a chunk, 14 labelled positions)."""
+    import llama
+    targets = TOKENS.roll(-1, 1).clone()
+    targets[0, :5] = IGNORE_INDEX
+    got = {}
+    for chunk in (llama.LOSS_CHUNK, 3 * tiny.args.vocab_size):
+        monkeypatch.setattr(llama, "LOSS_CHUNK", chunk)
+        model = load_model(tiny.meta1, dtype=torch.float32).requires_grad_(True)
+        loss = model(TOKENS, targets, reduction="sum")[1]
+        loss.backward()
+        got[chunk] = loss, {n: p.grad for n, p in model.named_parameters()}
+    (whole, g1), (chunked, g2) = got.values()
+    torch.testing.assert_close(chunked, whole)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-6)
 
 
 def test_kv_cache_generation_equals_full_forward(tiny):
@@ -126,7 +146,7 @@ def test_sampling_is_seeded_and_stops_at_eos(tiny):
     assert a == b
     greedy = generate(model, [1, 5], 15, temperature=0)
     stop = greedy[3]  # pretend the 4th greedy token is EOS: generation must stop right after it
-    assert generate(model, [1, 5], 15, temperature=0, eos_id=stop) == greedy[:greedy.index(stop) + 1]
+    assert generate(model, [1, 5], 15, temperature=0, stop_ids={stop}) == greedy[:greedy.index(stop) + 1]
 
 
 def test_tokenizer_bos_eos_and_lookup(tiny):
@@ -147,14 +167,14 @@ def test_save_hf_round_trip(tiny, tmp_path, monkeypatch):
     model = load_model(tiny.meta2, dtype=torch.float32)
     out = tmp_path / "export"
     monkeypatch.setattr(merge, "MAX_SHARD_BYTES", 100_000)  # small shards: exercises the index
-    save_hf(model, tiny.tokenizer, str(out))
+    save_hf(model, tiny.meta1, str(out))
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.model").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] == 2
     back = load_model(str(out), dtype=torch.float32)
     assert torch.equal(back(TOKENS)[0], model(TOKENS)[0])
     with pytest.raises(FileExistsError):  # never overwrites
-        save_hf(model, tiny.tokenizer, str(out))
+        save_hf(model, tiny.meta1, str(out))
 
 
 def test_hf_export_matches_reference_layout(tiny, tmp_path):

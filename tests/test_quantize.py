@@ -218,11 +218,15 @@ def test_quantize_model_swaps_only_targets():
     # custom targets
     model = quantize_model(Tiny(), "int8", targets=("wq",))
     assert isinstance(model.layers[0].wq, QuantLinear) and type(model.layers[0].wk) is nn.Linear
-    # a targeted Linear with a bias is refused
-    bad = nn.Module()
-    bad.wq = nn.Linear(8, 8)
-    with pytest.raises(ValueError, match="bias"):
-        quantize_model(bad, "int8", PROJECTIONS)
+    # a targeted Linear with a bias (Qwen2's q, k, v) keeps it in full precision: y = x W^T + b
+    biased = nn.Module()
+    biased.wq = nn.Linear(64, 8)
+    x = torch.randn(3, 64)
+    want = biased.wq(x).detach()
+    quantize_model(biased, "int8", PROJECTIONS)
+    assert isinstance(biased.wq, QuantLinear) and not biased.wq.bias.requires_grad
+    torch.testing.assert_close(biased.wq(x), F.linear(x, biased.wq.dequantize(torch.float32)) + biased.wq.bias)
+    assert (biased.wq(x) - want).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])

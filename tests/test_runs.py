@@ -242,7 +242,7 @@ def test_the_sample_hint_pasted_into_bash_gives_generate_the_prompt_that_was_sco
     run scored: the first validation example's prompt, with its system prompt (--system), shell-quoted."""
     import data
     import generate
-    from llama import Tokenizer
+    from tokenizer import SentencePiece as Tokenizer
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps(record) + "\n")
     assert run(tiny, task, tmp_path / "r", "--max-steps", "1", "--val-data", str(val), "--seq-len", "128") == 0
@@ -289,8 +289,9 @@ def test_resuming_a_finished_run_says_so_before_loading_anything(tiny, task, tra
     def boom(*a, **k):
         raise AssertionError("loaded")
 
-    for name in ("load_base", "load_data", "load_model", "Tokenizer"):
+    for name in ("load_base", "load_data", "load_model"):
         monkeypatch.setattr(train, name, boom)
+    monkeypatch.setattr(train.tokenizer, "load", boom)
     for out, extra, step in (("steps", [], 8), ("steps", ["--max-steps", "2"], 8), ("epochs", [], 2)):
         assert train.main(["--out", str(tmp_path / out), "--resume", *extra]) == 0
         assert capsys.readouterr().out.strip().endswith(

@@ -19,7 +19,8 @@ import train
 from conftest import communicate, popen, random_state_dict, train_run, write_hf
 from files import CheckpointError
 from finetune import fingerprint
-from llama import IGNORE_INDEX, PROJECTIONS, Tokenizer, load_model
+from llama import IGNORE_INDEX, PROJECTIONS, load_model
+from tokenizer import SentencePiece as Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -322,11 +323,11 @@ def test_a_padded_vocabulary_trains_generates_and_merges_and_too_few_rows_is_one
         if rows < 256:
             for ckpt in (meta, hf):
                 with pytest.raises(CheckpointError, match=f"{ckpt}: its embedding has {rows} rows but .* has 256 "
-                                                          "pieces: this tokenizer is not the model's"):
+                                                          "tokens: this tokenizer is not the model's"):
                     generate.main(["--ckpt", ckpt, *sample])
                 code, message = run_cli("--ckpt", ckpt, "--data", task[0], "--out", str(out))
-                assert code and "has 256 pieces" in message and not out.exists()
-                with pytest.raises(CheckpointError, match="has 256 pieces"):
+                assert code and "has 256 tokens" in message and not out.exists()
+                with pytest.raises(CheckpointError, match="has 256 tokens"):
                     merge.main(["--ckpt", ckpt, "--out", str(out)])
             continue
         generate.main(["--ckpt", hf, *sample])  # (an id >= 256 would crash the tokenizer's decoder)

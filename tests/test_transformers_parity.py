@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 def test_export_matches_transformers(tiny, tmp_path):
     ours = load_model(tiny.meta2, dtype=torch.float32)  # Meta layout, two shards, grouped-query attention
-    save_hf(ours, tiny.tokenizer, str(tmp_path / "hf"))
+    save_hf(ours, tiny.meta2, str(tmp_path / "hf"))
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     x = torch.randint(0, tiny.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

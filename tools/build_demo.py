@@ -31,7 +31,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
-from llama import ModelArgs, Tokenizer, Transformer  # noqa: E402
+from llama import ModelArgs, Transformer  # noqa: E402
+from tokenizer import SentencePiece  # noqa: E402
 import train  # noqa: E402
 from merge import save_hf  # noqa: E402
 
@@ -97,10 +98,11 @@ def train_tokenizer(path):
 def init_model(tok_path, out_dir):
     """a randomly initialised model (fixed seed) with the tokenizer's vocabulary, saved in the HF layout."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**ARGS, vocab_size=Tokenizer(tok_path).n_words))
+    model = Transformer(ModelArgs(**ARGS, vocab_size=SentencePiece(tok_path).n_words))
     for name, p in model.named_parameters():
         torch.nn.init.normal_(p, std=0.02) if p.dim() == 2 else torch.nn.init.ones_(p)
-    save_hf(model, tok_path, out_dir)
+    save_hf(model, None, out_dir)
+    shutil.copyfile(tok_path, os.path.join(out_dir, "tokenizer.model"))
 
 
 def pretrain(init_dir, data_path, max_steps, out_dir, base_dir):

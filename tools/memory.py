@@ -46,6 +46,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 import config  # noqa: E402
 import files  # noqa: E402
+import llama  # noqa: E402
 import lora  # noqa: E402
 import spiel  # noqa: E402
 import system  # noqa: E402
@@ -225,9 +226,12 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     else:
         est["activations"] = act["first block"] + (L - 1) * act["block"] + act["head"]
         block = 0
-    # the loss: the log-softmax saved for backward, then its gradient and the logits' gradient, all (N, vocab)
-    # fp32 (train.py keeps only the loss: the logits themselves are gone by then); and the int64 targets
-    est["logits"] = 3 * 4 * N * args.vocab_size + 8 * N
+    # the loss (llama.Transformer.loss; every position counted as labelled): the log-softmax saved for backward,
+    # then its gradient and the logits' gradient, (n, vocab) fp32 each for the n positions of one chunk
+    # (llama.LOSS_CHUNK); the int64 targets and the bool mask of labelled positions; with several chunks, the
+    # labelled hidden states the chunks recompute from
+    n = min(N, max(1, llama.LOSS_CHUNK // args.vocab_size))
+    est["logits"] = 3 * 4 * n * args.vocab_size + 9 * N + (elem * N * args.dim if n < N else 0)
     # one block's backward: its (recomputed) activations and the activation gradients in flight (the
     # SwiGLU's three (N, ffn) gradients and two (N, dim) ones)
     est["block backward"] = block + 3 * elem * N * args.ffn_dim + 2 * elem * N * args.dim

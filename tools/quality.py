@@ -33,7 +33,8 @@ import finetune  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
 from generate import exact_match  # noqa: E402
-from llama import PROJECTIONS, Tokenizer, Transformer, find_tokenizer, load_model, matrix_shape, read_shapes, \
+import tokenizer  # noqa: E402
+from llama import PROJECTIONS, Transformer, load_model, matrix_shape, read_shapes, \
     target_linears  # noqa: E402
 from merge import save_hf  # noqa: E402
 
@@ -159,7 +160,7 @@ def plain_loop(fixture, method, lr, seed, steps, out):
     torch.manual_seed(seed)
     os.makedirs(out, exist_ok=True)
     fx = fixture_files(fixture)
-    tok = Tokenizer(find_tokenizer(fx["ckpt"]))
+    tok = tokenizer.load(fx["ckpt"])
     model = load_model(fx["ckpt"], dtype=torch.float32).train()
     if method == "plain-lora":
         base = finetune.base_of(model, fx["ckpt"])
@@ -187,7 +188,7 @@ def plain_loop(fixture, method, lr, seed, steps, out):
     if method == "plain-lora":
         finetune.save(model, os.path.join(out, "lora.safetensors"), base)
     else:
-        save_hf(model, tok.path, os.path.join(out, "model"))
+        save_hf(model, fx["ckpt"], os.path.join(out, "model"))
 
 
 def without_fingerprint(path) -> str:
@@ -213,7 +214,7 @@ def score(fixture, out, other_version=False) -> dict:
         if other_version:  # its base fingerprint may be computed otherwise; the fixture's base is the same
             path = without_fingerprint(path)
         finetune.load(model, path, finetune.base_of(model, fx["ckpt"]))
-    tok = Tokenizer(find_tokenizer(fx["ckpt"]))
+    tok = tokenizer.load(fx["ckpt"])
     val, _ = data.load_examples(fx["val"], tok, 96)
     retain, _ = data.load_examples(fx["retain"], tok, 96)
     half = len(val) // 2
