@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,8 +218,8 @@ def to_hf(sd, args: ModelArgs):
     """Meta names and RoPE row order -> Hugging Face names and "rotate_half" row order."""
     hd = args.dim // args.n_heads
 
-    def perm(w, heads):
-        return w.view(heads, hd // 2, 2, w.shape[1]).transpose(1, 2).reshape(heads * hd, w.shape[1])
+    def perm(w, heads):  # (a weight (out, in) or a bias (out,))
+        return w.reshape(heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -238,16 +239,19 @@ def to_hf(sd, args: ModelArgs):
                 t = perm(t, args.n_heads)
             elif sub == "attention.wk":
                 t = perm(t, args.n_kv_heads)
-            out[f"model.layers.{i}.{names[sub]}.weight"] = t
+            out[f"model.layers.{i}.{names[sub]}.{rest[-1]}"] = t
     return out
 
 
-def write_hf(sd, args: ModelArgs, folder, n_shards=2, tokenizer=None):
-    """Hugging Face layout: config.json + sharded safetensors + index (+ tokenizer.model)."""
+def write_hf(sd, args: ModelArgs, folder, n_shards=2, tokenizer=None, config=None):
+    """Hugging Face layout: config.json + sharded safetensors + index (+ tokenizer.model); config: fields that
+    replace or add to the LLaMA 2 ones (a tied embedding: no lm_head.weight)."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     hf = to_hf(sd, args)
+    if (config or {}).get("tie_word_embeddings"):
+        del hf["lm_head.weight"]
     keys = list(hf)
     weight_map = {}
     for i in range(n_shards):
@@ -260,13 +264,132 @@ def write_hf(sd, args: ModelArgs, folder, n_shards=2, tokenizer=None):
     cfg = {"hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
            "num_key_value_heads": args.n_kv_heads, "num_hidden_layers": args.n_layers, "vocab_size": args.vocab_size,
            "rms_norm_eps": args.norm_eps, "rope_theta": 10000.0, "max_position_embeddings": args.max_seq_len,
-           "tie_word_embeddings": False, "model_type": "llama"}
+           "tie_word_embeddings": False, "model_type": "llama"} | (config or {})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     if tokenizer:
         with open(tokenizer, "rb") as src, open(os.path.join(folder, "tokenizer.model"), "wb") as dst:
             dst.write(src.read())
     return folder
+
+
+# -----------------------------------------------------------------------------
+# the family: tiny checkpoints of each LLaMA-architecture model, as their Hub repos ship them (config fields,
+# tokenizer files), with weights written by the code above (transformers reads them in tests/test_families.py)
+
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                  "<|eot_id|>"]
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# the chat templates of Llama 3 (8B Instruct's) and Qwen2 (without its tool calls)
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+QWEN_TEMPLATE = ("{%- for message in messages %}{%- if loop.first and message['role'] != 'system' %}"
+                 "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+                 "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                 "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+
+
+def train_bpe(folder, style: str, vocab_size=300):
+    """a byte-level BPE tokenizer.json as Llama 3 ("llama3": <|begin_of_text|> before each text by its
+    post-processor) or Qwen2 ("qwen": NFC, no BOS) ship theirs, with tokenizer_config.json (eos, chat template)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = LLAMA3_SPECIAL if style == "llama3" else QWEN_SPECIAL
+    tk = Tokenizer(models.BPE())
+    if style == "qwen":
+        tk.normalizer = normalizers.NFC()
+    split = Regex(LLAMA3_SPLIT if style == "llama3" else QWEN_SPLIT)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(split, behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
+    tk.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size - len(special), show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_special_tokens(special)  # (ids after the BPE's, as in the real files)
+    if style == "llama3":
+        bos = "<|begin_of_text|>"
+        tk.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, tk.token_to_id(bos))])])
+        cfg = {"bos_token": bos, "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast",
+               "chat_template": LLAMA3_TEMPLATE}
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+        cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+               "tokenizer_class": "Qwen2Tokenizer", "chat_template": QWEN_TEMPLATE}
+    cfg["added_tokens_decoder"] = {str(tk.token_to_id(t)): {"content": t, "special": True, "lstrip": False,
+                                                             "rstrip": False, "normalized": False, "single_word": False}
+                                   for t in special}
+    os.makedirs(folder, exist_ok=True)
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return tk
+
+
+# name -> (model_type and the config fields that differ from LLaMA 2, tokenizer: "sp" (the tiny sentencepiece),
+# "llama3" or "qwen"); the real values where a tiny model allows (Mistral's window: 16 of 48 tokens, not 4,096)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+FAMILIES = {
+    "codellama": ({"rope_theta": 1e6}, "sp"),
+    "llama3.1": ({"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 131072,
+                  "bos_token_id": 294, "eos_token_id": [295, 298, 299]}, "llama3"),
+    "llama3.2": ({"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE | {"factor": 32.0},
+                  "max_position_embeddings": 131072, "tie_word_embeddings": True}, "llama3"),
+    "mistral": ({"model_type": "mistral", "sliding_window": 16, "max_position_embeddings": 32768}, "sp"),
+    "qwen2.5": ({"model_type": "qwen2", "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                 "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21,
+                 "max_position_embeddings": 32768, "vocab_size": 320}, "qwen"),
+    "qwen2.5-7b": ({"model_type": "qwen2", "rope_theta": 1e6, "rms_norm_eps": 1e-6, "vocab_size": 320}, "qwen"),
+    "yarn": ({"model_type": "qwen2", "rope_theta": 1e6, "vocab_size": 320,
+              "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}, "qwen"),
+}
+
+
+def write_family(folder, name: str, sp_tokenizer: str, seed=0):
+    """a tiny random checkpoint of family `name` (FAMILIES) in the HF layout, with its tokenizer files."""
+    fields, tok_style = FAMILIES[name]
+    if tok_style == "sp":
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(sp_tokenizer, os.path.join(folder, "tokenizer.model"))
+        vocab = 256
+    else:
+        vocab = fields.get("vocab_size", train_bpe(folder, tok_style).get_vocab_size())
+    args = ModelArgs(**(TINY | {"vocab_size": vocab}))
+    sd = random_state_dict(args, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if fields.get("model_type") == "qwen2":  # biases on q, k, v
+        for i in range(args.n_layers):
+            for n, rows in (("wq", args.dim), ("wk", args.n_kv_heads * args.dim // args.n_heads),
+                            ("wv", args.n_kv_heads * args.dim // args.n_heads)):
+                sd[f"layers.{i}.attention.{n}.bias"] = torch.randn(rows, generator=g) * 0.5
+    if fields.get("tie_word_embeddings"):
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    write_hf(sd, args, folder, config={"vocab_size": vocab, **fields})
+    if tok_style == "llama3":
+        with open(os.path.join(folder, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": 294, "eos_token_id": [295, 298, 299]}, f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family(tiny, tmp_path_factory):
+    """name -> the folder of that family's tiny checkpoint (FAMILIES), written on first use."""
+    root, made = tmp_path_factory.mktemp("family"), {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            made[name] = write_family(str(root / name), name, tiny.tokenizer)
+        return made[name]
+    return get
 
 
 @pytest.fixture(scope="session")
