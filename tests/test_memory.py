@@ -1,11 +1,13 @@
 """
 Tests for tools/memory.py: the estimate against the bytes real tensors hold after a real training step on a tiny
-LLaMA (weights, deltas, gradients, optimizer state, the AG window; AdamW and SM3, with and without a
-quantized base), the activation model against what autograd actually saves, the 7B sanity bounds of
-tools/memory.py's docstring, and its command line and --measure path run on the CPU (in this process). A few
-seconds.
+LLaMA and a tiny Qwen2.5-like checkpoint (weights, deltas, gradients, optimizer state, the AG window; AdamW and
+SM3, with and without a quantized base), the activation model and the chunked loss against what autograd
+actually saves (also with a large vocabulary, biases and a tied head), the 7B sanity bounds of tools/memory.py's
+docstring, the Llama 3.1 and Qwen2.5 presets, and its command line and --measure path run on the CPU (in this
+process). About ten seconds.
 """
 
+import functools
 import json
 import math
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import config
+import llama
 import lora
 import memory
 import spiel
@@ -75,9 +78,13 @@ CASES = [("spiel-ag", None, {}), ("spiel-ag", "int8", {}), ("spiel-ag", "nf4", {
          ("lora", None, {}), ("lora", "nf4", {}), ("full", None, {})]
 
 
-@pytest.mark.parametrize("method,quantize,extra", CASES)
-def test_estimate_matches_real_tensors_after_a_step(tiny, method, quantize, extra):
-    model = load_model(tiny.meta1, dtype=torch.float32, quantize=quantize)
+# and a Qwen2.5-like checkpoint (conftest.FAMILIES): q/k/v biases (kept in full precision on a quantized base),
+# the head tied to the embedding
+@pytest.mark.parametrize("ckpt,method,quantize,extra", [("tiny", *case) for case in CASES] + [
+    ("qwen2.5", "spiel-ag", "int8", {}), ("qwen2.5", "spiel-ma", "nf4", {}), ("qwen2.5", "full", None, {})])
+def test_estimate_matches_real_tensors_after_a_step(tiny, family, ckpt, method, quantize, extra):
+    model = load_model(tiny.meta1 if ckpt == "tiny" else family(ckpt), dtype=torch.float32, quantize=quantize)
+    assert ckpt == "tiny" or (model.args.bias and model.output.weight is model.tok_embeddings.weight)
     optimizer = real_step(model, method, **extra)
     real = real_bytes(model, optimizer)
     # LoRA at rank 4: with a density, train.py (and so memory.py) would set LoRA's rank to match it instead
@@ -206,6 +213,32 @@ def test_saved_activations_match_autograd(method, quantize, dropout, targets, dt
     args = ModelArgs(**(TINY | {"n_layers": 3}))  # grouped-query attention, as TINY
     model = Transformer(args)
     model.load_state_dict(random_state_dict(args))
+    check_saved_activations(model, method, quantize, dropout, targets, dtype)
+
+
+# Llama 3 / Qwen2.5-like: a vocabulary large against the tokens (scaled down with llama.LOSS_CHUNK), q/k/v biases
+# and an output head that is the embedding
+LARGE_VOCAB = TINY | {"n_layers": 3, "vocab_size": 1000, "bias": ("wq", "wk", "wv"), "tie_embeddings": True}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [5, None])  # 32 positions in 7 chunks of at most 5, or in one
+@pytest.mark.parametrize("method,quantize,targets", [
+    ("spiel-ag", None, "all"), ("spiel-ma", "int8", "all"), ("lora", "nf4", "all"), ("full", None, "all"),
+    ("full", None, "mlp")])
+def test_saved_activations_large_vocab_biases_tied(monkeypatch, method, quantize, targets, chunk_rows, dtype):
+    args = ModelArgs(**LARGE_VOCAB)
+    if chunk_rows:
+        monkeypatch.setattr(llama, "LOSS_CHUNK", chunk_rows * args.vocab_size)
+    model = memory.random_model(args, "cpu", torch.float32)  # (random biases, the head tied to the embedding)
+    assert model.output.weight is model.tok_embeddings.weight and model.layers[0].attention.wq.bias is not None
+    check_saved_activations(model, method, quantize, 0.1, targets, dtype)
+
+
+def check_saved_activations(model, method, quantize, dropout, targets, dtype, B=2, T=16):
+    """memory.saved_activations and loss_bytes' "saved" against what autograd saves, for one block and for the
+    whole forward with the loss."""
+    args = model.args
     model.to(dtype)
     model.reset_rope("cpu")
     if quantize:
@@ -214,20 +247,64 @@ def test_saved_activations_match_autograd(method, quantize, dropout, targets, dt
     budget = {"density": None} if method == "lora" else {"density": 0.05}  # LoRA at rank 4
     train.add_trainable(model, memory.train_args(method, lora_rank=4, lora_dropout=dropout, targets=targets, **budget))
     model.train()
-    B, T = 2, 16
     tokens = torch.randint(args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # two tensors, as a data loader gives them
     elem = torch.finfo(dtype).bits // 8
+    targets = config.parse_targets(targets).split(",")
     act = memory.saved_activations(args, method, B * T, elem, lora_rank=4, lora_dropout=dropout, mask_bytes=elem,
-                                   targets=config.parse_targets(targets).split(","))
+                                   targets=targets)
     # one block whose input needs a gradient (the second): exactly the model's count
     h = model.layers[0](model.tok_embeddings(x), model.rope_cos[:T], model.rope_sin[:T])
     got, _ = saved_bytes(model, lambda: model.layers[1](h, model.rope_cos[:T], model.rope_sin[:T]))
     assert got == act["block"]
     # the whole forward and the loss (LoRA's first block differs in details: within 5%)
     got, _ = saved_bytes(model, lambda: model(x, y))
-    want = act["first block"] + (args.n_layers - 1) * act["block"] + act["head"] + 4 * B * T * args.vocab_size + 9 * B * T
+    want = act["first block"] + (args.n_layers - 1) * act["block"] + act["head"] + \
+        memory.loss_bytes(args, method, B * T, elem, targets)["saved"]
     assert got == pytest.approx(want, rel=0.05 if method == "lora" else 0, abs=16)  # + the loss's 4-byte weight sum
+
+
+def test_loss_chunks_keep_large_vocabularies_small():
+    """Llama 3.1's and Qwen2.5's vocabularies at 2,048 tokens: the fp32 logits of one chunk (llama.LOSS_CHUNK),
+    not of the sequence (12 x 2048 x 128,256 x 4 B = 12.6 GB)."""
+    for preset, rows in (("Llama-3.1-8B", 523), ("Qwen2.5-7B", 441)):
+        args = PRESETS[preset]
+        assert llama.LOSS_CHUNK // args.vocab_size == rows
+        loss = memory.loss_bytes(args, "spiel-ag", 2048, 2)
+        assert loss["backward"] == 12 * rows * args.vocab_size + 9 * 2048 + 2 * 2048 * args.dim  # 0.82 GB
+        assert loss["saved"] == 9 * 2048 + 2 * 2048 * args.dim  # the labelled hidden states, targets, mask
+        full = memory.loss_bytes(args, "full", 2048, 2)  # a trained head: its gradient summed over the chunks
+        assert full["backward"] == 9 * 2048 + 4 * rows * args.vocab_size + 2 * 2 * args.vocab_size * args.dim
+    one = memory.loss_bytes(PRESETS["7B"], "spiel-ag", 2048, 2)  # 32,000: 2,097 rows, one chunk
+    assert one == {"saved": 4 * 2048 * 32000 + 9 * 2048, "backward": 12 * 2048 * 32000 + 9 * 2048}
+
+
+def test_persistent_bytes_with_biases_and_a_tied_head():
+    """a Qwen2.5-like shape (q/k/v biases, the head tied to the embedding): the estimate's weights are the real
+    module's tensors (on the meta device), biases with the projections, the tied matrix once."""
+    args = ModelArgs(**LARGE_VOCAB)
+    d, f, L, dkv, V = args.dim, args.ffn_dim, args.n_layers, args.n_kv_heads * args.head_dim, args.vocab_size
+    for quantize in (None, "int8", "nf4"):
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.to(torch.bfloat16)
+        model.reset_rope("meta")
+        if quantize:
+            import quantize as q
+            q.quantize_model(model, quantize, PROJECTIONS)
+        real = nbytes({id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+        est = memory.estimate(args, "spiel-ma", quantize, 32, 1, True, density=0.05)
+        assert est["base weights"] + est["other weights"] == real, quantize
+        # embedding = head (V, d) once, 2L + 1 norms, rope tables (bf16, fp32)
+        assert est["other weights"] == 2 * V * d + 2 * (2 * L + 1) * d + 2 * 4 * args.max_seq_len * args.head_dim // 2
+        if quantize is None:  # the seven projections and the q/k/v biases, bf16
+            assert est["base weights"] == 2 * L * (2 * d * d + 2 * dkv * d + 3 * d * f + d + 2 * dkv)
+    for preset, params in (("Llama-3.1-8B", 8_030_261_248), ("Qwen2.5-7B", 7_615_616_512)):
+        with torch.device("meta"):  # (the models' own counts)
+            assert sum(p.numel() for p in Transformer(PRESETS[preset]).parameters()) == params
+    est = memory.estimate(PRESETS["Llama-3.1-8B"], "spiel-ma", None, 2048, 1, True)
+    # embedding and head: 128,256 x 4,096 x 2 B each; 131,072 positions of rope tables (67 MB)
+    assert est["other weights"] == 2 * 2 * 128256 * 4096 + 2 * 65 * 4096 + 2 * 4 * 131072 * 64  # 2.17 GB
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +321,20 @@ def test_cli_breakdown_and_ckpt_shapes(tiny, capsys):
                         "--density", "0.05", "--grad-checkpoint"]) == 0
     out = capsys.readouterr().out
     assert "peak estimate" in out and "optimizer state" in out
+
+
+def test_cli_family_presets_and_table(capsys, monkeypatch):
+    assert memory.main(["--preset", "Qwen2.5-7B", "--method", "spiel-ma", "--quantize", "int8", "--grad-checkpoint"]) == 0
+    assert capsys.readouterr().out.startswith("Qwen2.5-7B (7.62B parameters): spiel-ma, base int8")
+    assert memory.model_name("7B") == "LLaMA 2 7B" and memory.model_name("Llama-3.1-8B") == "Llama-3.1-8B"
+    # the README's table: a row per preset and method (each cell's estimate is checked above; stubbed here)
+    stub = functools.wraps(memory.estimate)(lambda args, *a, **k: {"total": args.dim * 1e6})  # (its signature)
+    monkeypatch.setattr(memory, "estimate", stub)
+    assert memory.main(["--table"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GB" in line]
+    assert [r.split(" | ")[:2] for r in rows] == [[f"| {p}", m] for p in memory.TABLE_PRESETS for m in memory.METHODS]
+    assert {"Llama-3.1-8B", "Qwen2.5-7B"} <= set(memory.TABLE_PRESETS)
+    assert "| Qwen2.5-7B | full | 3.6 GB | n/a | n/a |" in rows
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

@@ -1,10 +1,11 @@
 """
-How much GPU memory fine-tuning LLaMA 2 needs, estimated before you buy (or rent) the GPU.
+How much GPU memory fine-tuning a LLaMA-family model needs, estimated before you buy (or rent) the GPU.
 
     python tools/memory.py --preset 7B --method spiel-ag --quantize int8 --seq-len 2048 --grad-checkpoint
-    python tools/memory.py --ckpt llama-2-13b --method spiel-ma --quantize nf4 --grad-checkpoint
-    python tools/memory.py --table                    # 7B and 13B x 4 methods x 3 base precisions (the README's)
-    python tools/memory.py --measure --json mem.json  # on a GPU: measure a 7B-shaped model and compare
+    python tools/memory.py --preset Llama-3.1-8B --method spiel-ma --quantize nf4 --grad-checkpoint
+    python tools/memory.py --ckpt Qwen2.5-7B-Instruct --method spiel-ag --quantize int8 --grad-checkpoint
+    python tools/memory.py --table                    # the README's: TABLE_PRESETS x 4 methods x 3 base precisions
+    python tools/memory.py --measure --json mem.json  # on a GPU: measure a 7B-shaped model (or --preset's)
 
 The arithmetic is SpIEL's (Ansell et al. 2024, arXiv 2401.16405, section 3 and its appendix on memory
 and speed): the frozen base, k sparse deltas (fp32 value + int32 index), their gradients, the optimizer
@@ -20,7 +21,11 @@ Everything that is a tensor is counted from a real tensor: the model is built on
 and dtypes, no storage), quantized and given its trainable part exactly as train.py does, one optimizer
 step is taken on it (so the optimizer creates its real state) and an AG window is filled from a meta
 gradient. Only activations and transients, which exist inside forward and backward, come from a model
-of what autograd keeps (`saved_activations` below; tests/test_memory.py checks it against autograd).
+of what autograd keeps (`saved_activations` and `loss_bytes` below; tests/test_memory.py checks it against
+autograd). So what the family's models differ by is counted as they hold it: grouped-query attention's smaller
+k/v projections, q/k/v biases (Qwen2), a tied output head, and a large vocabulary: Llama 3.1's 128,256 and
+Qwen2.5's 152,064 rows make the embedding and the output head 1.05 and 1.09 GB each in bf16, and the loss
+computes its fp32 logits a chunk at a time (llama.LOSS_CHUNK), so they cost at most 0.8 GB at any length.
 
 Peak = persistent + max(backward phase, optimizer-step phase), where
   persistent     = weights + trainable part + gradients + optimizer state + AG window
@@ -61,6 +66,7 @@ METHODS = ("spiel-ag", "spiel-ma", "lora", "full")
 # (which has imported what train.py imports) before any model exists
 CPU_RUNTIME = system.anon_rss()
 GOALS = {"spiel-ma": 16 * GB, "spiel-ag": 20 * GB}  # 7B, int8 base, seq 2048, batch 1, grad checkpointing
+TABLE_PRESETS = ("7B", "Llama-3.1-8B", "Qwen2.5-7B", "13B")  # the README's memory table, by size
 # peak bytes per weight element of one dense (out, in) copy of a frozen projection, as quantize.py and
 # spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
 # (uint8), their int64 copy for the lookup and the fp32 lookup
@@ -143,6 +149,11 @@ def persistent_bytes(model, optimizer) -> dict:
 # activations: what autograd keeps from forward to backward (a model, checked by tests/test_memory.py)
 
 
+def trains_all(method, targets) -> bool:
+    """full fine-tuning of every projection: then norms, embeddings and the output head train too."""
+    return method == "full" and set(targets) == set(PROJECTIONS)
+
+
 def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank=64, lora_dropout=0.1,
                       mask_bytes=1, targets=PROJECTIONS) -> dict:
     """bytes that autograd saves, for one block whose input needs a gradient and for the head; `tokens` is
@@ -150,7 +161,7 @@ def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank
     A dropout mask is bool on CUDA (mask_bytes=1); the CPU keeps it in the input's dtype."""
     N, d, f, H, r = tokens, args.dim, args.ffn_dim, args.n_heads, lora_rank
     dkv = args.n_kv_heads * args.head_dim
-    every = method == "full" and set(targets) == set(PROJECTIONS)  # every weight trains, norms included
+    every = trains_all(method, targets)  # every weight trains, norms included
     norm = 4 * N * d + 4 * N  # RMSNorm keeps the fp32 copy of its input and 1/rms (N, 1)
     if every:
         norm += elem * N * d  # a trainable gain also keeps the normalised input
@@ -177,6 +188,28 @@ def saved_activations(args: ModelArgs, method, tokens: int, elem: int, lora_rank
     # and with no attention projection targeted, neither do its attention and the norm after it
     first = block - norm - (0 if {"wq", "wk", "wv", "wo"} & set(targets) else attn + norm)
     return {"block": block, "first block": block if every else first, "head": head}
+
+
+def loss_bytes(args: ModelArgs, method, tokens: int, elem: int, targets=PROJECTIONS) -> dict:
+    """the loss (llama.Transformer.loss, every position counted as labelled), in chunks of n positions (n x vocab
+    = llama.LOSS_CHUNK logits): "saved", what it keeps from forward to backward, and "backward", its peak in
+    backward, one chunk at a time: the fp32 log-softmax (n, vocab) saved for backward, its gradient and the
+    logits' gradient. Both hold the int64 targets and the bool mask of labelled positions. One chunk saves its
+    log-softmax; several are recomputed in backward from the labelled hidden states, which they save (a trained
+    output head saves them anyway: saved_activations' "head"), and a trained head's gradient is summed over the
+    chunks out of place: the sum so far, the chunk's and the new sum, (vocab, dim) each, the first one counted
+    with the gradients. tests/test_memory.py checks "saved" against autograd; "backward" came within 25 MB of a
+    CPU process's own memory (glibc's mmap threshold at 1 MB, as train.py sets it) for heads of 128,256 x 512
+    (2,048 tokens) and 32,000 x 4,096 (512 tokens, 4 chunks), frozen or trained, fp32 and bf16."""
+    N, V = tokens, args.vocab_size
+    n = min(N, max(1, llama.LOSS_CHUNK // V))
+    ids = 8 * N + N
+    if n == N:
+        return {"saved": 4 * N * V + ids, "backward": 3 * 4 * N * V + ids}
+    if trains_all(method, targets):  # a trained head: each chunk's weight gradient (vocab, dim) joins a sum
+        return {"saved": ids, "backward": ids + max(3 * 4 * n * V, 4 * n * V + 2 * elem * V * args.dim)}
+    h = elem * N * args.dim
+    return {"saved": h + ids, "backward": h + 3 * 4 * n * V + ids}
 
 
 # -----------------------------------------------------------------------------
@@ -226,12 +259,7 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     else:
         est["activations"] = act["first block"] + (L - 1) * act["block"] + act["head"]
         block = 0
-    # the loss (llama.Transformer.loss; every position counted as labelled): the log-softmax saved for backward,
-    # then its gradient and the logits' gradient, (n, vocab) fp32 each for the n positions of one chunk
-    # (llama.LOSS_CHUNK); the int64 targets and the bool mask of labelled positions; with several chunks, the
-    # labelled hidden states the chunks recompute from
-    n = min(N, max(1, llama.LOSS_CHUNK // args.vocab_size))
-    est["logits"] = 3 * 4 * n * args.vocab_size + 9 * N + (elem * N * args.dim if n < N else 0)
+    est["logits"] = loss_bytes(args, method, N, elem, targets.split(","))["backward"]
     # one block's backward: its (recomputed) activations and the activation gradients in flight (the
     # SwiGLU's three (N, ffn) gradients and two (N, dim) ones)
     est["block backward"] = block + 3 * elem * N * args.ffn_dim + 2 * elem * N * args.dim
@@ -278,6 +306,11 @@ NOTES = {
 }
 
 
+def model_name(preset: str) -> str:
+    """a preset as people call the model: "7B" is LLaMA 2 7B, "Llama-3.1-8B" is itself."""
+    return f"LLaMA 2 {preset}" if preset[0].isdigit() else preset
+
+
 def fmt(n: int) -> str:
     return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.2f} MB"
 
@@ -297,9 +330,9 @@ def describe(est: dict, title: str) -> str:
 
 
 def table(seq_len=2048, batch_size=1) -> str:
-    """the README's table: peak GB for 7B and 13B, every method and base, grad checkpointing on."""
+    """the README's table: peak GB for TABLE_PRESETS, every method and base, grad checkpointing on."""
     lines = ["| model | method | bf16 base | int8 base | nf4 base |", "|---|---|---:|---:|---:|"]
-    for preset in ("7B", "13B"):
+    for preset in TABLE_PRESETS:
         for method in METHODS:
             cells = []
             for q in (None, "int8", "nf4"):
@@ -347,6 +380,8 @@ def random_model(args: ModelArgs, device, dtype, quantize=None, seed=0) -> Trans
             else:
                 t = torch.randn(p.shape, device=device, dtype=dtype) * 0.02
             setattr(module, name, nn.Parameter(t, requires_grad=False))
+    if args.tie_embeddings:  # one matrix, two uses (each module got its own tensor above)
+        model.output.weight = model.tok_embeddings.weight
     model.reset_rope(device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"tensors left on the meta device: {left[:3]}"
@@ -384,7 +419,8 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        run.update(estimate=est["total"], estimate_breakdown=est, goal=GOALS[method])
+        # the goal is 7B's (int8, 2048 tokens); another shape is measured against its estimate only
+        run.update(estimate=est["total"], estimate_breakdown=est, goal=GOALS[method] if args == PRESETS["7B"] else None)
         report["runs"][method] = run
         if "oom" in run:
             print(f"{method}: out of memory at {fmt(run['peak_allocated'])} (estimate {fmt(est['total'])})")
@@ -398,7 +434,7 @@ def measure(args: ModelArgs, device="cuda", quantize="int8", seq_len=2048, batch
         if run["layer_caches"]:
             print(f"  note: the delta layers also hold {fmt(run['layer_caches'])} of cached tensors (not estimated)")
     if cuda:
-        for method, run in report["runs"].items():
+        for method, run in [(m, r) for m, r in report["runs"].items() if r["goal"]]:
             ok = "oom" not in run and run["peak_allocated"] < run["goal"]
             print(f"goal {method} < {run['goal'] / GB:.0f} GB: {'met' if ok else 'NOT met'} "
                   f"({fmt(run['peak_allocated'])} measured, {fmt(run['estimate'])} estimated)")
@@ -481,7 +517,8 @@ def main(argv=None):
     a("--targets", type=config.parse_targets, default=defaults["targets"], help="as train.py's --targets")
     a("--lora-dropout", type=float, default=defaults["lora_dropout"])
     a("--sm3-momentum", type=float, default=defaults["sm3_momentum"])
-    a("--table", action="store_true", help="print the markdown table of 7B/13B x methods x bases and exit")
+    a("--table", action="store_true", help=f"print the markdown table of {'/'.join(TABLE_PRESETS)} x methods x "
+      "bases and exit")
     a("--gpus", type=int, default=1, help="per-GPU estimate for torchrun on this many GPUs")
     a("--fsdp", action="store_true", help="with --gpus: the base sharded by FSDP (train.py --fsdp)")
     a("--gpu-table", action="store_true", help="print the markdown table of 13B/70B x methods x GPUs and exit")
@@ -513,7 +550,7 @@ def main(argv=None):
                    dtype=torch.float32 if args.device == "cpu" else torch.bfloat16, device=args.device)
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(margs).parameters())
-    print(describe(est, f"{args.ckpt or 'LLaMA 2 ' + args.preset} ({n / 1e9:.2f}B parameters): {args.method}, base "
+    print(describe(est, f"{args.ckpt or model_name(args.preset)} ({n / 1e9:.2f}B parameters): {args.method}, base "
                         f"{args.quantize if quantize else 'bf16'}, {args.batch_size} x {args.seq_len} tokens, grad "
                         f"checkpointing {'on' if args.grad_checkpoint else 'off'}" + (f"; per GPU of {args.gpus}"
                         f"{' with --fsdp' if args.fsdp else ''}" if args.gpus > 1 else "")))
