@@ -31,18 +31,23 @@ from llama import HF_TO_META, ModelArgs, Transformer, check_checkpoint, check_vo
 
 def hf_config(args: ModelArgs, ckpt, dtype: torch.dtype, merged: list) -> dict:
     """the export's config.json: the source checkpoint's own (its model_type, rope scaling, biases, tie, special
-    token ids: all of it stays) with the export's dtype and the fine-tunes merged into it; for Meta's layout, a
-    LlamaForCausalLM config of its ModelArgs (LLaMA 2 and CodeLlama: Meta's Llama 3 layout is refused on load)."""
+    token ids: all of it stays) with the export's dtype and the fine-tunes merged into it; for Meta's layout (LLaMA
+    2 and CodeLlama: Meta's Llama 3 layout is refused on load) or no source, a config of its ModelArgs: Qwen2's
+    for q/k/v biases, Mistral's for a sliding window, else Llama's (with its rope scaling, bias and tie)."""
     if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")) and \
             not os.path.isfile(os.path.join(ckpt, "params.json")):
         cfg = read_json(os.path.join(ckpt, "config.json"))
     else:
-        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        kind = "qwen2" if set(args.bias) == {"wq", "wk", "wv"} else "mistral" if args.sliding_window else "llama"
+        cfg = {"architectures": [{"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind] + "ForCausalLM"],
+               "model_type": kind, "hidden_act": "silu",
                "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
                "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads,
                "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False, "attention_bias": False,
-               "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}
+               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+               "attention_bias": "wo" in args.bias, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+               "initializer_range": 0.02}
+        cfg |= {k: v for k, v in (("rope_scaling", args.rope_scaling), ("sliding_window", args.sliding_window)) if v}
     cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dtype).removeprefix("torch.")
     return cfg | {"spiel_merged": merged}
 
