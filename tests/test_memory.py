@@ -165,6 +165,20 @@ def test_estimate_orders_and_options():
         memory.estimate(tiny, "full", "int8")
 
 
+def test_an_ag_window_choosing_candidates_is_counted_per_matrix():
+    """while SpIEL-AG's window picks a matrix's candidates, its merged weight, dense gradient, |gradient| and
+    top_k's mask (3 x 4 + 1 B per weight in fp32) and top_k's work per delta (memory.CHOOSE_BYTES) are alive."""
+    args = ModelArgs(**TINY)
+    est = memory.estimate(args, "spiel-ag", "int8", 64, 1, True, density=0.05, dtype=torch.float32, device="cpu")
+    closed = memory.estimate(args, "spiel-ag", "int8", 64, 1, True, density=0.05, dtype=torch.float32, device="cpu",
+                             window_open=False)
+    model, _ = memory.meta_model(args, "spiel-ag", "int8", torch.float32, density=0.05)
+    want = max(13 * math.prod(m.weight_shape) + memory.CHOOSE_BYTES * m.indices.numel()
+               for m in spiel.delta_layers(model).values())
+    assert est["weight transient"] == want > closed["weight transient"]
+    assert est["total"] - est["AG window"] > closed["total"]
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method 'adapters'"):
         memory.estimate(ModelArgs(**TINY), "adapters")

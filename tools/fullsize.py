@@ -16,15 +16,17 @@ tokens (Llama 3: a BOS before every text, EOS <|eot_id|>; Qwen2: no BOS, EOS <|i
 for the embedding's 128,256 or 152,064 rows, again a padded vocabulary. Then it runs what a user runs, each in a
 fresh process, at train.py's settings for the SpIEL paper's budget (LoRA rank 64's count: 159,907,840 deltas on
 LLaMA 2 7B), gradient checkpointing, 1 x 64 tokens per step:
-  for the base in int8, nf4, and the method in spiel-ag, spiel-ma:
+  for the base in int8, nf4, and the method in spiel-ag, spiel-ma (6 steps planned, reselections at 2 and 5):
     train.py: load and quantize; steps 1-2 (SpIEL-AG: its accumulation window); the first reselection at step 2
               (it replaces every delta); save; stop
-    train.py --resume: load again, one more step, save
+    train.py --resume: load again, step 3 (SpIEL-AG: the next window opens, its candidates picked with the
+              optimizer's state in memory, as in every window after the first), save, stop
   generate.py: a few tokens with the last delta on the int8 base
   merge.py: the Hugging Face export of that delta (bf16), removed afterwards
 Each process's own peak memory (its anonymous RSS, sampled every 10 ms by this script: the page cache of the
-mmap'ed checkpoint is not counted, as train.py's closing line) is printed beside tools/memory.py's estimate for the
-same settings, with the load, step and reselection times. --json keeps everything.
+mmap'ed checkpoint is not counted, as train.py's closing line), the larger of the two train.py runs, is printed
+beside tools/memory.py's estimate for the same settings, with the load, step and reselection times. --json keeps
+everything.
 """
 
 import argparse
@@ -47,7 +49,7 @@ from merge import save_hf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--data", os.path.join(ROOT, "demo", "train.jsonl"), "--val-frac", "0", "--eval-every", "0",
-         "--grad-checkpoint", "--seq-len", "64", "--batch-size", "1", "--grad-accum", "1", "--max-steps", "3",
+         "--grad-checkpoint", "--seq-len", "64", "--batch-size", "1", "--grad-accum", "1", "--max-steps", "6",
          "--first-reselect", "2", "--reselect-every", "3", "--save-every", "1000", "--device", "cpu"]
 
 
@@ -202,11 +204,11 @@ def main(argv=None):
             shutil.rmtree(out, ignore_errors=True)
             first = run("train.py", ["--ckpt", ckpt, "--out", out, "--method", method, "--quantize", base, *TRAIN,
                                      *budget, "--stop-at-step", "2"], a.threads)
-            resumed = run("train.py", ["--out", out, "--resume"], a.threads)
+            resumed = run("train.py", ["--out", out, "--resume", "--stop-at-step", "3"], a.threads)
             est = memory.estimate(shape, method, base, 64, 1, True, a.density, dtype=torch.float32, device="cpu")
             report["runs"][f"{method}, {base}"] = {
-                "peak_gb": first["peak_gb"], "estimate_gb": est["total"] / 1e9, "estimate": est,
-                "resumed_peak_gb": resumed["peak_gb"], **timings(out, first["output"], (1, 2)),
+                "peak_gb": max(first["peak_gb"], resumed["peak_gb"]), "estimate_gb": est["total"] / 1e9,
+                "estimate": est, "first_peak_gb": first["peak_gb"], "resumed_peak_gb": resumed["peak_gb"], **timings(out, first["output"], (1, 2)),
                 "resumed": timings(out, resumed["output"], (3,)), "wall_s": first["seconds"] + resumed["seconds"]}
     delta = os.path.join(a.dir, "runs", f"{a.methods[-1]}-{a.bases[0]}", "delta.safetensors")
     gen = run("generate.py", ["--ckpt", ckpt, "--delta", delta, "--quantize", a.bases[0], "--prompt",

@@ -71,6 +71,12 @@ TABLE_PRESETS = ("7B", "Llama-3.1-8B", "Qwen2.5-7B", "13B")  # the README's memo
 # spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
 # (uint8), their int64 copy for the lookup and the fp32 lookup
 DEQUANT_BYTES = {None: None, "int8": 8, "nf4": 13}  # None: the compute dtype's size
+# SpIEL-AG's window picking a matrix's candidates (spiel.Window.choose, in that matrix's backward, the window's first
+# micro-batch), per weight: the merged weight (kept for dx), the dense gradient and its |.|, in the compute dtype,
+# and top_k's bool mask (1 B); per delta of the matrix: top_k's work (the positions above its cut and their values,
+# the k chosen, sorted). Measured on the CPU, fp32, a (14336, 4096) int8 matrix with 1M to 11M deltas: 12.7 B per
+# weight + 51 B per delta above what the matrix keeps
+CHOOSE_BYTES = 52  # per delta
 # temporaries of one optimizer step on its largest tensor (spiel.AdamW: on one foreach part), per element:
 # spiel.AdamW (SpIEL-AG: fp32 grad copy, m_hat, v_hat, the update and its pieces) and SM3 on a sparse delta
 # (int64 rows/cols/indices, nu, the update);
@@ -263,14 +269,18 @@ def estimate(args: ModelArgs, method: str = "spiel-ag", quantize=None, seq_len: 
     # one block's backward: its (recomputed) activations and the activation gradients in flight (the
     # SwiGLU's three (N, ffn) gradients and two (N, dim) ones)
     est["block backward"] = block + 3 * elem * N * args.ffn_dim + 2 * elem * N * args.dim
-    # the largest dense (out, in) temporary: a dequantized / merged weight (forward, backward), or the dense
-    # weight gradient of a sparse delta (with its |.| when an AG window picks candidates)
+    # the largest dense (out, in) temporary: a dequantized / merged weight (forward, backward), the dense weight
+    # gradient of a sparse delta, or an open AG window picking its candidates (CHOOSE_BYTES)
     largest = args.dim * max(args.dim, args.ffn_dim)  # w1, w2, w3: (ffn, dim) or (dim, ffn)
     targeted = max(math.prod(m.weight_shape) for m in spiel.delta_layers(model).values()) \
         if method.startswith("spiel") else largest  # (the largest matrix with deltas)
     dequant = DEQUANT_BYTES[quantize] or elem
     per_elem = {"spiel-ag": max(dequant, 2 * elem), "spiel-ma": max(dequant, elem)}.get(method, 0)
     est["weight transient"] = max(largest * (DEQUANT_BYTES[quantize] or 0), targeted * per_elem)
+    if method == "spiel-ag" and window_open:
+        est["weight transient"] = max([est["weight transient"]] + [
+            (3 * elem + 1) * math.prod(m.weight_shape) + CHOOSE_BYTES * m.indices.numel()
+            for m in spiel.delta_layers(model).values()])
     biggest = max((p for g in optimizer.param_groups for p in g["params"]), key=torch.Tensor.numel)
     per_elem = STEP_BYTES["sm3"] if isinstance(optimizer, SM3) else STEP_BYTES["adamw"] \
         if isinstance(optimizer, spiel.AdamW) else TORCH_ADAMW_STEP_TENSORS * biggest.element_size()
@@ -299,7 +309,7 @@ NOTES = {
     "activations": "saved for backward: block inputs (checkpointing) or every block's tensors",
     "logits": "fp32 log-softmax and two gradients of its size (tokens x vocab)",
     "block backward": "one block recomputed + activation gradients in flight",
-    "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight or dense grad",
+    "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight, dense grad, AG choosing",
     "optimizer step": "temporaries of the step on the largest tensor or foreach part (after backward)",
     "unsharded blocks": "--fsdp: one block's weights gathered whole, and the next one prefetched",
     "resident W0": "SpIEL on a full-precision base: W0 at each delta, in the base's dtype (spiel.py section 9)",
