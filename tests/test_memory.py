@@ -357,9 +357,12 @@ def test_measure_refuses_without_a_gpu():
         memory.measure(PRESETS["tiny"], device="cuda")
 
 
-def test_measure_runs_end_to_end_on_cpu(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "large-vocab"])  # (LARGE_VOCAB: biases, a tied head, 4 loss chunks)
+def test_measure_runs_end_to_end_on_cpu(tmp_path, monkeypatch, preset):
+    monkeypatch.setitem(PRESETS, "large-vocab", ModelArgs(**LARGE_VOCAB))
+    monkeypatch.setattr(llama, "LOSS_CHUNK", 16 * 1000)
     out_json = tmp_path / "mem.json"
-    assert memory.main(["--measure", "--device", "cpu", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2",
+    assert memory.main(["--measure", "--device", "cpu", "--preset", preset, "--seq-len", "32", "--batch-size", "2",
                         "--density", "0.05", "--json", str(out_json)]) == 0
     report = json.loads(out_json.read_text())
     assert set(report["runs"]) == {"spiel-ag", "spiel-ma"}
