@@ -12,6 +12,7 @@ import argparse
 import os
 import shlex
 
+import hub
 from files import CheckpointError, read_json
 from llama import HF_TO_META, PROJECTIONS
 from system import default_device
@@ -68,7 +69,8 @@ def get_parser(description: str = "") -> Parser:
     ap = Parser(prog="train.py", description=description)
     a = ap.add_argument
     # model and data
-    a("--ckpt", help="LLaMA 2 checkpoint folder, Meta or Hugging Face layout (omit all arguments for the demo)")
+    a("--ckpt", help="checkpoint folder (Meta or Hugging Face layout), or a Hub id ORG/NAME (the Hugging Face "
+                     "cache's copy; omit all arguments for the demo)")
     a("--data", help="training data, .jsonl or .json: Alpaca, prompt/completion or chat 'messages' records "
                      "(default: the demo's task, a short run)")
     a("--val-data", help="validation data; default: --val-frac of --data")
@@ -218,6 +220,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
         if args.ckpt is None or args.data is None:
             parser.error("--ckpt is required (no arguments at all: the demo; --ckpt alone: the demo's task on "
                          "that model)")
+        args.ckpt = hub.resolve(args.ckpt)  # (a Hub id: its folder in the Hugging Face cache)
         for key in PATHS:
             setattr(args, key, getattr(args, key) and os.path.abspath(getattr(args, key)))
         return argparse.Namespace(**vars(args), **RUN_FACTS)
@@ -227,7 +230,7 @@ def resolve_args(parser: argparse.ArgumentParser, argv: list) -> argparse.Namesp
     given = {options[t.split("=")[0]] for t in argv if t.split("=")[0] in options} - {"resume", "out"}
     stored = read_json(os.path.join(args.out, "args.json"), "not a run folder, or its args.json is damaged")
     for key in given:
-        value = os.path.abspath(getattr(args, key)) if key in PATHS else getattr(args, key)
+        value = os.path.abspath(hub.resolve(getattr(args, key))) if key in PATHS else getattr(args, key)
         was, named = run_value(stored, key)
         if value != was and key not in RESUME_FLAGS:
             parser.error(f"--{key.replace('_', '-')} cannot change when resuming (the run has {named}); start a new "

@@ -17,6 +17,7 @@ import sys
 
 import adapters
 import finetune
+import hub
 from files import CheckpointError, check_new_folder
 from llama import check_checkpoint, read_args
 
@@ -29,7 +30,8 @@ def convert(src: str, to: str, out: str, ckpt: str, base_name=None):
         raise FileExistsError(f"{out}: exists; choose a new output file")
     if to != "spiel":
         check_new_folder(out)
-    args = read_args(ckpt, check_checkpoint(ckpt))
+    folder = hub.resolve(ckpt)  # (a Hub id stays the adapter's base_model_name_or_path)
+    args = read_args(folder, check_checkpoint(folder))
     ft = finetune.read(src, args)
     base = adapters.base_shapes(args)
     for name, shape in ft.shapes.items():
@@ -43,7 +45,7 @@ def convert(src: str, to: str, out: str, ckpt: str, base_name=None):
         raise ValueError(f"{src}: a LoRA adapter has no SFT form (--to peft writes a PEFT LoRA folder)")
     if to == "spiel" and not os.path.isdir(src):
         raise ValueError(f"{src}: already this repo's format (--to spiel reads a PEFT LoRA or SFT folder)")
-    name = base_name or os.path.abspath(ckpt)
+    name = base_name or (ckpt if folder != ckpt else os.path.abspath(ckpt))
     if to == "peft":
         adapters.write_peft(out, ft.tensors, ft.meta, ft.shapes, args, name)
     elif to == "sft":
@@ -58,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--to", required=True, choices=["peft", "sft", "spiel"],
                     help="peft: a PEFT LoRA folder; sft: the authors' SFT folder; spiel: this repo's file")
     ap.add_argument("out", help="the new folder (peft, sft) or file (spiel); never overwritten")
-    ap.add_argument("--ckpt", required=True, help="the base (Meta or HF layout); only its config is read")
+    ap.add_argument("--ckpt", required=True, help="the base (Meta or HF layout, or a Hub id ORG/NAME); only its config is read")
     ap.add_argument("--base-name", help="the folder's base_model_name_or_path (default: --ckpt's absolute path)")
     args = ap.parse_args(argv)
     convert(args.src, args.to, args.out, args.ckpt, args.base_name)

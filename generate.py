@@ -16,6 +16,7 @@ import torch
 
 import data
 import finetune
+import hub
 import tokenizer
 from files import CheckpointError
 from llama import IGNORE_INDEX, Transformer, check_checkpoint, check_vocab, load_model, read_shapes
@@ -90,7 +91,7 @@ def evaluate(model, examples, batch_size, pad_id, device) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout)")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout) or a Hub id ORG/NAME")
     ap.add_argument("--prompt", required=True, help="text to continue (BOS is added)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -106,6 +107,7 @@ def main(argv=None):
     if args.system is not None and not args.chat:
         ap.error("--system needs --chat (a system prompt is part of the chat template)")
 
+    args.ckpt = hub.resolve(args.ckpt)
     check_checkpoint(args.ckpt)  # everything that can be checked before the (slow) load of the base
     shapes = read_shapes(args.ckpt) if args.delta else None
     fts = [finetune.read(path, shapes) for path in args.delta]  # each fine-tune is read once

@@ -21,6 +21,7 @@ import sys
 import torch
 
 import finetune
+import hub
 import lora
 import spiel
 import tokenizer
@@ -102,7 +103,7 @@ def save_hf(model: Transformer, ckpt, out_dir: str, merged=(), state_dict=None, 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="the base checkpoint the fine-tunes were trained on")
+    ap.add_argument("--ckpt", required=True, help="the base checkpoint the fine-tunes were trained on (a folder, or a Hub id ORG/NAME)")
     ap.add_argument("--delta", action="append", default=[], help="delta or LoRA file, or PEFT LoRA / SFT folder "
                     "(repeat to add several; none: the base alone, e.g. a Meta-layout base in the HF layout)")
     ap.add_argument("--out", required=True, help="new folder for the merged model (never overwritten)")
@@ -111,6 +112,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     check_new_folder(args.out)  # everything that can be checked before the (slow) load of the base
+    args.ckpt = hub.resolve(args.ckpt)
     check_checkpoint(args.ckpt)
     check_vocab(args.ckpt, tokenizer.load(args.ckpt))  # (the export carries this tokenizer)
     shapes = read_shapes(args.ckpt) if args.delta else None

@@ -240,3 +240,28 @@ def test_families_train_with_each_method_and_sample(name, method, tiny, task, fa
         cfg = json.loads((ft / "config.json").read_text())
         assert cfg["tie_word_embeddings"] and cfg["rope_scaling"]["factor"] == 32.0
         assert (ft / "tokenizer.json").exists() and (ft / "generation_config.json").exists()
+
+
+def test_adapters_travel_for_the_families(tiny, task, family, tmp_path):
+    """a LoRA trained on Qwen2.5 (q/k/v biases, GQA) goes to a PEFT folder that PEFT serves on transformers' Qwen2
+    with our logits; a SpIEL delta on Llama 3.1 goes to the authors' SFT folder and back unchanged."""
+    import convert
+    import finetune
+    qwen, llama3 = family("qwen2.5-7b"), family("llama3.1")
+    assert train_run(tiny, task, tmp_path / "lora", "--ckpt", qwen, "--max-steps", "2", method="lora") == 0
+    assert train_run(tiny, task, tmp_path / "delta", "--ckpt", llama3, "--max-steps", "2") == 0
+    delta = str(tmp_path / "delta" / "delta.safetensors")
+    convert.main([delta, "--to", "sft", str(tmp_path / "sft"), "--ckpt", llama3])
+    convert.main([str(tmp_path / "sft"), "--to", "spiel", str(tmp_path / "back.safetensors"), "--ckpt", llama3])
+    a, b = finetune.read(delta), finetune.read(str(tmp_path / "back.safetensors"))
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    lora = str(tmp_path / "lora" / "lora.safetensors")
+    convert.main([lora, "--to", "peft", str(tmp_path / "peft"), "--ckpt", qwen])
+    peft = pytest.importorskip("peft")
+    ref = peft.PeftModel.from_pretrained(reference(qwen), str(tmp_path / "peft")).eval()
+    ours = load_model(qwen, dtype=torch.float32)
+    x = ids(4, 24)
+    with torch.no_grad():
+        before = ours(x)[0]
+        finetune.load(ours, lora, finetune.base_of(ours, qwen))
+        assert (ours(x)[0] - ref(input_ids=x).logits).abs().max() < 1e-4 < (ours(x)[0] - before).abs().max()

@@ -46,6 +46,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 import config  # noqa: E402
 import files  # noqa: E402
+import hub  # noqa: E402
 import llama  # noqa: E402
 import lora  # noqa: E402
 import spiel  # noqa: E402
@@ -502,7 +503,7 @@ def main(argv=None):
               f"{args.batch_size} per GPU, grad checkpointing, the paper's budget (LoRA rank 64):\n")
         print(gpu_table(args.seq_len, args.batch_size))
         return 0
-    margs = read_shapes(args.ckpt) if args.ckpt else PRESETS[args.preset]
+    margs = read_shapes(hub.resolve(args.ckpt)) if args.ckpt else PRESETS[args.preset]
     if args.measure:
         measure(margs, args.device, "int8" if args.quantize is None else quantize, args.seq_len, args.batch_size,
                 args.steps, args.lora_rank, args.density, args.json)
