@@ -265,3 +265,24 @@ def test_adapters_travel_for_the_families(tiny, task, family, tmp_path):
         before = ours(x)[0]
         finetune.load(ours, lora, finetune.base_of(ours, qwen))
         assert (ours(x)[0] - ref(input_ids=x).logits).abs().max() < 1e-4 < (ours(x)[0] - before).abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_method_on_every_family(name, tiny, task, family, tmp_path):
+    """SpIEL-AG, SpIEL-MA (on an NF4 base: quantized biases), LoRA and full fine-tuning train on each family, and
+    each fine-tune applies (generate) and merges (merge.py) on that base."""
+    import generate as gen
+    import merge
+    path = family(name)
+    for method, extra in (("spiel-ag", []), ("spiel-ma", ["--quantize", "nf4"]), ("lora", []), ("full", [])):
+        out = tmp_path / method
+        assert train_run(tiny, task, out, "--ckpt", path, "--max-steps", "3", *extra, method=method) == 0, method
+        if method == "full":
+            assert load_model(str(out / "model")).args == load_model(path).args
+            continue
+        ft = str(out / ("lora.safetensors" if method == "lora" else "delta.safetensors"))
+        gen.main(["--ckpt", path, "--delta", ft, "--prompt", "the cat", "--max-new-tokens", "4"])
+        merge.main(["--ckpt", path, "--delta", ft, "--out", str(tmp_path / f"merged-{method}")])
+        assert json.loads((tmp_path / f"merged-{method}" / "config.json").read_text())["model_type"] == \
+            json.loads(open(os.path.join(path, "config.json")).read())["model_type"]
