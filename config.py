@@ -71,11 +71,17 @@ def get_parser(description: str = "") -> Parser:
     # model and data
     a("--ckpt", help="checkpoint folder (Meta or Hugging Face layout), or a Hub id ORG/NAME (the Hugging Face "
                      "cache's copy; omit all arguments for the demo)")
-    a("--data", help="training data, .jsonl or .json: Alpaca, prompt/completion or chat 'messages' records "
-                     "(default: the demo's task, a short run)")
+    a("--data", help="training data: .jsonl, .json, .parquet or a datasets save_to_disk folder, of Alpaca, "
+                     "prompt/completion, chat 'messages' or ShareGPT 'conversations' records (default: the demo's "
+                     "task, a short run)")
     a("--val-data", help="validation data; default: --val-frac of --data")
     a("--val-frac", type=BELOW_1, default=0.05, help="fraction of --data held out when --val-data is not given")
-    a("--seq-len", type=COUNT, default=2048, help="examples are truncated to this many tokens")
+    a("--seq-len", type=COUNT, default=2048, help="examples are truncated to this many tokens; with packing, the "
+                                                  "length of a packed row")
+    a("--template", choices=["model", "tulu"], help="chat template: the checkpoint's own (model), or the paper's "
+                                                    "(tulu); default: model where the checkpoint has one, else tulu")
+    a("--no-packing", action="store_true", help="one example a row, right-padded (default: a step's examples packed "
+                                                "into rows of --seq-len tokens, each attending only to itself)")
     # method and budget
     a("--method", default="spiel-ag", choices=["spiel-ag", "spiel-ma", "lora", "full"])
     a("--targets", type=parse_targets, default="all", help="the projections that train (SpIEL, LoRA; full: the "
@@ -106,7 +112,9 @@ def get_parser(description: str = "") -> Parser:
                                           "spiel-ag, the authors' 30 at lr 1e-5; 0 for the others)")
     a("--warmup", type=NONNEG, default=0.03, help="linear warmup: a fraction of the steps if < 1, else steps")
     a("--grad-clip", type=NONNEG, default=0.0, help="clip the gradient norm (0: off, as the authors)")
-    a("--batch-size", type=COUNT, default=1, help="examples per micro-batch")
+    a("--batch-size", type=COUNT, default=1, help="examples drawn per micro-batch (a step: batch-size x grad-accum "
+      "per process); packed, a micro-batch holds up to this many rows of --seq-len tokens (its memory bound), "
+      "without packing this many examples")
     a("--grad-accum", type=COUNT, default=128, help="micro-batches per step and process (paper: 128 sequences)")
     a("--epochs", type=POSITIVE, default=2.0)
     a("--max-steps", type=COUNT,

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+import chat
 import data
 from llama import IGNORE_INDEX
 from tokenizer import SentencePiece as Tokenizer
@@ -54,8 +55,8 @@ def test_generation_starts_from_exactly_the_ids_the_loss_conditioned_on(tok):
         words = [rng.choice(LETTERS + "ABC") + rng.choice(["", "b", "7"]) for _ in range(rng.randint(1, 6))]
         answer = rng.choice(["", " ", "\n"]) + " ".join(words)
         system = rng.choice([None, "be brief"])
-        inputs, targets = data.encode_example(tok, system, [(user, answer)], seq_len=500)
-        prompt = data.prompt_ids(tok, user, system)
+        inputs, targets = data.encode_example(tok, chat.Tulu(tok), system, [(user, answer, True)], seq_len=500)
+        prompt = data.prompt_ids(tok, chat.Tulu(tok), user, system)
         # the prompt generation starts from is the exact prefix of the training sequence ...
         assert inputs[:len(prompt)].tolist() == prompt
         # ... no label before it, and the token right after it is the first label
@@ -69,11 +70,12 @@ def test_generation_starts_from_exactly_the_ids_the_loss_conditioned_on(tok):
 
 
 def test_second_turn_prompt_is_the_conversation_so_far(tok):
-    turns = [("shift: a b", "b c"), ("shift: c d", "d e")]
-    inputs, targets = data.encode_example(tok, None, turns, seq_len=500)
-    first = data.prompt_ids(tok, *turns[0][:1])
-    p1, a1 = data.encode_turn(tok, data.user_text(turns[0][0]), turns[0][1])
-    p2, _ = data.encode_turn(tok, data.user_text(turns[1][0]), turns[1][1])
+    turns = [("shift: a b", "b c", True), ("shift: c d", "d e", True)]
+    inputs, targets = data.encode_example(tok, chat.Tulu(tok), None, turns, seq_len=500)
+    first = data.prompt_ids(tok, chat.Tulu(tok), turns[0][0])
+    p1 = tok.encode(chat.user_text(turns[0][0]), bos=False)
+    a1 = tok.encode(chat.user_text(turns[0][0]) + turns[0][1], bos=False)[len(p1):]
+    p2 = tok.encode(chat.user_text(turns[1][0]), bos=False)  # each turn's prompt tokenized alone, after the EOS
     history = first + a1 + [tok.eos_id] + p2
     assert p1 == first[1:] and inputs[:len(history)].tolist() == history
     assert targets[len(history) - 1] != IGNORE_INDEX and targets[len(history) - 2] == IGNORE_INDEX
@@ -83,23 +85,23 @@ def test_answers_the_tokenizer_cannot_write_are_warned_about(tmp_path):
     """the demo's tokenizer has no capital letters: "Stone" is <unk> + "tone". More than 1% of the answer tokens
     as <unk> gives one warning line with the counts and the characters; train.py prints it with the data."""
     import config
-    import train
     tok = Tokenizer(os.path.join(ROOT, "demo", "base", "tokenizer.model"))
     assert tok.unk_id in tok.encode("Stone", bos=False)
     path = tmp_path / "caps.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"name rock {LETTERS[i % 26]}", "output": "Stone Age"}) + "\n"
                             for i in range(40)))
-    examples, _ = data.load_examples(str(path), tok, 96)
+    examples, _ = data.load_examples(str(path), tok, chat.Tulu(tok), 96)
     n_label = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in examples)
     warning = data.unknown_warning(tok, examples)
     assert warning.startswith(f"warning: 80 of {n_label} answer tokens ({80 / n_label:.1%}) are <unk> (and 0 of ")
     assert "cannot write 'A' 'S' (e.g. in 'Stone Age')" in warning and "\n" not in warning
     (tmp_path / "digit.jsonl").write_text(json.dumps({"prompt": "rock 7", "completion": "r"}) + "\n")
-    digit, _ = data.load_examples(str(tmp_path / "digit.jsonl"), tok, 96)  # no digits either: counted apart
+    digit, _ = data.load_examples(str(tmp_path / "digit.jsonl"), tok, chat.Tulu(tok), 96)  # no digits: counted apart
     assert "are <unk> (and 1 of " in data.unknown_warning(tok, examples + digit)
-    assert data.unknown_warning(tok, data.load_examples(os.path.join(ROOT, "demo", "train.jsonl"), tok, 96)[0]) is None
+    demo = data.load_examples(os.path.join(ROOT, "demo", "train.jsonl"), tok, chat.Tulu(tok), 96)[0]
+    assert data.unknown_warning(tok, demo) is None
     lines = []
     args = config.get_parser().parse_args(["--ckpt", ".", "--data", str(path), "--seq-len", "96", "--max-steps", "1"])
-    train.load_data(args, tok, 1, 4096, lines.append)  # (a model of 4096 positions: LLaMA 2's)
+    data.load_run(args, tok, chat.Tulu(tok), 1, 4096, lines.append)  # (a model of 4096 positions: LLaMA 2's)
     warned = [line for line in lines if line.startswith("warning:")]
     assert len(warned) == 1 and "answer tokens (20.0%) are <unk>" in warned[0] and "'Stone Age'" in warned[0], lines

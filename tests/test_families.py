@@ -17,6 +17,7 @@ from generate import generate
 from llama import ModelArgs, load_model, read_args
 
 ALL = ["llama2", *FAMILIES]
+LONG = ["--seq-len", "160"]  # the families' own chat templates (and their tiny BPE) take more tokens than Tulu
 
 
 def folder_of(name, tiny, family):
@@ -206,7 +207,7 @@ def test_qwen_trains_on_an_int8_base_then_merges_with_its_config_and_tokenizer(t
     transformers with our logits."""
     import merge
     path = family("qwen2.5")
-    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "3", "--quantize", "int8",
+    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "3", "--quantize", "int8", *LONG,
                      "--dtype", "bfloat16") == 0
     delta = str(tmp_path / "run" / "delta.safetensors")
     merge.main(["--ckpt", path, "--delta", delta, "--out", str(tmp_path / "merged")])
@@ -228,7 +229,7 @@ def test_qwen_trains_on_an_int8_base_then_merges_with_its_config_and_tokenizer(t
 def test_families_train_with_each_method_and_sample(name, method, tiny, task, family, tmp_path, capsys):
     import generate as gen
     path = family(name)
-    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "2", method=method) == 0
+    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "2", *LONG, method=method) == 0
     out = capsys.readouterr().out
     hint = out[out.index("sample with: python generate.py ") + len("sample with: python generate.py "):].split()
     ft = tmp_path / "run" / ("model" if method == "full" else "lora.safetensors" if method == "lora" else
@@ -248,8 +249,8 @@ def test_adapters_travel_for_the_families(tiny, task, family, tmp_path):
     import convert
     import finetune
     qwen, llama3 = family("qwen2.5-7b"), family("llama3.1")
-    assert train_run(tiny, task, tmp_path / "lora", "--ckpt", qwen, "--max-steps", "2", method="lora") == 0
-    assert train_run(tiny, task, tmp_path / "delta", "--ckpt", llama3, "--max-steps", "2") == 0
+    assert train_run(tiny, task, tmp_path / "lora", "--ckpt", qwen, "--max-steps", "2", *LONG, method="lora") == 0
+    assert train_run(tiny, task, tmp_path / "delta", "--ckpt", llama3, "--max-steps", "2", *LONG) == 0
     delta = str(tmp_path / "delta" / "delta.safetensors")
     convert.main([delta, "--to", "sft", str(tmp_path / "sft"), "--ckpt", llama3])
     convert.main([str(tmp_path / "sft"), "--to", "spiel", str(tmp_path / "back.safetensors"), "--ckpt", llama3])
@@ -277,7 +278,7 @@ def test_every_method_on_every_family(name, tiny, task, family, tmp_path):
     path = family(name)
     for method, extra in (("spiel-ag", []), ("spiel-ma", ["--quantize", "nf4"]), ("lora", []), ("full", [])):
         out = tmp_path / method
-        assert train_run(tiny, task, out, "--ckpt", path, "--max-steps", "3", *extra, method=method) == 0, method
+        assert train_run(tiny, task, out, "--ckpt", path, "--max-steps", "3", *LONG, *extra, method=method) == 0, method
         if method == "full":
             assert load_model(str(out / "model")).args == load_model(path).args
             continue

@@ -240,6 +240,7 @@ def test_the_sample_hint_pasted_into_bash_gives_generate_the_prompt_that_was_sco
                                                                                     capsys, monkeypatch):
     """the hint at the end of a run, pasted into bash, makes generate.py start from exactly the prompt ids the
     run scored: the first validation example's prompt, with its system prompt (--system), shell-quoted."""
+    import chat
     import data
     import generate
     from tokenizer import SentencePiece as Tokenizer
@@ -257,7 +258,8 @@ def test_the_sample_hint_pasted_into_bash_gives_generate_the_prompt_that_was_sco
     generate.main(argv[1:])
     system, turns = data.to_turns(record)
     assert ("--system" in argv) == (system is not None)
-    assert seen == [data.prompt_ids(Tokenizer(tiny.tokenizer), turns[0][0], system)]
+    tok = Tokenizer(tiny.tokenizer)
+    assert seen == [data.prompt_ids(tok, chat.Tulu(tok), turns[0][0], system)]
 
 
 def test_a_refused_flag_names_the_value_the_run_used(tmp_path, capsys):
@@ -289,9 +291,10 @@ def test_resuming_a_finished_run_says_so_before_loading_anything(tiny, task, tra
     def boom(*a, **k):
         raise AssertionError("loaded")
 
-    for name in ("load_base", "load_data", "load_model"):
+    for name in ("load_base", "load_model"):
         monkeypatch.setattr(train, name, boom)
     monkeypatch.setattr(train.tokenizer, "load", boom)
+    monkeypatch.setattr(train.data, "load_run", boom)
     for out, extra, step in (("steps", [], 8), ("steps", ["--max-steps", "2"], 8), ("epochs", [], 2)):
         assert train.main(["--out", str(tmp_path / out), "--resume", *extra]) == 0
         assert capsys.readouterr().out.strip().endswith(

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chat
 import config
 import data
 import finetune
@@ -95,7 +96,7 @@ def test_only_answer_tokens_and_eos_are_labels(tiny):
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "copy the cat"},
         {"role": "assistant", "content": "the cat"}, {"role": "user", "content": "copy a dog"},
         {"role": "assistant", "content": "a dog"}]})
-    inputs, targets = data.encode_example(tok, system, turns, seq_len=200)
+    inputs, targets = data.encode_example(tok, chat.Tulu(tok), system, turns, seq_len=200)
     labels = targets[targets != IGNORE_INDEX].tolist()
     # the labels are exactly each answer's tokens followed by EOS, in order
     want = tok.encode("the cat", bos=False) + [tok.eos_id] + tok.encode("a dog", bos=False) + [tok.eos_id]
@@ -105,7 +106,7 @@ def test_only_answer_tokens_and_eos_are_labels(tiny):
     assert tok.decode(inputs[:first + 1].tolist()).endswith("<|assistant|>\n") or \
         tok.decode(inputs[:first + 1].tolist()).rstrip().endswith("<|assistant|>")
     # truncation that cuts every answer away leaves no label (such examples are dropped by load_examples)
-    _, t = data.encode_example(tok, system, turns, seq_len=5)
+    _, t = data.encode_example(tok, chat.Tulu(tok), system, turns, seq_len=5)
     assert (t == IGNORE_INDEX).all()
 
 
