@@ -294,21 +294,29 @@ def collate(examples, pad_id: int) -> tuple:
 
 
 def pack(examples, seq_len: int, min_rows: int = 1) -> list:
-    """examples -> rows (lists of examples) of at most seq_len tokens each, as few as hold them (at least min_rows)
-    and of even lengths: longest example first, each into the shortest row it fits (else a new row)."""
-    total = sum(len(x) for x, _, _ in examples)
-    rows = [[] for _ in range(max(min_rows, math.ceil(total / seq_len)))]
-    heap = [(0, i) for i in range(len(rows))]  # (tokens in the row, row)
-    for e in sorted(examples, key=lambda e: -len(e[0])):  # (a stable sort: ties keep the draw order)
-        used, i = heap[0]
-        if used + len(e[0]) > seq_len:  # the shortest row has the most room: no row has enough
-            rows.append([])
-            used, i = 0, len(rows) - 1
+    """examples -> rows (lists of examples) of at most seq_len tokens each: no more rows than first-fit decreasing
+    needs (at least min_rows), and of even lengths where that many rows allow it (longest example first, each into
+    the row with the fewest tokens), so that rows batched together carry little padding."""
+    order = sorted(examples, key=lambda e: -len(e[0]))  # longest first (a stable sort: ties keep the draw order)
+    ffd = []  # first fit decreasing: [tokens, examples] per row
+    for e in order:
+        row = next((r for r in ffd if r[0] + len(e[0]) <= seq_len), None)
+        if row is None:
+            ffd.append(row := [0, []])
+        row[0] += len(e[0])
+        row[1].append(e)
+    least = math.ceil(sum(len(x) for x, _, _ in examples) / seq_len)
+    for n in range(max(min_rows, least), max(min_rows, len(ffd)) + 1):
+        rows, heap = [[] for _ in range(n)], [(0, i) for i in range(n)]  # (tokens in the row, row)
+        for e in order:
+            used, i = heapq.heappop(heap)
+            if used + len(e[0]) > seq_len:  # the emptiest row is full: n rows are too few
+                break
+            rows[i].append(e)
+            heapq.heappush(heap, (used + len(e[0]), i))
         else:
-            heapq.heappop(heap)
-        rows[i].append(e)
-        heapq.heappush(heap, (used + len(e[0]), i))
-    return [r for r in rows if r]
+            return [r for r in rows if r]
+    return [r for _, r in ffd]
 
 
 def collate_packed(rows, pad_id: int) -> tuple:
