@@ -275,11 +275,11 @@ def test_random_regrowth_survives_a_kill_and_matches_across_two_processes(tiny, 
                      str(runner), *common, "--grad-accum", "1", "--out", str(tmp_path / "two")], cwd=ROOT, env=env)
     assert p.returncode == 0, ranks_said(p)
     one, two = tensors(tmp_path / "one")[0], tensors(tmp_path / "two")[0]
-    for k in one:
+    for k in one:  # (packed, two processes split a step's rows among them: other sums, other rounding)
         if k.endswith(".indices"):
             assert torch.equal(one[k], two[k]), k
         else:
-            torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
 
 
 def test_a_peft_q_v_adapter_gives_peft_logits_here_and_goes_back(tiny, tmp_path):
