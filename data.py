@@ -30,17 +30,27 @@ class DataError(Exception):
 
 
 def read_records(path: str) -> list:
-    """[(line number, record dict)] from a .jsonl file or a .json array."""
+    """[(where, record dict)] from a .jsonl file (where: the line number) or a .json array ("record N")."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected .jsonl or .json") from None
+    if text.lstrip().startswith("{") and len(text.strip().splitlines()) > 1:  # one object over several lines?
+        try:
+            json.loads(text)
+            raise DataError(f"{path}: one JSON object, not a list of records: give one object per line (.jsonl) "
+                            f"or a JSON array of objects (.json)")
+        except json.JSONDecodeError:
+            pass  # lines, as expected
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        records = [(i + 1, r) for i, r in enumerate(items)]  # "line" is the record number here
+        records = [(f"record {i + 1}", r) for i, r in enumerate(items)]  # (an array's numbers are no lines)
     else:
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):

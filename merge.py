@@ -12,7 +12,6 @@ checkpoint holds), so an fp32 base merges in fp32. The export's config.json list
 ("spiel_merged"), so the same fine-tune is never applied to it twice.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,8 @@ import torch
 import finetune
 import lora
 import spiel
-from files import CheckpointError, Progress, check_new_folder, write_folder
+from config import Parser
+from files import CheckpointError, Progress, check_new_folder, check_writable, write_folder
 from llama import HF_TO_META, ModelArgs, Tokenizer, Transformer, check_checkpoint, check_vocab, find_tokenizer, \
     load_model, permute_meta_to_hf, read_shapes, rename
 
@@ -91,7 +91,7 @@ def save_hf(model: Transformer, tokenizer_path, out_dir: str, merged=(), state_d
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="merge.py", description=__doc__)
     ap.add_argument("--ckpt", required=True, help="the base checkpoint the fine-tunes were trained on")
     ap.add_argument("--delta", action="append", default=[], help="delta or LoRA file, or PEFT LoRA / SFT folder "
                     "(repeat to add several; none: the base alone, e.g. a Meta-layout base in the HF layout)")
@@ -101,6 +101,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     check_new_folder(args.out)  # everything that can be checked before the (slow) load of the base
+    check_writable(args.out, "--out")
     check_checkpoint(args.ckpt)
     check_vocab(args.ckpt, Tokenizer(find_tokenizer(args.ckpt)))  # (the export carries this tokenizer)
     shapes = read_shapes(args.ckpt) if args.delta else None
