@@ -34,8 +34,8 @@ import adapters
 import lora
 import spiel
 from files import CheckpointError, read_json, torch_load, write_whole
-from llama import HF_TO_META, META_SHARD_DIM, PROJECTIONS, ModelArgs, Transformer, check_checkpoint, matrix_shape, \
-    meta_shards, rename, target_linears
+from llama import HF_TO_META, META_SHARD_DIM, PROJECTIONS, ModelArgs, Transformer, matrix_shape, meta_shards, rename, \
+    target_linears
 
 FORMATS = ("spiel-delta", "spiel-lora")
 
@@ -65,7 +65,7 @@ def fingerprint_at(ckpt: str, args: ModelArgs) -> str:
     with torch.device("meta"):  # (the names, in the model's order: free)
         names = [n for n in Transformer(dataclasses.replace(args, vocab_size=1)).state_dict() if fingerprinted(n)]
     found = {}
-    if check_checkpoint(ckpt, tokenizer=False) == "meta":
+    if os.path.isfile(os.path.join(ckpt, "params.json")):  # Meta's layout (llama.check_checkpoint's test)
         _, shards = meta_shards(ckpt)
         for name in (n for n in names if n in shards[0]):  # tensor-parallel: the embedding is split by columns
             parts = [s[name][:64] for s in shards]
