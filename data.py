@@ -55,13 +55,20 @@ def read_records(path: str) -> list:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); data files are .jsonl, .json, "
                         f".parquet or a datasets folder") from None
+    if text.lstrip().startswith("{") and len(text.strip().splitlines()) > 1:  # one object over several lines?
+        try:
+            json.loads(text)
+            raise DataError(f"{path}: one JSON object, not a list of records: give one object per line (.jsonl) "
+                            f"or a JSON array of objects (.json)")
+        except json.JSONDecodeError:
+            pass  # lines, as expected
     records = []
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        records = [(i + 1, r) for i, r in enumerate(items)]  # "line" is the record number here
+        records = [(f"record {i + 1}", r) for i, r in enumerate(items)]  # (an array's numbers are no lines)
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -99,7 +106,7 @@ def table_records(path: str, reader: str) -> list:
         rows = ds.to_list()
     if not rows:
         raise DataError(f"{path}: no records")
-    return list(enumerate(rows, 1))
+    return [(f"record {i}", r) for i, r in enumerate(rows, 1)]
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ held-out examples: greedy exact match, and the validation loss.
     python generate.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --chat --prompt "Write a haiku"
 """
 
-import argparse
 import sys
 from typing import Optional
 
@@ -19,6 +18,7 @@ import data
 import finetune
 import hub
 import tokenizer
+from config import COUNT, FRACTION, NONNEG, NONNEG_INT, Parser, device
 from files import CheckpointError
 from llama import IGNORE_INDEX, Transformer, check_checkpoint, check_vocab, load_model, read_shapes
 from system import default_device, default_dtype
@@ -92,14 +92,17 @@ def evaluate(model, examples, batch_size, pad_id, device) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout) or a Hub id ORG/NAME")
+    ap = Parser(prog="generate.py", description=__doc__)
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout), or a Hub id ORG/NAME")
     ap.add_argument("--prompt", required=True, help="text to continue (BOS is added)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--max-new-tokens", type=COUNT, default=128, help="stop after this many new tokens (or at EOS, "
+                                                                      "or at the model's max_seq_len)")
+    ap.add_argument("--temperature", type=NONNEG, default=0.8, help="softmax temperature; 0 means greedy")
+    ap.add_argument("--top-p", type=FRACTION, default=0.95, help="nucleus sampling: the smallest set of tokens "
+                                                                "holding this much probability (1: all)")
+    ap.add_argument("--seed", type=NONNEG_INT, default=0, help="the sampling's random seed")
+    ap.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N (default: cuda "
+                                                                           "where torch sees a GPU)")
     ap.add_argument("--delta", action="append", default=[],
                     help="sparse delta or LoRA file, or PEFT LoRA / SFT folder, to apply (repeatable)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template used for training")

@@ -48,16 +48,11 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
     lr, wd = config.lr_and_decay(a.method, a.lr, a.weight_decay)
     targets = a.targets.split(",")
     n_targeted = sum(math.prod(matrix_shape(m)) for m in target_linears(model, targets).values())
-    budget = {"density": a.density, "num_tunable": a.num_tunable, "lora_rank": a.match_lora_rank}
+    budget, flag = config.budget(a)  # (the flag that set it, for its errors)
     if a.method in ("spiel-ag", "spiel-ma"):
-        if all(v is None for v in budget.values()):
-            budget["lora_rank"] = 64  # the paper's budget: as many deltas as LoRA rank 64 trains
-            n = spiel.lora_param_count(model, targets, 64)
-            if n > n_targeted:
-                raise ValueError(f"the default budget (as many deltas as LoRA rank 64 trains: {n:,}) does not "
-                                 f"fit this model's {n_targeted:,} targeted weights; pass --density (e.g. 0.05)")
         # (a sharded base cannot hold W0 + delta in its own storage: spiel.py section 9)
-        layers = spiel.add_sparse_deltas(model, targets, **budget, seed=a.seed, resident=not a.fsdp)
+        with config.naming(flag, "; choose another budget (e.g. --density 0.05)"):
+            layers = spiel.add_sparse_deltas(model, targets, **budget, seed=a.seed, resident=not a.fsdp)
         spiel.set_grad_path(model, a.grad_path)
         params = [layer.values for layer in layers.values()]
         if a.method == "spiel-ag":
@@ -71,7 +66,8 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
     if a.method == "lora":
         rank = a.lora_rank
         if a.density is not None or a.num_tunable is not None:  # match a SpIEL budget
-            rank = lora.rank_for_budget(model, targets, a.num_tunable or round(a.density * n_targeted))
+            with config.naming(flag):
+                rank = lora.rank_for_budget(model, targets, a.num_tunable or round(a.density * n_targeted))
         lora.add_lora(model, targets, rank, a.lora_alpha, a.lora_dropout, seed=a.seed)
         params = [p for p in model.parameters() if p.requires_grad]
     elif set(targets) == set(PROJECTIONS):  # full fine-tuning: every weight
@@ -193,8 +189,8 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
         torch.set_num_threads(args.threads)
     procs, device = system.setup_distributed(args.device)
     say = print if procs.rank == 0 else (lambda *a, **k: None)  # only rank 0 prints and writes
-    if mode != "run":
-        say(config.describe(args, mode, argv))
+    if line := config.describe(args, mode, argv):  # the demo's command, the task, a resume's note
+        say(line)
     if args.resume and (done := runs.finished_step(args)) is not None:  # said before anything loads
         say(runs.finished(args.out, done))
         return 0
@@ -331,7 +327,7 @@ def say_budget(args, model, params, optimizer, selector, n_base, say):
     """trainable vs total parameters, the optimizer's settings, and a warning for a budget too large."""
     n_trainable = sum(p.numel() for p in params)
     lr, wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]
-    say(spiel.budget_summary(model) if selector else f"{args.method}: {len(params)} tensors train")
+    say(spiel.budget_summary(model) if selector else lora.summary(model) or f"full: {len(params)} tensors train")
     say(f"trainable: {n_trainable:,} of {n_base:,} parameters ({n_trainable / n_base:.3%}); "
         f"lr {lr:g}, weight decay {wd:g}, gradient clipping {args.grad_clip or 'off'}")
     layers = selector.layers if selector else lora.lora_layers(model)
@@ -343,14 +339,16 @@ def say_budget(args, model, params, optimizer, selector, n_base, say):
 
 
 def report_reselection(selector, step, changed, seconds, note, log):
-    """the reselection's line: how many deltas moved, and why the rest of those due stayed."""
+    """the reselection's line: how many deltas moved, and why the rest of those due stayed (due: the number the
+    schedule's rate at this step puts up for replacement, the smallest; all of them at the first)."""
     frac = selector.schedule.fraction(step)
     k, n = sum(m.indices.numel() for m in selector.layers.values()), sum(changed.values())
     due = sum(int(m.indices.numel() * frac) for m in selector.layers.values())
     why = "chosen again where they are" if selector.method == "ag" and selector.regrow == "criterion" else \
         "too few candidates"
     note(f"step {step}: reselection replaced {n:,} of {k:,} deltas ({n / k:.1%})" +
-         (f"; the other {due - n:,} of the {due:,} due stayed ({why})" if due > n else "") + f" in {seconds:.1f}s")
+         (f"; {due:,} were due (the schedule's rate at this step: {frac:.1%}), {due - n:,} of them stayed ({why})"
+          if due > n else "") + f" in {seconds:.1f}s")
     log({"event": "reselect", "step": step, "changed": n, "due": due, "of": k, "by_matrix": changed,
          "seconds": seconds})
 

@@ -230,8 +230,8 @@ def test_the_reselection_line_says_why_the_rest_stayed(tiny, task, tmp_path, cap
     assert "scheduled" not in line
     record = next(r for r in log(tmp_path / "r") if r.get("event") == "reselect")
     if record["due"] > record["changed"]:
-        assert f"the other {record['due'] - record['changed']:,} of the {record['due']:,} due stayed (chosen again" \
-               in line, line
+        assert f"; {record['due']:,} were due (the schedule's rate at this step: 100.0%), " \
+               f"{record['due'] - record['changed']:,} of them stayed (chosen again" in line, line
 
 
 def test_a_seq_len_past_the_model_is_clamped_before_the_data_loads(tiny, task, tmp_path, capsys):

@@ -292,7 +292,8 @@ def test_ckpt_alone_runs_the_default_task_to_its_exact_match_line(tiny, tmp_path
     (shortened here; the user's flags win over the task's)."""
     argv = ["--ckpt", tiny.hf, "--out", str(tmp_path / "r"), "--max-steps", "2", "--exact-match", "2",
             "--device", "cpu", "--threads", "1"]
-    one_line(argv, "the default budget (as many deltas as LoRA rank 64 trains: 155,648) does not fit")
+    one_line(argv, "the default budget (--match-lora-rank 64, the paper's): a budget of 155,648 deltas does not fit "
+                   "98,304 targeted weights; choose another budget (e.g. --density 0.05)")
     capsys.readouterr()
     # (LLaMA 2 has room for the paper's budget; this tiny model has not)
     assert train.main([*argv, "--density", "0.05"]) == 0

@@ -326,7 +326,7 @@ def main(argv=None):
     a("--shape", default="cpu", choices=list(SHAPES))
     a("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     a("--peer", help="a python that has transformers and peft: adds PEFT LoRA / transformers rows")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", type=config.device, default="cuda" if torch.cuda.is_available() else "cpu")
     a("--dtype", choices=["float32", "bfloat16"], help="default: the shape's")
     a("--grad-path", default="auto", choices=["auto", "dense", "sparse"], help="SpIEL's value gradient path")
     a("--rounds", type=int, default=3, help="timed reselection cycles (20 steps) of every method; the fastest counts")
