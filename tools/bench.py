@@ -6,6 +6,7 @@ How fast SpIEL trains, side by side with LoRA, full fine-tuning and the best pee
     python tools/bench.py --shape gpu-1b                   # the same at a 1B-class shape in bf16 on a GPU
     python tools/bench.py --grad-paths                     # SpIEL's value gradient alone: dense vs sparse (SDDMM)
     python tools/bench.py --profile spiel-ma lora-nodrop   # where a step's time goes, op by op (torch.profiler)
+    python tools/bench.py --real-data                      # packed vs --no-packing on heavy-tailed lengths
 
 SpIEL (Ansell et al. 2024, arXiv 2401.16405) is reported to fine-tune as well as LoRA (Hu et al. 2021,
 arXiv 2106.09685) or better at the same number of trainable parameters, at comparable speed, with memory
@@ -23,6 +24,11 @@ the floor: no weight gets a gradient, only the activations do. The peer rows run
 LlamaForCausalLM (+ PEFT LoRA) with torch's AdamW on the same shape and the same step; they need an
 interpreter where transformers and peft are installed (--peer), which this repo does not depend on; with
 --peer that interpreter runs our rows too (it needs requirements.txt as well).
+
+Real data: real (non-padding) tokens/s of train.py's step (data.step_batches, the forward with segments,
+train_step) on 400 instruction examples of heavy-tailed lengths, packed and --no-packing from the same seed on the
+same examples, the padding of each and the largest per-step loss difference between them (the same gradient: float
+rounding); with --peer, TRL's SFTTrainer with packing on the same examples where TRL is installed there.
 
 Gradient paths: the table in docs/bench.md behind spiel.SPARSE_DENSITY_MAX. How well each method learns:
 tools/quality.py.
@@ -61,6 +67,12 @@ METHODS = ("frozen", "lora", "lora-nodrop", "spiel-ag", "spiel-ma", "full")
 PEERS = ("peer-frozen", "peer-lora", "peer-lora-nodrop", "peer-full")
 NOTES = {"lora": "dropout 0.1 (train.py's default)", "lora-nodrop": "dropout 0", "peer-lora": "PEFT, dropout 0.1",
          "peer-lora-nodrop": "PEFT, dropout 0", "peer-frozen": "transformers", "peer-full": "transformers"}
+
+
+def sync(device: str):
+    """wait for the GPU's queued work (a step's time is its work's)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def n_cores() -> int:
@@ -114,6 +126,12 @@ def peer_model(margs, method, device, seed):
     return loss_fn, model, params, optimizer, None
 
 
+def model_args(a, seq_len: int) -> ModelArgs:
+    """the shape's model with seq_len positions (and this process's threads set)."""
+    torch.set_num_threads(a.threads)
+    return ModelArgs(**{**vars(SHAPES[a.shape]["model"]), "max_seq_len": seq_len})
+
+
 def build(a, margs, method):
     """one method (ours or a peer) from a.seed, in its compute dtype, in training mode."""
     torch.manual_seed(a.seed)
@@ -130,8 +148,7 @@ def setup(a, methods):
     """every method of `methods` built in this process. -> (method -> (loss fn, model, params, optimizer,
     selector), step(method, t): train.py's step t of that method on one micro-batch of random tokens)."""
     shape = SHAPES[a.shape]
-    torch.set_num_threads(a.threads)
-    margs = ModelArgs(**{**vars(shape["model"]), "max_seq_len": shape["seq"]})
+    margs = model_args(a, shape["seq"])
     built = {method: build(a, margs, method) for method in methods}
     B, T = shape["batch"], shape["seq"]
     g = torch.Generator().manual_seed(a.seed)
@@ -164,8 +181,7 @@ def worker(a) -> dict:
         for method in methods[t % len(methods):] + methods[:t % len(methods)]:
             t0 = time.perf_counter()
             step(method, t)
-            if cuda:
-                torch.cuda.synchronize()
+            sync(a.device)
             if t > n_warm:
                 sel = built[method][4]
                 times[method].append(time.perf_counter() - t0)
@@ -330,18 +346,18 @@ def real_step(t: int, run, draws, packing: bool, device: str) -> dict:
     n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro)
     losses = (loss_fn(x.to(device), y.to(device), s if s is None else s.to(device)) for x, y, s in micro)
     loss = train.train_step(t, losses, n_targets, params, optimizer, selector)[0]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     return {"seconds": time.perf_counter() - t0, "loss": loss, "tokens": sum(len(x) for d in draws for x, _, _ in d),
             "padded_tokens": sum(x.numel() for x, _, _ in micro)}
 
 
 def real_rate(steps, n_warm: int, n: int) -> dict:
-    """a run's numbers from its step records: padding over every step, real tokens/s of each round (n steps after
-    n_warm) and of the fastest."""
+    """a run's numbers from its step records: padding over the warm-up and the first round (each step once), real
+    tokens/s of each round (n steps after n_warm) and of the fastest."""
     rounds = [steps[i:i + n] for i in range(n_warm, len(steps), n)]
     rates = [sum(s["tokens"] for s in r) / sum(s["seconds"] for s in r) for r in rounds]
-    return {"padding": 1 - sum(s["tokens"] for s in steps) / sum(s["padded_tokens"] for s in steps),
+    once = steps[:n_warm + n]
+    return {"padding": 1 - sum(s["tokens"] for s in once) / sum(s["padded_tokens"] for s in once),
             "round_tokens_per_s": rates, "tokens_per_s": max(rates), "steps": steps}
 
 
@@ -352,14 +368,12 @@ def real_data(a) -> dict:
     steps), then --rounds rounds of the same --steps steps (the run's next --steps draws, replayed, so every round
     is the same work); per run the fastest round's real tokens/s. With --peer, TRL's SFTTrainer with packing on the
     same examples (trl_worker). A table; every number to --json."""
-    shape = SHAPES[a.shape]
-    torch.set_num_threads(a.threads)
-    margs = ModelArgs(**{**vars(shape["model"]), "max_seq_len": REAL_SEQ})
+    margs = model_args(a, REAL_SEQ)
     examples = real_examples(margs.vocab_size, a.seed)
     lengths = [len(x) for x, _, _ in examples]
     cuts = statistics.quantiles(lengths, n=100, method="inclusive")
-    dist = {"median": cuts[49], "p95": cuts[94], "p99": cuts[98], "max": max(lengths), "mean": statistics.fmean(lengths),
-            "cut": sum(n == REAL_SEQ for n in lengths)}
+    dist = {"median": cuts[49], "p95": cuts[94], "p99": cuts[98], "mean": statistics.fmean(lengths),
+            "max": max(lengths), "cut": sum(n == REAL_SEQ for n in lengths)}
     print(f"real data: {len(examples)} examples of random token ids; tokens per example: median {dist['median']:.0f}, "
           f"95th percentile {dist['p95']:.0f}, 99th {dist['p99']:.0f}, mean {dist['mean']:.1f}, max {dist['max']} "
           f"({dist['cut']} cut at {REAL_SEQ}); the first 20-80% of each a prompt with no labels")
@@ -420,12 +434,10 @@ def trl_worker(a) -> dict:
         import datasets
         import tokenizers
         import transformers
-        from trl import SFTConfig, SFTTrainer
+        import trl
     except ImportError as e:
         return {"error": f"{e.name} is not installed in {sys.executable}"}
-    shape = SHAPES[a.shape]
-    torch.set_num_threads(a.threads)
-    margs = ModelArgs(**{**vars(shape["model"]), "max_seq_len": REAL_SEQ})
+    margs = model_args(a, REAL_SEQ)
     model = build(a, margs, "peer-lora-nodrop")[1]
     examples = real_examples(margs.vocab_size, a.seed)  # our inputs; labels unshifted (transformers shifts them)
     dataset = datasets.Dataset.from_dict({"input_ids": [x.tolist() for x, _, _ in examples],
@@ -442,18 +454,19 @@ def trl_worker(a) -> dict:
             seen.append(0)
 
         def on_step_end(self, args, state, control, **kw):
+            sync(a.device)
             ends.append(time.perf_counter())
             seen.append(state.num_input_tokens_seen)
-    cfg = SFTConfig(output_dir=os.path.join(a.runs_dir, "trl"), max_length=REAL_SEQ, packing=True,
+    cfg = trl.SFTConfig(output_dir=os.path.join(a.runs_dir, "trl"), max_length=REAL_SEQ, packing=True,
                     per_device_train_batch_size=1, gradient_accumulation_steps=REAL_ACCUM, learning_rate=1e-4,
                     max_steps=n_warm + a.rounds * a.steps, seed=a.seed, use_cpu=a.device == "cpu",
                     include_num_input_tokens_seen="all", logging_strategy="no", save_strategy="no", report_to="none",
                     disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=cfg, processing_class=tok, callbacks=[Clock()], train_dataset=dataset)
+    trainer = trl.SFTTrainer(model=model, args=cfg, processing_class=tok, callbacks=[Clock()], train_dataset=dataset)
     trainer.train()
     steps = [{"seconds": t1 - t0, "tokens": s1 - s0, "padded_tokens": s1 - s0}  # padding-free: no padding
              for t0, t1, s0, s1 in zip(ends, ends[1:], seen, seen[1:])]
-    return {"trl": sys.modules["trl"].__version__, "transformers": transformers.__version__, "torch": torch.__version__,
+    return {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
             **real_rate(steps, n_warm, a.steps)}
 
 
@@ -480,10 +493,10 @@ def grad_paths(a) -> dict:
                 fn()  # warm-up
                 ts = []
                 for _ in range(5):
-                    torch.cuda.synchronize() if a.device.startswith("cuda") else None
+                    sync(a.device)
                     t = time.perf_counter()
                     fn()
-                    torch.cuda.synchronize() if a.device.startswith("cuda") else None
+                    sync(a.device)
                     ts.append((time.perf_counter() - t) * 1e3)
                 times[path] = statistics.median(ts)
             rows.append({"shape": [out_f, in_f], "density": density, **times})
@@ -528,6 +541,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.real_data and "frozen" in (args.methods or []):
         ap.error("--real-data: frozen trains nothing (choose methods that train)")
+    if args.real_data and min(args.rounds, args.steps) < 1:
+        ap.error("--real-data needs --rounds and --steps of at least 1")
     args.methods = args.methods or (["spiel-ag"] if args.real_data else list(METHODS))
     if args.worker:
         files.write_json(args.json_out, trl_worker(args) if args.real_data else worker(args))
