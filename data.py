@@ -341,21 +341,31 @@ def collate_packed(rows, pad_id: int) -> tuple:
     return inputs, targets, segments
 
 
+# a packed row joins a micro-batch only if padding it to the micro-batch's longest row costs at most this share
+MAX_PAD = 0.05
+
+
 def step_batches(draws, batch_size: int, seq_len: int, pad_id: int, packing: bool = True, first_apart=False,
                  world: int = 1) -> list:
     """one optimizer step's draws (Batches.next, each batch_size examples) -> its micro-batches [(inputs, targets,
     segments or None)], at least `world` of them (process r takes [r::world]). Without packing: a draw a
     micro-batch, one example a row. With packing: the step's examples in rows of at most seq_len tokens (pack),
-    up to batch_size rows a micro-batch, rows of similar length together. first_apart (SpIEL-AG's window opens this
-    step): the first draw alone makes the first micro-batch, whose dense gradient picks the window's candidates:
-    the same examples as without packing (docs/method.md)."""
+    up to batch_size rows a micro-batch, each row at least 1 - MAX_PAD as long as its micro-batch's longest.
+    first_apart (SpIEL-AG's window opens this step): the first draw alone makes the first micro-batch, whose dense
+    gradient picks the window's candidates: the same examples as without packing (docs/method.md)."""
     if not packing:
         return [(*collate(d, pad_id), None) for d in draws]
     head, rest = (draws[0], draws[1:]) if first_apart else ([], draws)
     others = max(1, world - bool(head))  # the micro-batches the rest must make, at least
     rows = sorted(pack([e for d in rest for e in d], seq_len, others), key=lambda r: -sum(len(x) for x, _, _ in r))
-    per = max(1, min(batch_size, len(rows) // others))
-    groups = [pack(head, seq_len)] * bool(head) + [rows[i:i + per] for i in range(0, len(rows), per)]
+    per, groups, longest = max(1, min(batch_size, len(rows) // others)), [pack(head, seq_len)] * bool(head), 0
+    for row in rows:  # longest first: a row joins the last micro-batch if padding it there costs little
+        n = sum(len(x) for x, _, _ in row)
+        if len(groups) > bool(head) and len(groups[-1]) < per and n >= (1 - MAX_PAD) * longest:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+            longest = n
     return [collate_packed(g, pad_id) for g in groups]
 
 

@@ -93,7 +93,8 @@ def evaluate(model, examples, batch_size, pad_id, device) -> float:
 
 def main(argv=None):
     ap = Parser(prog="generate.py", description=__doc__)
-    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout), or a Hub id ORG/NAME")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout), or a Hub id "
+                                                  "ORG/NAME")
     ap.add_argument("--prompt", required=True, help="text to continue (BOS is added)")
     ap.add_argument("--max-new-tokens", type=COUNT, default=128, help="stop after this many new tokens (or at EOS, "
                                                                       "or at the model's max_seq_len)")

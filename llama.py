@@ -421,17 +421,15 @@ def hf_args(c: dict) -> ModelArgs:
     kind = c.get("model_type")
     if kind not in HF_DEFAULTS:
         raise ValueError(f"model_type {json.dumps(kind)} is not implemented (only {', '.join(HF_DEFAULTS)})")
-    default = HF_DEFAULTS[kind]
-
-    dim, heads = c["hidden_size"], c["num_attention_heads"]
+    default, dim, heads, full = HF_DEFAULTS[kind], c["hidden_size"], c["num_attention_heads"], ["full_attention"]
     for field, ok, why in (("hidden_act", ("silu",), "only SwiGLU with silu is implemented"),
                            ("attention_dropout", (0,), "attention dropout is not implemented"),
                            ("mlp_bias", (None, False), "a bias in the MLP is not implemented"),
                            ("quantization_config", (), "a pre-quantized checkpoint is not supported; pass the "
                                                        "full-precision one (--quantize int8|nf4 quantizes it here)"),
                            ("use_sliding_window", (None, False), "Qwen2's per-layer window is not implemented"),
-                           ("layer_types", (None, ["full_attention"] * c["num_hidden_layers"]), "only full "
-                                                                                                "attention is implemented"),
+                           ("layer_types", (None, full * c["num_hidden_layers"]), "only full attention is "
+                                                                                     "implemented"),
                            ("head_dim", (None, dim // heads), f"only hidden_size / num_attention_heads "
                                                               f"({dim // heads}) is implemented")):
         if field in c and c[field] not in ok:
@@ -440,9 +438,9 @@ def hf_args(c: dict) -> ModelArgs:
     theta, scaling = hf_rope(c, max_pos)
     # Qwen2 has a bias on q, k and v (its modeling code, not its config, says so); Llama's attention_bias: on all four
     bias = ("wq", "wk", "wv") if kind == "qwen2" else ("wq", "wk", "wv", "wo") if c.get("attention_bias") else ()
-    return ModelArgs(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
+    return ModelArgs(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, vocab_size=c["vocab_size"],
                      n_kv_heads=c.get("num_key_value_heads", default.get("num_key_value_heads")),
-                     vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                     hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
                      rope_theta=theta, rope_scaling=scaling, max_seq_len=max_pos, bias=bias,
                      sliding_window=c.get("sliding_window", default["sliding_window"]) if kind == "mistral" else None,
                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
@@ -463,7 +461,8 @@ def hf_rope(c: dict, max_pos: int) -> tuple:
         raise ValueError(f"{where}: rope_type {json.dumps(kind)} is not implemented (only {', '.join(ROPE_FIELDS)})")
     need, may = ROPE_FIELDS[kind]
     for field in [f for f in s if f not in need + may] + [f for f in need if f not in s]:
-        raise ValueError(f"{where}: {field} is {'missing' if field in need else 'not implemented'} for rope_type {kind}")
+        why = "missing" if field in need else "not implemented"
+        raise ValueError(f"{where}: {field} is {why} for rope_type {kind}")
     if kind in ("llama3", "yarn"):  # (a top-level original_max_position_embeddings wins, as in transformers)
         s["original_max_position_embeddings"] = c.get("original_max_position_embeddings") or \
             s.get("original_max_position_embeddings") or max_pos

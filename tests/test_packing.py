@@ -114,3 +114,15 @@ def test_the_run_reports_its_padding(tiny, task, tmp_path, capsys):
     end = [r for r in read_log_records(tmp_path / "r") if r.get("event") == "end"][0]
     share = 1 - end["tokens"] / end["padded_tokens"]
     assert f"padding {share:.1%} of the positions processed (packed)" in out and share < 0.05
+
+
+def test_padding_stays_under_5_percent_on_heavy_tailed_steps():
+    """steps of 32 examples (batch 8 x accum 4) of heavy-tailed lengths up to 1,024 tokens, rows of 1,024: a row much
+    shorter than its micro-batch's longest goes to a micro-batch of its own, so each step pads under MAX_PAD."""
+    ex = examples(32 * 20, seed=3, lo=10, hi=1024)
+    for s in range(20):
+        step = ex[32 * s:32 * (s + 1)]
+        micro = data.step_batches([step[i:i + 8] for i in range(0, 32, 8)], 8, 1024, 0)
+        real = sum(len(x) for x, _, _ in step)
+        assert 1 - real / sum(x.numel() for x, _, _ in micro) <= data.MAX_PAD
+        assert all(x.shape[0] <= 8 for x, _, _ in micro)

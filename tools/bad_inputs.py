@@ -66,7 +66,8 @@ CASES = [
     T("--ckpt: no tokenizer.model", ckpt="{no_tokenizer}", says="no tokenizer.model"),
     T("--ckpt: a rope scaling the loader does not implement", ckpt="{dynamic_rope}",
       says='config.json: rope_scaling: rope_type "dynamic" is not implemented'),
-    T("--ckpt: a model_type the loader does not implement", ckpt="{gemma}", says='model_type "gemma" is not implemented'),
+    T("--ckpt: a model_type the loader does not implement", ckpt="{gemma}",
+      says='model_type "gemma" is not implemented'),
     T("--ckpt: Meta's Llama 3.1 layout", ckpt="{meta_llama3}", says="use_scaled_rope true: Meta's Llama 3.1+ layout"),
     T("--ckpt: tokenizer.model not a sentencepiece model", ckpt="{bad_tokenizer}", says="not a sentencepiece model"),
     T("--data: no such file", data="nowhere.jsonl", says="data file not found"),
@@ -190,8 +191,8 @@ def good_inputs(folder: str) -> dict:
     from tokenizer import SentencePiece
 
     demo = os.path.join(ROOT, "demo", "base")
-    shape = dict(dim=64, n_heads=4, n_kv_heads=2, vocab_size=SentencePiece(os.path.join(demo, "tokenizer.model")).n_words,
-                 multiple_of=32, max_seq_len=128)
+    vocab = SentencePiece(os.path.join(demo, "tokenizer.model")).n_words
+    shape = dict(dim=64, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32, max_seq_len=128)
     good = {name: os.path.join(folder, name) for name in ("base", "other", "small", "run", "lora_run")}
     for name, seed, layers in (("base", 0, 2), ("other", 1, 2), ("small", 0, 1)):
         torch.manual_seed(seed)
@@ -239,7 +240,8 @@ def bad_inputs(good: dict, folder: str) -> dict:
     write(os.path.join(copy("gemma", "base"), "config.json"), json.dumps(config | {"model_type": "gemma"}))
     os.makedirs(paths.setdefault("meta_llama3", os.path.join(folder, "meta_llama3")))
     write(os.path.join(paths["meta_llama3"], "params.json"), json.dumps(
-        {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 128256, "rope_theta": 500000.0, "use_scaled_rope": True}))
+        {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 128256, "rope_theta": 500000.0,
+         "use_scaled_rope": True}))
     write(os.path.join(paths["meta_llama3"], "consolidated.00.pth"), "")
     write(os.path.join(copy("bad_tokenizer", "base"), "tokenizer.model"), "not a sentencepiece model\n")
     for name, text in (("broken.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n'),
