@@ -126,3 +126,17 @@ def test_padding_stays_under_5_percent_on_heavy_tailed_steps():
         real = sum(len(x) for x, _, _ in step)
         assert 1 - real / sum(x.numel() for x, _, _ in micro) <= data.MAX_PAD
         assert all(x.shape[0] <= 8 for x, _, _ in micro)
+
+
+def test_a_packed_row_gives_each_example_its_own_logits_within_a_sliding_window(family):
+    """Mistral's window (16 here) and packing together: each example of a packed row gets exactly the logits it
+    gets alone (positions from 0, no attention to the other examples, the window counted within it)."""
+    model = load_model(family("mistral"), dtype=torch.float32)
+    ex = [(torch.randint(256, (n,), generator=torch.Generator().manual_seed(n)), None, None) for n in (30, 7, 24)]
+    x, _, seg = data.collate_packed([ex], pad_id=0)
+    with torch.no_grad():
+        packed = model(x, segments=seg)[0][0]
+        t = 0
+        for e, _, _ in ex:
+            torch.testing.assert_close(packed[t:t + len(e)], model(e[None])[0][0], rtol=1e-5, atol=1e-5)
+            t += len(e)
