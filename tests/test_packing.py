@@ -132,7 +132,7 @@ def test_a_packed_row_gives_each_example_its_own_logits_within_a_sliding_window(
     """Mistral's window (16 here) and packing together: each example of a packed row gets exactly the logits it
     gets alone (positions from 0, no attention to the other examples, the window counted within it)."""
     model = load_model(family("mistral"), dtype=torch.float32)
-    ex = [(torch.randint(256, (n,), generator=torch.Generator().manual_seed(n)), None, None) for n in (30, 7, 24)]
+    ex = [(t, t, None) for t in (torch.randint(256, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 7, 24))]
     x, _, seg = data.collate_packed([ex], pad_id=0)
     with torch.no_grad():
         packed = model(x, segments=seg)[0][0]
