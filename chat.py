@@ -72,11 +72,19 @@ class ModelTemplate:
             json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
-        self.tok, self.template = tok, env.from_string(tok.chat_template)
+        self.tok, self.error = tok, jinja2.TemplateError
+        try:
+            self.template = env.from_string(tok.chat_template)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{tok.path}: its chat template is not a Jinja2 template ({e}); use --template tulu") \
+                from None
 
     def render(self, messages, add_generation_prompt: bool) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.tok.bos_token or "", eos_token=self.tok.eos_token)
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.tok.bos_token or "", eos_token=self.tok.eos_token)
+        except self.error as e:
+            raise ValueError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from None
 
     def pieces(self, system, turns) -> list:
         messages, out, done = [{"role": "system", "content": system}] * (system is not None), [], ""

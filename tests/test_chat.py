@@ -93,6 +93,12 @@ def test_template_refusals(family, monkeypatch):
                          "{% endif %}{% endfor %}{% if add_generation_prompt %}>{% endif %}")
     with pytest.raises(ValueError, match="renders the start of a conversation differently"):
         chat.template(tok).pieces(None, [("a", "b", True), ("c", "d", True)])
+    tok.chat_template = "{{ messages.append(1) }}"  # an immutable sandbox: no changing the conversation
+    with pytest.raises(ValueError, match="the chat template fails on this conversation .SecurityError"):
+        chat.template(tok).pieces(None, [("a", "b", True)])
+    tok.chat_template = "{% for m in messages %}"
+    with pytest.raises(ValueError, match="tokenizer.json: its chat template is not a Jinja2 template"):
+        chat.template(tok)
     tok.chat_template = LLAMA3_TEMPLATE
     assert chat.template(tok).pieces(None, [("a", "b", True)])[1] == ("b<|eot_id|>", True)
 
