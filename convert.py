@@ -11,25 +11,29 @@ the q/k row order they move between: adapters.py.
     python convert.py their-sft-folder/ --to spiel --ckpt Llama-2-7b-hf delta.safetensors
 """
 
-import argparse
 import os
 import sys
 
 import adapters
 import finetune
-from files import CheckpointError, check_new_folder
+import hub
+from config import Parser
+from files import CheckpointError, check_new_folder, check_writable
 from llama import check_checkpoint, read_args
 
 
 def convert(src: str, to: str, out: str, ckpt: str, base_name=None):
     """SRC (our .safetensors file, or a PEFT LoRA / SFT folder) -> OUT in format `to` (peft, sft or spiel).
-    Only the base's config is read (--ckpt). OUT is never overwritten: checked first, written to a temporary
-    name and renamed."""
+    Of the base (--ckpt) only the config and the few weights of its fingerprint are read: a fine-tune of another
+    base is refused, as generate.py and merge.py refuse it. OUT is never overwritten: checked first (that it is
+    new and can be written), written to a temporary name and renamed."""
     if to == "spiel" and os.path.exists(out):
         raise FileExistsError(f"{out}: exists; choose a new output file")
     if to != "spiel":
         check_new_folder(out)
-    args = read_args(ckpt, check_checkpoint(ckpt))
+    check_writable(out, "output " + ("file" if to == "spiel" else "folder"), folder=to != "spiel")
+    folder = hub.resolve(ckpt)  # (a Hub id stays the adapter's base_model_name_or_path)
+    args = read_args(folder, check_checkpoint(folder))
     ft = finetune.read(src, args)
     base = adapters.base_shapes(args)
     for name, shape in ft.shapes.items():
@@ -43,7 +47,8 @@ def convert(src: str, to: str, out: str, ckpt: str, base_name=None):
         raise ValueError(f"{src}: a LoRA adapter has no SFT form (--to peft writes a PEFT LoRA folder)")
     if to == "spiel" and not os.path.isdir(src):
         raise ValueError(f"{src}: already this repo's format (--to spiel reads a PEFT LoRA or SFT folder)")
-    name = base_name or os.path.abspath(ckpt)
+    finetune.check_base(ft, finetune.base_at(folder, args))  # (a folder made elsewhere records no base: passes)
+    name = base_name or (ckpt if folder != ckpt else os.path.abspath(ckpt))
     if to == "peft":
         adapters.write_peft(out, ft.tensors, ft.meta, ft.shapes, args, name)
     elif to == "sft":
@@ -53,12 +58,13 @@ def convert(src: str, to: str, out: str, ckpt: str, base_name=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="convert.py", description=__doc__)
     ap.add_argument("src", help="a delta.safetensors / lora.safetensors of this repo, or a PEFT LoRA / SFT folder")
     ap.add_argument("--to", required=True, choices=["peft", "sft", "spiel"],
                     help="peft: a PEFT LoRA folder; sft: the authors' SFT folder; spiel: this repo's file")
     ap.add_argument("out", help="the new folder (peft, sft) or file (spiel); never overwritten")
-    ap.add_argument("--ckpt", required=True, help="the base (Meta or HF layout); only its config is read")
+    ap.add_argument("--ckpt", required=True, help="the base (Meta or HF layout, or a Hub id ORG/NAME); only its "
+                                                  "config and fingerprint are read")
     ap.add_argument("--base-name", help="the folder's base_model_name_or_path (default: --ckpt's absolute path)")
     args = ap.parse_args(argv)
     convert(args.src, args.to, args.out, args.ckpt, args.base_name)

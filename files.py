@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,9 +28,11 @@ def read_json(path, hint: str = "") -> dict:
     try:
         with open(path) as f:
             obj = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(f"{path}: not found" + (f" ({hint})" if hint else "")) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})" + (f"; {hint}" if hint else "")) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -68,21 +71,38 @@ def give_umask_mode(path: str):
     os.chmod(path, 0o666 & ~mask)
 
 
+def write_failure(e: BaseException, path: str):
+    """the cause of a failed write in words, or None if `e` is no write failure. torch.save and safetensors say a
+    full disk their own way ("[enforce fail at inline_container.cc] unexpected pos", SafetensorError): the free
+    space says it plainly (measured before the partial file is removed)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if not (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"):
+        return None
+    try:
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free == 0
+    except OSError:
+        full = False
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return "No space left on device" if full or "os error 28" in text else text
+
+
 def write_whole(path: str, write):
     """write(tmp) to a temporary name beside `path`, then rename it to `path`: an interruption never leaves half
-    a file. A failed write (a full disk: any OSError) removes the temporary file and raises one line naming
-    `path`; whatever was at `path` before is untouched."""
+    a file. A failed write (a full disk: an OSError, or torch's and safetensors' own errors for it) removes the
+    temporary file and raises one line naming `path`; whatever was at `path` before is untouched."""
     tmp = path + ".tmp"
     try:
         write(tmp)
         give_umask_mode(tmp)
+        os.replace(tmp, path)
     except BaseException as e:
+        cause = write_failure(e, tmp)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: not written ({e.strerror or e})") from None
+        if cause is not None:
+            raise CheckpointError(f"{path}: not written ({cause})") from None
         raise
-    os.replace(tmp, path)
 
 
 def write_json(path, obj):
@@ -98,21 +118,38 @@ def check_new_folder(out_dir: str):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new output folder")
 
 
+def check_writable(path: str, flag: str, folder: bool = True):
+    """before anything slow: the output `path` (a folder; folder=False: a file) can be created and written
+    there, else one line naming it and why (`flag`: what to change). The folder that would hold it is tried
+    with a probe, made and removed at once: no permission bit tells a read-only disk, or root's limits."""
+    where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise CheckpointError(f"{path}: cannot be created ({where} is a file, not a folder); choose another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=where))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be written ({e.strerror or e}: {where}); choose another "
+                              f"{flag}") from None
+
+
 def write_folder(out_dir: str, write, replace: bool = False):
     """write(tmp) fills a temporary folder beside `out_dir`, renamed to `out_dir` once whole (an existing one is
     swapped out only with `replace`, else it must be absent or empty). A failed or interrupted write leaves
     neither a half-written `out_dir` nor the temporary folder; a full disk is one line."""
     tmp, old = out_dir.rstrip("/") + ".tmp-export", out_dir.rstrip("/") + ".tmp-old"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         write(tmp)
         for name in os.listdir(tmp):
             give_umask_mode(os.path.join(tmp, name))
     except BaseException as e:
+        cause = write_failure(e, os.path.join(tmp, "x"))
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{out_dir}: not written ({e.strerror or e}); nothing was left there") from None
+        if cause is not None:
+            raise CheckpointError(f"{out_dir}: not written ({cause}); nothing was left there") from None
         raise
     shutil.rmtree(old, ignore_errors=True)  # (left by an earlier write killed at the end)
     if os.path.exists(out_dir):  # empty, or the one being replaced

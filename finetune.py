@@ -19,6 +19,8 @@ a base may hold merged ones: a fine-tune fits a base with its base's fingerprint
 that had been merged into its base.
 """
 
+import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -31,22 +33,60 @@ import torch
 import adapters
 import lora
 import spiel
-from files import CheckpointError, read_json, write_whole
-from llama import PROJECTIONS, ModelArgs, matrix_shape, target_linears
+from files import CheckpointError, read_json, torch_load, write_whole
+from llama import HF_TO_META, META_SHARD_DIM, PROJECTIONS, ModelArgs, Transformer, matrix_shape, meta_shards, rename, \
+    target_linears
 
 FORMATS = ("spiel-delta", "spiel-lora")
+
+
+def fingerprinted(name: str) -> bool:
+    return name.endswith("norm.weight") or name == "tok_embeddings.weight"
 
 
 def fingerprint(model) -> str:
     """a short hash of weights fine-tuning never touches (norms, a slice of the embedding), rounded to bf16 so
     that the same base loaded in another dtype or quantized gives the same answer. A fine-tune records the
     fingerprint of its base; computed before --fsdp shards the model (one process alone holds a shard)."""
+    return digest((name, t) for name, t in model.state_dict().items() if fingerprinted(name))
+
+
+def digest(named) -> str:
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
-            h.update(name.encode())
-            h.update(t[:64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    for name, t in named:
+        h.update(name.encode())
+        h.update(t[:64].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint_at(ckpt: str, args: ModelArgs) -> str:
+    """fingerprint(the base in the folder `ckpt`, whose config gave `args`) without loading it: only the first 64
+    rows of the norms and the embedding are read (safetensors slices, mmap'ed .pth / .bin files)."""
+    with torch.device("meta"):  # (the names, in the model's order: free)
+        names = [n for n in Transformer(dataclasses.replace(args, vocab_size=1)).state_dict() if fingerprinted(n)]
+    found = {}
+    if os.path.isfile(os.path.join(ckpt, "params.json")):  # Meta's layout (llama.check_checkpoint's test)
+        _, shards = meta_shards(ckpt)
+        for name in (n for n in names if n in shards[0]):  # tensor-parallel: the embedding is split by columns
+            parts = [s[name][:64] for s in shards]
+            found[name] = torch.cat(parts, META_SHARD_DIM["tok_embeddings"]) if len(parts) > 1 and \
+                parts[0].dim() == 2 else parts[0]
+    else:
+        from safetensors import safe_open
+        for file in sorted(glob.glob(os.path.join(ckpt, "*.safetensors")) or
+                           glob.glob(os.path.join(ckpt, "pytorch_model*.bin"))):
+            try:
+                f = safe_open(file, framework="pt") if file.endswith(".safetensors") else torch_load(file)
+                found |= {rename(k, HF_TO_META): (f.get_slice(k)[:64] if hasattr(f, "get_slice") else f[k][:64])
+                          for k in f.keys() if fingerprinted(rename(k, HF_TO_META) or "")}
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read ({e})") from None
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise CheckpointError(f"{ckpt}: missing key {missing[0]}")
+    return digest((n, found[n]) for n in names)
 
 
 @dataclass
@@ -59,10 +99,19 @@ class Base:
 
 def base_of(model, ckpt: str) -> Base:
     """the Base of a model just loaded from the checkpoint folder `ckpt` (before any sharding)."""
-    merged = []
+    return Base(fingerprint(model), merged_into(ckpt))
+
+
+def base_at(ckpt: str, args: ModelArgs) -> Base:
+    """the Base of the checkpoint folder `ckpt`, read without loading it (fingerprint_at)."""
+    return Base(fingerprint_at(ckpt, args), merged_into(ckpt))
+
+
+def merged_into(ckpt: str) -> list:
+    """the fine-tunes merge.py merged into the base in `ckpt` (its config.json lists them)."""
     if not os.path.isfile(os.path.join(ckpt, "params.json")) and os.path.isfile(os.path.join(ckpt, "config.json")):
-        merged = read_json(os.path.join(ckpt, "config.json")).get("spiel_merged", [])
-    return Base(fingerprint(model), list(merged))
+        return list(read_json(os.path.join(ckpt, "config.json")).get("spiel_merged", []))
+    return []
 
 
 @dataclass
@@ -151,6 +200,12 @@ def check(ft: FineTune, model, base: Base):
             got = matrix_shape(linears[name])
             raise CheckpointError(f"{ft.path}: {name} is {o}x{i} in the file but {got[0]}x{got[1]} in this model "
                                   f"(another model?)")
+    check_base(ft, base)
+
+
+def check_base(ft: FineTune, base: Base):
+    """that `ft` was trained on `base` (its fingerprint, and the fine-tunes merged into it then) and is not merged
+    into it already; convert.py checks this alone, on a base it does not load (base_at)."""
     if ft.id in base.merged:
         raise CheckpointError(f"{ft.path}: already merged into this model (its config.json lists {ft.id}); applying "
                               f"it again would add it twice")

@@ -8,15 +8,17 @@ held-out examples: greedy exact match, and the validation loss.
     python generate.py --ckpt llama-2-7b --delta runs/x/delta.safetensors --chat --prompt "Write a haiku"
 """
 
-import argparse
 import sys
 from typing import Optional
 
 import torch
 
+import chat
 import data
 import finetune
+import hub
 import tokenizer
+from config import COUNT, FRACTION, NONNEG, NONNEG_INT, Parser, device
 from files import CheckpointError
 from llama import IGNORE_INDEX, Transformer, check_checkpoint, check_vocab, load_model, read_shapes
 from system import default_device, default_dtype
@@ -59,19 +61,20 @@ def generate(model: Transformer, prompt: list, max_new_tokens: int, temperature:
         model.train(was_training)
 
 
-def answer(model, tok, system, user, max_new) -> str:
+def answer(model, template, system, user, max_new) -> str:
     """the greedy answer to one chat turn (the prompt exactly as training tokenized it: data.prompt_ids)."""
-    return tok.decode(generate(model, data.prompt_ids(tok, user, system), max_new, temperature=0,
+    tok = template.tok
+    return tok.decode(generate(model, data.prompt_ids(tok, template, user, system), max_new, temperature=0,
                                stop_ids=tok.stop_ids, n_words=tok.n_words))
 
 
-def exact_match(model, tok, examples, n) -> float:
+def exact_match(model, template, examples, n) -> float:
     """the fraction of the first n examples (data.load_examples') whose greedy answer equals the reference,
     stripped (the first turn of each)."""
     hits = 0
     for _, _, (system, turns) in examples[:n]:
-        ref = turns[0][1]
-        hits += answer(model, tok, system, turns[0][0], len(tok.encode(ref, bos=False)) + 8).strip() == ref.strip()
+        ref, length = turns[0][1], len(template.tok.encode(turns[0][1], bos=False)) + 8
+        hits += answer(model, template, system, turns[0][0], length).strip() == ref.strip()
     return hits / min(n, len(examples))
 
 
@@ -89,23 +92,30 @@ def evaluate(model, examples, batch_size, pad_id, device) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout)")
+    ap = Parser(prog="generate.py", description=__doc__)
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder (Meta or Hugging Face layout), or a Hub id "
+                                                  "ORG/NAME")
     ap.add_argument("--prompt", required=True, help="text to continue (BOS is added)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--max-new-tokens", type=COUNT, default=128, help="stop after this many new tokens (or at EOS, "
+                                                                      "or at the model's max_seq_len)")
+    ap.add_argument("--temperature", type=NONNEG, default=0.8, help="softmax temperature; 0 means greedy")
+    ap.add_argument("--top-p", type=FRACTION, default=0.95, help="nucleus sampling: the smallest set of tokens "
+                                                                "holding this much probability (1: all)")
+    ap.add_argument("--seed", type=NONNEG_INT, default=0, help="the sampling's random seed")
+    ap.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N (default: cuda "
+                                                                           "where torch sees a GPU)")
     ap.add_argument("--delta", action="append", default=[],
                     help="sparse delta or LoRA file, or PEFT LoRA / SFT folder, to apply (repeatable)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template used for training")
+    ap.add_argument("--template", choices=["model", "tulu"], help="with --chat: the checkpoint's own chat template "
+                    "(model) or the paper's (tulu); default: model where the checkpoint has one, else tulu")
     ap.add_argument("--system", help="with --chat: the system prompt (as chat training data's system message)")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"], help="store the base quantized")
     args = ap.parse_args(argv)
-    if args.system is not None and not args.chat:
-        ap.error("--system needs --chat (a system prompt is part of the chat template)")
+    if (args.system is not None or args.template) and not args.chat:
+        ap.error("--system and --template need --chat (they are part of the chat template)")
 
+    args.ckpt = hub.resolve(args.ckpt)
     check_checkpoint(args.ckpt)  # everything that can be checked before the (slow) load of the base
     shapes = read_shapes(args.ckpt) if args.delta else None
     fts = [finetune.read(path, shapes) for path in args.delta]  # each fine-tune is read once
@@ -116,6 +126,7 @@ def main(argv=None):
                          "them first with merge.py")
     tok = tokenizer.load(args.ckpt)
     check_vocab(args.ckpt, tok)
+    template = chat.template(tok, args.template) if args.chat else None
     model = load_model(args.ckpt, device=args.device, dtype=default_dtype(args.device),
                        quantize=None if args.quantize == "none" else args.quantize)
     base = finetune.base_of(model, args.ckpt)
@@ -125,7 +136,7 @@ def main(argv=None):
     else:  # several add up: merged one after the other into this in-memory copy
         for ft in fts:
             finetune.merge(model, ft, base)
-    ids = data.prompt_ids(tok, args.prompt, args.system) if args.chat else tok.encode(args.prompt)
+    ids = data.prompt_ids(tok, template, args.prompt, args.system) if args.chat else tok.encode(args.prompt)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, stop_ids=tok.stop_ids, generator=g,
                    n_words=tok.n_words)

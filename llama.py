@@ -1,32 +1,24 @@
 """
-LLaMA from scratch: the model and loading a checkpoint in either layout (Meta's or Hugging Face's), for LLaMA 2
-and the models that share its architecture up to a few config fields (Llama 3.x, Mistral, Qwen2 / Qwen2.5,
-CodeLlama).
+LLaMA from scratch, and loading a checkpoint in Meta's or Hugging Face's layout: LLaMA 2 and the models that share
+its architecture up to a few config fields (Llama 3.x, Mistral, Qwen2 / Qwen2.5, CodeLlama).
 
-The architecture is Touvron et al. 2023, "Llama 2" (arXiv 2307.09288), section 2.2: pre-norm RMSNorm,
-rotary position embeddings (RoPE, Su et al. 2021), SwiGLU feed-forward, grouped-query attention.
-Inside the model the parameter names are Meta's (`layers.0.attention.wq.weight`) and RoPE rotates adjacent
-pairs (dims 2i, 2i+1), exactly as Meta's reference does. The family differs by config fields, each one knob of
-ModelArgs with one branch in the code:
-- rope_theta (CodeLlama, Mistral v0.2+, Qwen: 1e6; Llama 3: 500,000) and rope_scaling, which changes the rotary
-  frequencies themselves: "llama3" (Llama 3.1+), "linear", "yarn" (rope_frequencies);
-- sliding_window (Mistral v0.1): each token attends to the last 4,096 positions only (attention_mask);
-- bias on q/k/v (Qwen2), or on q/k/v/o (a Llama config with attention_bias);
-- tie_embeddings (Llama 3.2 1B/3B, small Qwen2.5): the output head is the embedding matrix.
-Every config field that changes the math is read; one this code does not implement (a rope type, a bias, a
-head_dim, an unknown model_type, ...) is refused by name before any weight is read (read_args).
+The architecture is Touvron et al. 2023, "Llama 2" (arXiv 2307.09288), section 2.2: pre-norm RMSNorm, rotary
+position embeddings (RoPE, Su et al. 2021), SwiGLU feed-forward, grouped-query attention. Inside the model the
+names are Meta's (`layers.0.attention.wq.weight`) and RoPE rotates adjacent pairs (dims 2i, 2i+1), as Meta's
+reference does. The family differs by config fields, each a knob of ModelArgs with one branch in the code:
+rope_theta and rope_scaling ("llama3" for Llama 3.1+, "linear", "yarn": rope_frequencies), sliding_window (Mistral
+v0.1: attention_mask), bias (Qwen2's q/k/v), tie_embeddings (Llama 3.2 1B/3B, small Qwen2.5). A field this code
+does not implement is refused by name before any weight is read (read_args).
 
-The two layouts on disk:
-- Meta: `params.json` (dim, n_layers, n_heads, optionally n_kv_heads, ffn_dim_multiplier, multiple_of,
-  rope_theta; vocab_size -1 means "the tokenizer's") and `consolidated.NN.pth`, one tensor-parallel shard per file
-  (each weight split along its own dimension, META_SHARD_DIM), with `tokenizer.model` one folder up.
-- Hugging Face: `config.json` (model_type, hidden_size, intermediate_size, num_attention_heads, ...),
-  safetensors or `pytorch_model*.bin` files (sharded with an index); names as in HF_TO_META.
-  HF's rotary embedding pairs dim i with i + head_dim/2 ("rotate_half") instead of 2i with 2i+1, so its q and k
-  weights (and biases) hold the same rows as Meta's, permuted within each head: permute_hf_to_meta undoes it on
+The layouts on disk:
+- Meta: `params.json` (vocab_size -1 means "the tokenizer's") and `consolidated.NN.pth`, one tensor-parallel shard
+  per file (each weight split along its own dimension, META_SHARD_DIM), with `tokenizer.model` one folder up.
+- Hugging Face: `config.json` (model_type, hidden_size, ...), safetensors or `pytorch_model*.bin` files (sharded
+  with an index); names as in HF_TO_META. HF's rotary embedding pairs dim i with i + head_dim/2 ("rotate_half"),
+  so its q and k weights (and biases) hold Meta's rows permuted within each head: permute_hf_to_meta undoes it on
   load, permute_meta_to_hf redoes it for an export. Get it wrong and the model still runs, but its text turns to
-  gibberish after a few tokens, which is why tests compare logits across the layouts and with transformers.
-The tokenizers (sentencepiece and tokenizer.json): tokenizer.py.
+  gibberish after a few tokens: tests compare logits across the layouts and with transformers.
+The tokenizers: tokenizer.py.
 """
 
 import glob
@@ -124,13 +116,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(args: ModelArgs) -> tuple:
-    """the rotation frequency of each pair of dims (head_dim / 2,) fp32, and the factor on cos and sin: RoPE's
-    theta^(-2i/d), or a scaling of it (the Hugging Face names; values of transformers' rope utilities):
-    - linear: every frequency divided by factor (positions squeezed by factor);
-    - llama3 (Llama 3.1+): wavelengths shorter than original_max / high_freq_factor kept, longer than
-      original_max / low_freq_factor slowed by factor, a smooth blend between;
-    - yarn (Peng et al. 2023, arXiv 2309.00071): the same idea with a linear ramp over dims set by beta_fast and
-      beta_slow, and cos, sin scaled by attention_factor (default 0.1 ln(factor) + 1)."""
+    """-> (the rotation frequency of each pair of dims (head_dim / 2,) fp32, the factor on cos and sin): RoPE's
+    theta^(-2i/d), or scaled (the config's names). linear: all divided by factor; llama3: wavelengths below
+    original_max / high_freq_factor kept, above original_max / low_freq_factor divided by factor, a blend between;
+    yarn (arXiv 2309.00071): a linear ramp over dims (beta_fast, beta_slow), cos and sin times attention_factor."""
     d, s = args.head_dim, args.rope_scaling or {}
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2).float() / d))  # (d/2,)
     kind, factor = s.get("rope_type", "default"), s.get("factor")
@@ -181,10 +170,9 @@ def apply_rope(x, cos, sin):
 
 
 def attention_mask(rows, window: Optional[int], segments=None, keys: Optional[int] = None):
-    """which keys each query sees, or None where SDPA's plain causal attention is exact. Query i sees key j when
-    j <= i, i - j < window (a sliding window) and, in a packed row, j belongs to i's example. rows (T,): the
-    queries' places in their row; keys: how many keys there are when they are not the queries (generation: the
-    cache so far); segments (B, T): the example of each position. -> (T, keys), or (B, 1, T, T) when packed."""
+    """which keys each query sees (None where SDPA's causal attention is exact): key j <= query i, i - j < window,
+    and in a packed row, the same example. rows (T,): the queries' places; keys: how many keys when they are not the
+    queries (generation: the cache so far); segments (B, T): each position's example. -> (T, keys) or (B, 1, T, T)"""
     T = rows.numel()
     if keys is None and segments is None and not (window and T > window):
         return None
@@ -253,8 +241,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-# the loss's logits a chunk of this many elements at a time (fp32: 256 MB): at 2,048 tokens with a 128K vocabulary
-# the whole (T, vocab) logits, their log-softmax and gradients would take 3 GB; a 32K vocabulary needs no chunks
+# the loss's logits, this many at a time (256 MB fp32): 2,048 tokens x 128K vocab would take 3 GB with their gradients
 LOSS_CHUNK = 2**26
 
 
@@ -277,8 +264,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens, targets=None, start_pos: Optional[int] = None, reduction: str = "mean",
-                segments=None):
+    def forward(self, tokens, targets=None, start_pos: Optional[int] = None, reduction="mean", segments=None):
         """tokens (B, T) -> (logits (B, T, vocab) fp32, None), or with targets (B, T): (None, the next-token loss).
         targets[:, t] is the token after tokens[:, t] or IGNORE_INDEX; reduction "sum" lets a caller normalise by
         the target tokens of a whole step. segments (B, T): rows that pack several examples, the example of each
@@ -305,9 +291,8 @@ class Transformer(nn.Module):
         return None, self.loss(h, targets, reduction)
 
     def loss(self, h, targets, reduction: str = "mean"):
-        """cross-entropy of the next tokens from the final hidden states h (B, T, dim). The output head runs only
-        at positions with a label, LOSS_CHUNK logits at a time, each chunk's recomputed in backward instead of
-        kept (so a 128K vocabulary costs one chunk's logits, not the sequence's)."""
+        """cross-entropy of the next tokens from the final hidden states h (B, T, dim): the output head runs only
+        where there is a label, LOSS_CHUNK logits at a time, each chunk recomputed in backward instead of kept."""
         keep = targets.flatten() != IGNORE_INDEX
         h, y = h.flatten(0, 1)[keep], targets.flatten()[keep]  # (N, dim), (N,): the labelled positions
         n = max(1, LOSS_CHUNK // self.args.vocab_size)
@@ -427,10 +412,8 @@ def meta_args(c: dict) -> ModelArgs:
     if c.get("use_scaled_rope"):
         raise ValueError("use_scaled_rope true: Meta's Llama 3.1+ layout is not supported; use the model's Hugging "
                          "Face layout (the folder with config.json, tokenizer.json and model*.safetensors)")
-    other = [k for k in c if k not in META_FIELDS and k != "use_scaled_rope"]
-    if other:
-        raise ValueError(f"field {other[0]} ({json.dumps(c[other[0]])}) is not implemented (known: "
-                         f"{', '.join(META_FIELDS)})")
+    for k in [k for k in c if k not in META_FIELDS and k != "use_scaled_rope"]:
+        raise ValueError(f"field {k} ({json.dumps(c[k])}) is not implemented (known: {', '.join(META_FIELDS)})")
     return ModelArgs(**{k: v for k, v in c.items() if k in META_FIELDS})
 
 
@@ -438,34 +421,26 @@ def hf_args(c: dict) -> ModelArgs:
     kind = c.get("model_type")
     if kind not in HF_DEFAULTS:
         raise ValueError(f"model_type {json.dumps(kind)} is not implemented (only {', '.join(HF_DEFAULTS)})")
-    default = HF_DEFAULTS[kind]
-
-    def refuse(field: str, why: str):
-        raise ValueError(f"{field} {json.dumps(c[field])}: {why}")
-
-    if c.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "only SwiGLU with silu is implemented")
-    if c.get("attention_dropout", 0) != 0:
-        refuse("attention_dropout", "attention dropout is not implemented")
-    if c.get("mlp_bias", False):
-        refuse("mlp_bias", "a bias in the MLP is not implemented")
-    if "quantization_config" in c:
-        refuse("quantization_config", "a pre-quantized checkpoint is not supported; pass the full-precision one "
-                                      "(--quantize int8|nf4 quantizes it while loading)")
-    if kind == "qwen2" and c.get("use_sliding_window", False):
-        refuse("use_sliding_window", "Qwen2's per-layer sliding window is not implemented")
-    if kind == "qwen2" and any(t != "full_attention" for t in c.get("layer_types") or ()):
-        refuse("layer_types", "only full attention in every layer is implemented")
-    dim, heads = c["hidden_size"], c["num_attention_heads"]
-    if c.get("head_dim") not in (None, dim // heads):
-        refuse("head_dim", f"only hidden_size / num_attention_heads ({dim // heads}) is implemented")
+    default, dim, heads, full = HF_DEFAULTS[kind], c["hidden_size"], c["num_attention_heads"], ["full_attention"]
+    for field, ok, why in (("hidden_act", ("silu",), "only SwiGLU with silu is implemented"),
+                           ("attention_dropout", (0,), "attention dropout is not implemented"),
+                           ("mlp_bias", (None, False), "a bias in the MLP is not implemented"),
+                           ("quantization_config", (), "a pre-quantized checkpoint is not supported; pass the "
+                                                       "full-precision one (--quantize int8|nf4 quantizes it here)"),
+                           ("use_sliding_window", (None, False), "Qwen2's per-layer window is not implemented"),
+                           ("layer_types", (None, full * c["num_hidden_layers"]), "only full attention is "
+                                                                                     "implemented"),
+                           ("head_dim", (None, dim // heads), f"only hidden_size / num_attention_heads "
+                                                              f"({dim // heads}) is implemented")):
+        if field in c and c[field] not in ok:
+            raise ValueError(f"{field} {json.dumps(c[field])}: {why}")
     max_pos = c.get("max_position_embeddings", default["max_position_embeddings"])
     theta, scaling = hf_rope(c, max_pos)
     # Qwen2 has a bias on q, k and v (its modeling code, not its config, says so); Llama's attention_bias: on all four
     bias = ("wq", "wk", "wv") if kind == "qwen2" else ("wq", "wk", "wv", "wo") if c.get("attention_bias") else ()
-    return ModelArgs(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
+    return ModelArgs(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, vocab_size=c["vocab_size"],
                      n_kv_heads=c.get("num_key_value_heads", default.get("num_key_value_heads")),
-                     vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                     hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
                      rope_theta=theta, rope_scaling=scaling, max_seq_len=max_pos, bias=bias,
                      sliding_window=c.get("sliding_window", default["sliding_window"]) if kind == "mistral" else None,
                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
@@ -486,7 +461,8 @@ def hf_rope(c: dict, max_pos: int) -> tuple:
         raise ValueError(f"{where}: rope_type {json.dumps(kind)} is not implemented (only {', '.join(ROPE_FIELDS)})")
     need, may = ROPE_FIELDS[kind]
     for field in [f for f in s if f not in need + may] + [f for f in need if f not in s]:
-        raise ValueError(f"{where}: {field} is {'missing' if field in need else 'not implemented'} for rope_type {kind}")
+        why = "missing" if field in need else "not implemented"
+        raise ValueError(f"{where}: {field} is {why} for rope_type {kind}")
     if kind in ("llama3", "yarn"):  # (a top-level original_max_position_embeddings wins, as in transformers)
         s["original_max_position_embeddings"] = c.get("original_max_position_embeddings") or \
             s.get("original_max_position_embeddings") or max_pos
@@ -503,9 +479,8 @@ def read_shapes(path: str) -> ModelArgs:
 
 
 def check_vocab(path: str, tok):
-    """the embedding needs a row for every token of the tokenizer. More rows than tokens is a padded vocabulary
-    (e.g. 32,001 rows for an added pad token, Qwen2.5's 151,936 for 151,665 tokens): it trains as it is, and
-    sampling never picks a row the tokenizer cannot decode (generate.py)."""
+    """the embedding needs a row for every token. More rows than tokens is a padded vocabulary (32,001 for an added
+    pad token, Qwen2.5's 151,936 for 151,665): it trains as it is; sampling never picks a row beyond (generate.py)."""
     rows = read_shapes(path).vocab_size
     if rows < tok.n_words:
         raise CheckpointError(f"{path}: its embedding has {rows:,} rows but {tok.path} has {tok.n_words:,} tokens: "

@@ -63,6 +63,17 @@ def add_lora(model: nn.Module, targets, rank: int, alpha: float = 16.0, dropout:
     return lora_layers(model)
 
 
+def summary(model: nn.Module) -> str:
+    """the adapters' rank and where they sit ("" for a model without LoRA)."""
+    layers = lora_layers(model)
+    if not layers:
+        return ""
+    m = next(iter(layers.values()))
+    projections = dict.fromkeys(n.rpartition(".")[2] for n in layers)
+    return (f"LoRA: rank {m.rank}, alpha {m.alpha:g} (scaling {m.scaling:g}), on {len(layers)} matrices "
+            f"({', '.join(projections)})")
+
+
 def rank_for_budget(model: nn.Module, targets, num_params: int) -> int:
     """the largest rank whose trainable count on the targets is <= num_params (call it before adding LoRA)."""
     per_rank = sum(sum(matrix_shape(m)) for m in target_linears(model, targets).values())  # in + out per matrix

@@ -12,7 +12,6 @@ checkpoint holds), so an fp32 base merges in fp32. The export's config.json list
 ("spiel_merged"), so the same fine-tune is never applied to it twice.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -21,12 +20,14 @@ import sys
 import torch
 
 import finetune
+import hub
 import lora
 import spiel
 import tokenizer
-from files import CheckpointError, Progress, check_new_folder, read_json, write_folder
+from config import Parser
+from files import CheckpointError, Progress, check_new_folder, check_writable, read_json, write_folder
 from llama import HF_TO_META, ModelArgs, Transformer, check_checkpoint, check_vocab, load_model, permute_meta_to_hf, \
-    read_shapes, rename
+    read_args, read_shapes, rename
 
 
 def hf_config(args: ModelArgs, ckpt, dtype: torch.dtype, merged: list) -> dict:
@@ -36,6 +37,8 @@ def hf_config(args: ModelArgs, ckpt, dtype: torch.dtype, merged: list) -> dict:
     for q/k/v biases, Mistral's for a sliding window, else Llama's (with its rope scaling, bias and tie)."""
     if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")) and \
             not os.path.isfile(os.path.join(ckpt, "params.json")):
+        if read_args(ckpt, "hf") != args:
+            raise ValueError(f"{ckpt}: its config.json does not describe this model (another shape): no export")
         cfg = read_json(os.path.join(ckpt, "config.json"))
     else:
         kind = "qwen2" if set(args.bias) == {"wq", "wk", "wv"} else "mistral" if args.sliding_window else "llama"
@@ -106,8 +109,9 @@ def save_hf(model: Transformer, ckpt, out_dir: str, merged=(), state_dict=None, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="the base checkpoint the fine-tunes were trained on")
+    ap = Parser(prog="merge.py", description=__doc__)
+    ap.add_argument("--ckpt", required=True, help="the base checkpoint the fine-tunes were trained on (a folder, or a "
+                                                  "Hub id ORG/NAME)")
     ap.add_argument("--delta", action="append", default=[], help="delta or LoRA file, or PEFT LoRA / SFT folder "
                     "(repeat to add several; none: the base alone, e.g. a Meta-layout base in the HF layout)")
     ap.add_argument("--out", required=True, help="new folder for the merged model (never overwritten)")
@@ -116,6 +120,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     check_new_folder(args.out)  # everything that can be checked before the (slow) load of the base
+    check_writable(args.out, "--out")
+    args.ckpt = hub.resolve(args.ckpt)
     check_checkpoint(args.ckpt)
     check_vocab(args.ckpt, tokenizer.load(args.ckpt))  # (the export carries this tokenizer)
     shapes = read_shapes(args.ckpt) if args.delta else None

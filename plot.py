@@ -99,6 +99,27 @@ def occupancy(indices, shape, bins: int = 256):
 # drawing (matplotlib's object API: no pyplot, no global state, no display needed)
 
 
+def save(fig, out: str):
+    """the figure as `out` (its format from the name), whole or not at all: written beside it, then renamed; a
+    folder that cannot hold it, a full disk or an unknown format is one line."""
+    tmp = os.path.join(os.path.dirname(out), ".tmp-" + os.path.basename(out))  # (the name keeps the format)
+    kind = os.path.splitext(out)[1][1:].lower()
+    if kind not in fig.canvas.get_supported_filetypes():
+        raise PlotError(f"{out}: its extension names no format matplotlib writes; name a .png, .pdf or .svg file")
+    folder = os.path.dirname(out) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise PlotError(f"{out}: cannot be created ({folder} is a file, not a folder); choose another --out")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, out)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise PlotError(f"{out}: not written ({e.strerror or e}" + (f": {e.filename}" if e.filename else "") +
+                        ")") from None
+
+
 def draw_runs(logs: list, out: str):
     """four panels, one line (or markers) per run: logs is [(label, read_log(...)), ...]."""
     from matplotlib.figure import Figure
@@ -119,7 +140,7 @@ def draw_runs(logs: list, out: str):
                     va="center", transform=ax.transAxes, color="gray")
     axes[0].set_yscale("log")
     axes[0].legend()
-    fig.savefig(out, dpi=120)
+    save(fig, out)
 
 
 def draw_mask(path: str, matrix: str, out: str):
@@ -160,7 +181,7 @@ def draw_mask(path: str, matrix: str, out: str):
     ax2.set(title=f"{matrix}: {indices.size:,} active of {n_out * n_in:,}", xlabel="input (column)",
             ylabel="output (row, Meta's RoPE order)")
     fig.colorbar(im2, ax=ax2, label="fraction of the cell active")
-    fig.savefig(out, dpi=120)
+    save(fig, out)
     return fig
 
 
@@ -188,7 +209,7 @@ def draw_quality(path: str, out: str):
         ax.set_xticklabels(methods, rotation=20, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars
-    fig.savefig(out, dpi=120)
+    save(fig, out)
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--matrix", help="the matrix whose positions the mask figure shows (default: the first)")
     ap.add_argument("--quality", help="a tools/quality.py JSON: draw exact match by method instead")
     ap.add_argument("--out", required=True, help="the PNG to write")
+    ap.error = lambda message: ap.exit(2, f"plot.py: error: {message}\n")  # one line, as the other scripts
     args = ap.parse_args(argv)
     if bool(args.runs) + bool(args.mask) + bool(args.quality) != 1:
         ap.error("give one of: run folders (the curves), --mask (the mask picture), --quality (the study)")
@@ -212,7 +234,6 @@ def main(argv=None) -> int:
         return 1
 
     try:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         if args.mask:
             draw_mask(args.mask, args.matrix, args.out)
         elif args.quality:

@@ -26,7 +26,7 @@ import torch
 
 import finetune
 import spiel
-from files import CheckpointError, Progress, sha256, write_json, write_whole
+from files import CheckpointError, Progress, check_writable, sha256, write_json, write_whole
 from merge import save_hf
 from system import Processes, full_fsdp, gather
 
@@ -98,21 +98,26 @@ RESTARTABLE = {"args.json", "log.jsonl"}  # all a run holds before its first che
 def claim(args, lock: RunLock):
     """before anything slow: --out of a new run (default runs/<method>-<time>) must be new, or hold only a run
     stopped before its first checkpoint; a folder that exists (a resume's always does) is locked now, so a
-    second train.py on a live run stops at once. Nothing is created here."""
+    second train.py on a live run stops at once; one that could not be created or written is refused now too.
+    Nothing is left here."""
     args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"{args.out}: exists and is not a folder; choose another --out")
+    check_writable(args.out, "--out")
     if os.path.isdir(args.out):
         lock.acquire(args.out)
         if not args.resume and set(os.listdir(args.out)) - RESTARTABLE - {"lock"}:
             lock.release()
             raise FileExistsError(f"{args.out}: exists and is not empty; use --resume or another --out")
-    elif os.path.exists(args.out):
-        raise FileExistsError(f"{args.out}: exists and is not a folder; choose another --out")
 
 
 def prepare(args, lock: RunLock, total_steps: int):
     """a new run's folder, once its inputs have passed their checks: created (or a run stopped before its first
     checkpoint cleared), locked, and its args.json written."""
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:  # (claim checked it could be: the disk changed since)
+        raise CheckpointError(f"{args.out}: cannot be created ({e.strerror or e})") from None
     if not lock.file:
         claim(args, lock)
     files = set(os.listdir(args.out)) & RESTARTABLE
@@ -214,7 +219,10 @@ def tensor_bytes(obj) -> int:
 
 def finished_step(args):
     """the last step of a finished run that --resume has nothing to add to, read without loading the data or
-    the model (state.pt memory-mapped, log.jsonl's end record); None if it is not finished or cannot tell."""
+    the model (state.pt memory-mapped, log.jsonl's end record); None if it is not finished or cannot tell. A
+    run without state.pt is refused here, before anything loads."""
+    if not os.path.isfile(os.path.join(args.out, "state.pt")):
+        raise CheckpointError(no_state(args.out))
     try:
         step = torch.load(os.path.join(args.out, "state.pt"), mmap=True, weights_only=True)["step"]
         with open(os.path.join(args.out, "log.jsonl")) as f:
@@ -227,6 +235,16 @@ def finished_step(args):
         return None
     exported = args.method != "full" or os.path.isdir(os.path.join(args.out, "model"))
     return step if exported else None  # (a full fine-tune cut off in its export: redo it)
+
+
+def no_state(out: str) -> str:
+    """why the run in `out` without a state.pt cannot continue, and what to do instead."""
+    path, kept = os.path.join(out, "state.pt"), sorted(set(os.listdir(out)) - RESTARTABLE - {"lock"})
+    if not kept:
+        return (f"{path}: not found; the run stopped before its first checkpoint: run the command that started it "
+                f"again, without --resume, to start it over")
+    return (f"{path}: not found (deleted?), so this run cannot continue; what it made ({', '.join(kept)}) is "
+            f"usable as it is; to train further, start a new run with another --out")
 
 
 def finished(out, step) -> str:
@@ -245,8 +263,7 @@ def load_state(args, model, optimizer, selector, batches, procs: Processes, fing
     """put a run's resume state back in place; -> the last step it finished. Errors name state.pt."""
     path = os.path.join(args.out, "state.pt")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not found; the run stopped before its first checkpoint: run the same "
-                              f"command without --resume to start it over")
+        raise CheckpointError(no_state(args.out))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

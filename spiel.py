@@ -154,7 +154,7 @@ def lora_param_count(model: nn.Module, targets, rank: int) -> int:
 def split_budget(sizes: list, total: int) -> list:
     """`total` deltas across matrices of these sizes, proportionally (largest remainder: the sum is exact)."""
     if total < len(sizes):
-        raise ValueError(f"a budget of {total} deltas cannot give each of {len(sizes)} matrices one")
+        raise ValueError(f"a budget of {total:,} deltas cannot give each of {len(sizes)} matrices one")
     raw = [total * s / sum(sizes) for s in sizes]
     ks = [int(r) for r in raw]
     for i in sorted(range(len(sizes)), key=lambda i: raw[i] - ks[i], reverse=True)[:total - sum(ks)]:
@@ -182,7 +182,7 @@ def add_sparse_deltas(model: nn.Module, targets, density: Optional[float] = None
     total = round(density * sum(sizes)) if density is not None else \
         num_tunable if num_tunable is not None else lora_param_count(model, targets, lora_rank)
     if not 0 < total <= sum(sizes):
-        raise ValueError(f"a budget of {total} deltas does not fit {sum(sizes)} targeted weights")
+        raise ValueError(f"a budget of {total:,} deltas does not fit {sum(sizes):,} targeted weights")
     g, inputs = torch.Generator().manual_seed(seed), Inputs()
     for (name, base), k in zip(linears.items(), split_budget(sizes, total)):
         swap_module(model, name, SparseDeltaLinear(base, k, generator=g, resident=resident, inputs=inputs))
@@ -208,7 +208,7 @@ def budget_summary(model: nn.Module) -> str:
 class Schedule:
     """when to reselect, what fraction to replace, and (SpIEL-AG) when the accumulation window is open.
 
-    First reselection at t = first (replaces all k), then every `interval` steps a fraction
+    First reselection at t = first (all k due: those chosen again stay), then every `interval` steps a fraction
     rho0 (1 - t/T) (linear) or rho0 (1 + cos(pi t/T)) / 2 (cosine). The AG window holds the backward
     passes of steps 1..first, then of steps r - first .. r before each later reselection r.
     interval 0: the first reselection only; the support stays fixed after it (an ablation)."""

@@ -25,9 +25,13 @@ class Processes:
     per_node: int = 1  # processes on each machine (for the resume command)
 
 
+def under_torchrun() -> bool:
+    return "RANK" in os.environ
+
+
 def setup_distributed(device: str) -> tuple:
     """(Processes, this process's device) from torchrun's environment; NCCL on GPUs, gloo on the CPU."""
-    if "RANK" not in os.environ:
+    if not under_torchrun():
         return Processes(), device
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -79,6 +83,24 @@ def gather(obj, world: int) -> list:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def usable_device(name: str) -> str:
+    """`name` if this torch can compute there (cpu, cuda, cuda:N, mps), else a ValueError saying why."""
+    try:
+        kind, index = torch.device(name).type, torch.device(name).index
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"{name}: {why}; use --device cpu")
+    if kind == "cuda" and (index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), counted from 0")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: this torch cannot use Apple's GPU here; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}: not a device this code runs on: use cpu, cuda or cuda:N")
+    return name
 
 
 def default_dtype(device) -> torch.dtype:

@@ -50,9 +50,15 @@ class SentencePiece:
         self.unk_id = self.sp.unk_id()
         self.bos_token, self.eos_token = self.sp.IdToPiece(self.bos_id), self.sp.IdToPiece(self.eos_id)
         self.stop_ids, self.chat_template = stops(folder, self.eos_id), chat_template(folder)
+        # control pieces in a text (a chat template's "<s>", "</s>") are those tokens, as transformers reads them
+        specials = [self.sp.IdToPiece(i) for i in range(self.n_words) if self.sp.IsControl(i)]
+        self.split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
-        return [self.bos_id] * bos + self.sp.EncodeAsIds(text) + [self.eos_id] * eos
+        parts = self.split.split(text) if self.split else [text]  # (odd parts: the control pieces)
+        ids = [i for k, p in enumerate(parts) if p
+               for i in ([self.sp.PieceToId(p)] if k % 2 else self.sp.EncodeAsIds(p))]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])

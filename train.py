@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import chat
 import config
 import data
 import finetune
@@ -31,7 +32,7 @@ import runs
 import spiel
 import system
 import tokenizer
-from files import CheckpointError, sha256
+from files import CheckpointError
 from generate import answer, evaluate, exact_match
 from llama import (IGNORE_INDEX, PROJECTIONS, check_checkpoint, check_vocab, load_model, matrix_shape, read_args,
                    target_linears)
@@ -47,16 +48,11 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
     lr, wd = config.lr_and_decay(a.method, a.lr, a.weight_decay)
     targets = a.targets.split(",")
     n_targeted = sum(math.prod(matrix_shape(m)) for m in target_linears(model, targets).values())
-    budget = {"density": a.density, "num_tunable": a.num_tunable, "lora_rank": a.match_lora_rank}
+    budget, flag = config.budget(a)  # (the flag that set it, for its errors)
     if a.method in ("spiel-ag", "spiel-ma"):
-        if all(v is None for v in budget.values()):
-            budget["lora_rank"] = 64  # the paper's budget: as many deltas as LoRA rank 64 trains
-            n = spiel.lora_param_count(model, targets, 64)
-            if n > n_targeted:
-                raise ValueError(f"the default budget (as many deltas as LoRA rank 64 trains: {n:,}) does not "
-                                 f"fit this model's {n_targeted:,} targeted weights; pass --density (e.g. 0.05)")
         # (a sharded base cannot hold W0 + delta in its own storage: spiel.py section 9)
-        layers = spiel.add_sparse_deltas(model, targets, **budget, seed=a.seed, resident=not a.fsdp)
+        with config.naming(flag, "; choose another budget (e.g. --density 0.05)"):
+            layers = spiel.add_sparse_deltas(model, targets, **budget, seed=a.seed, resident=not a.fsdp)
         spiel.set_grad_path(model, a.grad_path)
         params = [layer.values for layer in layers.values()]
         if a.method == "spiel-ag":
@@ -70,7 +66,8 @@ def add_trainable(model, a, total_steps: int = 1) -> tuple:
     if a.method == "lora":
         rank = a.lora_rank
         if a.density is not None or a.num_tunable is not None:  # match a SpIEL budget
-            rank = lora.rank_for_budget(model, targets, a.num_tunable or round(a.density * n_targeted))
+            with config.naming(flag):
+                rank = lora.rank_for_budget(model, targets, a.num_tunable or round(a.density * n_targeted))
         lora.add_lora(model, targets, rank, a.lora_alpha, a.lora_dropout, seed=a.seed)
         params = [p for p in model.parameters() if p.requires_grad]
     elif set(targets) == set(PROJECTIONS):  # full fine-tuning: every weight
@@ -134,31 +131,14 @@ def train_step(step: int, losses, n_targets: int, params, optimizer, selector, g
     return train_loss, grad_norm, None
 
 
+def picks_candidates(selector, t: int) -> bool:
+    """does a SpIEL-AG window open at step t (its first micro-batch's dense gradient picks the candidates)?"""
+    s = selector.schedule if selector and selector.method == "ag" and selector.regrow == "criterion" else None
+    return bool(s) and s.window_open(t) and (t == 1 or not s.window_open(t - 1) or s.is_reselection(t - 1))
+
+
 # -----------------------------------------------------------------------------
-# the run's pieces: data, base, evaluation
-
-
-def load_data(args, tok, world, max_seq_len, say) -> tuple:
-    """(training examples, validation examples, the number of optimizer steps), reported."""
-    if args.seq_len > max_seq_len:  # (--seq-len's default 2048 on a model with fewer positions)
-        say(f"note: --seq-len {args.seq_len} is more than this model's {max_seq_len} positions: using {max_seq_len}")
-        args.seq_len = max_seq_len
-    if args.resume and args.data_sha256 and sha256(args.data) != args.data_sha256:
-        raise CheckpointError(f"{args.data}: not the data this run trained on (its hash differs)")
-    train_set, val_set, dropped = data.load_splits(args.data, args.val_data, args.val_frac, tok, args.seq_len,
-                                                   args.seed)
-    if dropped:
-        say(f"data: dropped {dropped} examples left with no answer token after truncation to {args.seq_len}")
-    warning = data.unknown_warning(tok, train_set)  # text the tokenizer can only write as <unk>
-    if warning:
-        say(warning)
-    per_step = args.batch_size * args.grad_accum * world
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / per_step))
-    n_label = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in train_set)
-    say(f"data: {len(train_set)} training / {len(val_set)} validation examples, "
-        f"{n_label / len(train_set):.1f} answer tokens per example; {per_step} examples per step "
-        f"({world} process{'es' * (world > 1)}), {total_steps} steps")
-    return train_set, val_set, total_steps
+# the run's pieces: base, evaluation (the data: data.load_run)
 
 
 def load_base(args, layout, device, dtype, verbose, say) -> tuple:
@@ -175,14 +155,14 @@ def load_base(args, layout, device, dtype, verbose, say) -> tuple:
     return model, finetune.base_of(model, args.ckpt), n_base  # (before any sharding: the fingerprint)
 
 
-def report_quality(args, model, tok, val_set, device, step, say, log):
+def report_quality(args, model, template, val_set, device, step, say, log):
     """before fine-tuning (step 0: also the validation loss) or after: held-out exact match."""
     if step == 0:
-        val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
+        val_loss = evaluate(model, val_set, args.batch_size, template.tok.eos_id, device)
         say(f"validation loss before fine-tuning: {val_loss:.4f}")
         log({"event": "eval", "step": 0, "val_loss": val_loss})
     if args.exact_match:
-        em = exact_match(model, tok, val_set, args.exact_match)
+        em = exact_match(model, template, val_set, args.exact_match)
         say(f"exact match {'after' if step else 'before'} fine-tuning: {em:.1%} of "
             f"{min(args.exact_match, len(val_set))} held-out answers")
         log({"event": "exact_match", "step": step, "exact_match": em})
@@ -209,8 +189,8 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
         torch.set_num_threads(args.threads)
     procs, device = system.setup_distributed(args.device)
     say = print if procs.rank == 0 else (lambda *a, **k: None)  # only rank 0 prints and writes
-    if mode != "run":
-        say(config.describe(args, mode, argv))
+    if line := config.describe(args, mode, argv):  # the demo's command, the task, a resume's note
+        say(line)
     if args.resume and (done := runs.finished_step(args)) is not None:  # said before anything loads
         say(runs.finished(args.out, done))
         return 0
@@ -224,8 +204,10 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
 
     # --- data and model ---------------------------------------------------------------------------
     tok = tokenizer.load(args.ckpt)
-    check_vocab(args.ckpt, tok)  # (more embedding rows than pieces is fine: a padded vocabulary)
-    train_set, val_set, total_steps = load_data(args, tok, procs.world, shapes.max_seq_len, say)
+    check_vocab(args.ckpt, tok)  # (more embedding rows than tokens is fine: a padded vocabulary)
+    template = chat.template(tok, args.template)  # the checkpoint's own chat template, else the paper's (Tulu)
+    args.template = template.name
+    train_set, val_set, total_steps = data.load_run(args, tok, template, procs.world, shapes.max_seq_len, say)
     model, base, n_base = load_base(args, layout, device, dtype, procs.rank == 0, say)
 
     # --- the trainable part: sparse deltas (SpIEL), low-rank adapters (LoRA) or every weight --------
@@ -247,7 +229,7 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
             return 0
     log = runs.Log(os.path.join(args.out, "log.jsonl") if procs.rank == 0 else None)
     if start == 1 and val_set and (args.eval_every or args.exact_match):
-        report_quality(args, model, tok, val_set, device, 0, say, log)  # the base's
+        report_quality(args, model, template, val_set, device, 0, say, log)  # the base's
 
     # --- the training loop --------------------------------------------------------------------------
     from tqdm import tqdm  # a bar in a terminal; in a log file, a plain line every --log-every steps
@@ -256,19 +238,22 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
     note = bar.write if procs.rank == 0 else (lambda *a: None)
     grad_scale = procs.world if system.full_fsdp(args) else 1  # FSDP averages the gradients: make it a sum
     model.train()
-    t_start, tokens_seen, last_saved = time.time(), 0, start - 1
+    t_start, tokens_seen, padded_seen, last_saved = time.time(), 0, 0, start - 1
     with system.Stop(quiet=procs.rank > 0) as stop, bar:
         for step in range(start, total_steps + 1):
             t_step = time.time()
             lr_now = lr_at(step, total_steps, peak, args.warmup, args.lr_anchor)  # warmup, then linear decay
             for group in optimizer.param_groups:
                 group["lr"] = lr_now  # (set by hand: no scheduler object to save and restore)
-            micro = [batches.next() for _ in range(args.grad_accum * procs.world)]  # every process's
-            mine = micro[procs.rank * args.grad_accum:(procs.rank + 1) * args.grad_accum]
-            n_targets = sum(int((y != IGNORE_INDEX).sum()) for mb in micro for _, y, _ in mb)
-            tokens_seen += sum(len(x) for mb in micro for x, _, _ in mb)  # non-padding tokens
-            losses = (model(x.to(device), y.to(device), reduction="sum")[1]  # x, y: (B, T) right-padded
-                      for x, y in (data.collate(mb, tok.eos_id) for mb in mine))
+            draws = [batches.next() for _ in range(args.grad_accum * procs.world)]  # every process's examples
+            micro = data.step_batches(draws, args.batch_size, args.seq_len, tok.eos_id, not args.no_packing,
+                                      picks_candidates(selector, step), procs.world)  # packed rows (B, T) each
+            n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in micro)
+            tokens = sum(len(x) for d in draws for x, _, _ in d)  # real tokens, and the positions processed
+            padded = sum(x.numel() for x, _, _ in micro)
+            tokens_seen, padded_seen = tokens_seen + tokens, padded_seen + padded
+            losses = (model(x.to(device), y.to(device), reduction="sum", segments=s if s is None else s.to(device))[1]
+                      for x, y, s in micro[procs.rank::procs.world])
             train_loss, grad_norm, reselected = train_step(step, losses, n_targets, params, optimizer, selector,
                                                            args.grad_clip, procs.world, grad_scale)
             if not math.isfinite(train_loss):
@@ -281,8 +266,9 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
             # --- log, evaluate, save -------------------------------------------------------------------
             elapsed = time.time() - t_start
             log({"step": step, "loss": train_loss, "lr": lr_now, "grad_norm": grad_norm,
-                 "step_time": time.time() - t_step, "tokens_per_s": tokens_seen / elapsed})
-            speed = system.per_second(tokens_seen, elapsed)  # non-padding tokens per second, so far
+                 "step_time": time.time() - t_step, "tokens_per_s": tokens_seen / elapsed, "tokens": tokens,
+                 "padded_tokens": padded})
+            speed = system.per_second(tokens_seen, elapsed)  # real (non-padding) tokens per second, so far
             bar.update()  # (a no-op outside a terminal, where the line below prints instead)
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_now:.2e}", speed=speed)
             slow = time.time() - t_step > 30  # (a step that slow gets its line: 7B on a CPU)
@@ -291,7 +277,7 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
             if args.eval_every and val_set and (step % args.eval_every == 0 or step == total_steps):
                 val_loss = evaluate(model, val_set, args.batch_size, tok.eos_id, device)
                 _, _, (system_prompt, turns) = val_set[0]
-                sample = answer(model, tok, system_prompt, turns[0][0], 64)  # one greedy answer to look at
+                sample = answer(model, template, system_prompt, turns[0][0], 64)  # one greedy answer to look at
                 note(f"step {step}: validation loss {val_loss:.4f} | {turns[0][0][:60]!r} -> {sample[:80]!r}")
                 log({"event": "eval", "step": step, "val_loss": val_loss, "sample": sample})
             # Ctrl-C, or asked to stop here (at the last step, the run finishes instead)
@@ -302,8 +288,8 @@ def fine_tune(args, mode, argv, lock, memory) -> int:
             if stopping:
                 note(f"stopped after step {step}; continue with: {runs.resume_command(args.out, procs)}")
                 return 130 if stop.requested else 0  # 130: interrupted, as a shell reports Ctrl-C
-    finish(args, model, tok, val_set, time.time() - t_start, tokens_seen, start, total_steps, device, procs, base,
-           say, log, memory.report(device))
+    finish(args, model, template, val_set, time.time() - t_start, (tokens_seen, padded_seen), start, total_steps,
+           device, procs, base, say, log, memory.report(device))
     if mode == "demo":
         say("to fine-tune LLaMA 2 7B the same way on one GPU:\n  python train.py --ckpt "
             "llama-2-7b --data your.jsonl --quantize int8 --grad-checkpoint   (see README.md)")
@@ -341,7 +327,7 @@ def say_budget(args, model, params, optimizer, selector, n_base, say):
     """trainable vs total parameters, the optimizer's settings, and a warning for a budget too large."""
     n_trainable = sum(p.numel() for p in params)
     lr, wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]
-    say(spiel.budget_summary(model) if selector else f"{args.method}: {len(params)} tensors train")
+    say(spiel.budget_summary(model) if selector else lora.summary(model) or f"full: {len(params)} tensors train")
     say(f"trainable: {n_trainable:,} of {n_base:,} parameters ({n_trainable / n_base:.3%}); "
         f"lr {lr:g}, weight decay {wd:g}, gradient clipping {args.grad_clip or 'off'}")
     layers = selector.layers if selector else lora.lora_layers(model)
@@ -353,34 +339,38 @@ def say_budget(args, model, params, optimizer, selector, n_base, say):
 
 
 def report_reselection(selector, step, changed, seconds, note, log):
-    """the reselection's line: how many deltas moved, and why the rest of those due stayed."""
+    """the reselection's line: how many deltas moved, and why the rest of those due stayed (due: the number the
+    schedule's rate at this step puts up for replacement, the smallest; all of them at the first)."""
     frac = selector.schedule.fraction(step)
     k, n = sum(m.indices.numel() for m in selector.layers.values()), sum(changed.values())
     due = sum(int(m.indices.numel() * frac) for m in selector.layers.values())
     why = "chosen again where they are" if selector.method == "ag" and selector.regrow == "criterion" else \
         "too few candidates"
     note(f"step {step}: reselection replaced {n:,} of {k:,} deltas ({n / k:.1%})" +
-         (f"; the other {due - n:,} of the {due:,} due stayed ({why})" if due > n else "") + f" in {seconds:.1f}s")
+         (f"; {due:,} were due (the schedule's rate at this step: {frac:.1%}), {due - n:,} of them stayed ({why})"
+          if due > n else "") + f" in {seconds:.1f}s")
     log({"event": "reselect", "step": step, "changed": n, "due": due, "of": k, "by_matrix": changed,
          "seconds": seconds})
 
 
-def finish(args, model, tok, val_set, elapsed, tokens_seen, start, total_steps, device, procs, base, say, log,
-           memory):
+def finish(args, model, template, val_set, elapsed, seen, start, total_steps, device, procs, base, say, log, memory):
     """the end of a run: what it cost, what it gave, where it is, and how to sample from it."""
     reserved = f" ({memory['reserved_gb']:.2f} GB reserved)" if "reserved_gb" in memory else ""
-    say(f"done: {total_steps - start + 1} steps in {elapsed:.0f}s, {system.per_second(tokens_seen, elapsed)}; "
-        f"peak memory {memory['peak_gb']:.2f} GB{reserved}: {memory['what']}")
-    log({"event": "end", "seconds": elapsed, "tokens_per_s": tokens_seen / elapsed,
-         "peak_memory_gb": memory["peak_gb"], "memory_counts": memory["what"]})
+    (tokens, padded), packing = seen, "no packing" if args.no_packing else "packed"
+    say(f"done: {total_steps - start + 1} steps in {elapsed:.0f}s, {system.per_second(tokens, elapsed)}; padding "
+        f"{1 - tokens / max(padded, 1):.1%} of the positions processed ({packing}); peak memory "
+        f"{memory['peak_gb']:.2f} GB{reserved}: {memory['what']}")
+    log({"event": "end", "seconds": elapsed, "tokens_per_s": tokens / elapsed, "tokens": tokens,
+         "padded_tokens": padded, "peak_memory_gb": memory["peak_gb"], "memory_counts": memory["what"]})
     if args.method == "full":  # the fine-tuned model itself, in the HF layout
         runs.export_model(args, model, base, procs)
     if args.exact_match and val_set:
-        report_quality(args, model, tok, val_set, device, total_steps, say, log)
+        report_quality(args, model, template, val_set, device, total_steps, say, log)
     artifact = os.path.join(args.out, runs.finetune_file(args.method))
     system_prompt, turns = val_set[0][2] if val_set else (None, [("...", "")])  # a validation prompt, as scored
     ckpt = [artifact] if args.method == "full" else [args.ckpt, "--delta", artifact]
-    hint = ["python", "generate.py", "--ckpt", *ckpt, "--chat", "--temperature", "0", "--prompt", turns[0][0],
+    hint = ["python", "generate.py", "--ckpt", *ckpt, "--chat", "--template", template.name, "--temperature", "0",
+            "--prompt", turns[0][0],
             *(["--system", system_prompt] if system_prompt is not None else [])]
     say(f"saved {artifact}; sample with: {shlex.join(hint)}")  # quoted for a shell: newlines, quotes, $
 

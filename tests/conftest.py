@@ -4,7 +4,8 @@ Face: config.json + safetensors shards + index, q/k rows in "rotate_half" order)
 formats, and one short finished train.py run per method that many tests share. Nothing is downloaded.
 
 Two tiers: `python -m pytest -q -rf tests -m "not slow"` (the fast one, minutes), and the slow one
-(`-m slow`: torchrun launches and the tools' own runs, multi-process or long by construction)."""
+(`-m slow`: torchrun launches, the tools' own runs and the walk through every bad input, multi-process or
+long by construction)."""
 
 import io
 import json

@@ -69,10 +69,9 @@ def test_the_worker_interleaves_the_methods_steps(monkeypatch, tmp_path):
     assert set(res) == {"frozen", "spiel-ma"} and all("peak_memory_gb" not in r for r in res.values())
 
 
-def test_profile_prints_each_methods_ops_per_step(tmp_path, capsys, monkeypatch):
-    """--profile: one reselection cycle of each method under torch.profiler, their own CPU time per op. (Here the
-    cycle is train.py's schedule shortened to a warm-up of 2 steps and a cycle of 3, reselection included: parsing
-    the profiler's events costs about 0.25 s a step, 10 s for the default 20-step cycle of two methods.)"""
+@pytest.fixture
+def short_schedule(monkeypatch):
+    """train.py's schedule shortened to a warm-up (first reselection) of 2 steps and a cycle of 3."""
     import config
     real = config.get_parser
 
@@ -81,6 +80,12 @@ def test_profile_prints_each_methods_ops_per_step(tmp_path, capsys, monkeypatch)
         parser.set_defaults(first_reselect=2, reselect_every=3)
         return parser
     monkeypatch.setattr(config, "get_parser", shorter)
+
+
+def test_profile_prints_each_methods_ops_per_step(tmp_path, capsys, short_schedule):
+    """--profile: one reselection cycle of each method under torch.profiler, their own CPU time per op. (Here the
+    cycle is shortened, reselection included: parsing the profiler's events costs about 0.25 s a step, 10 s for the
+    default 20-step cycle of two methods.)"""
     out = tmp_path / "p.json"
     assert bench.main(["--shape", "tiny", "--threads", "1", "--profile", "spiel-ma", "lora-nodrop", "--profile-rows",
                        "5", "--json", str(out), "--runs-dir", str(tmp_path)]) == 0
@@ -91,3 +96,31 @@ def test_profile_prints_each_methods_ops_per_step(tmp_path, capsys, monkeypatch)
     # SpIEL-MA's own parts show up in its column only: the sparse-delta layer and SM3
     assert ma["SparseDeltaFn"] > 0 and ma["Optimizer.step#SM3.step"] > 0 and "SparseDeltaFn" not in lora
     assert lora["Optimizer.step#AdamW.step"] > 0 and all(v > 0 for v in res["wall_s"].values())
+
+
+def test_real_data_packed_and_unpacked_take_the_same_steps(tmp_path, capsys, short_schedule):
+    """--real-data: the trial's length distribution; SpIEL-AG packed and --no-packing over the same steps (a warm-up
+    through the first reselection, then 2 rounds of the same step): the same examples, the same losses to float
+    rounding, far less padding packed. (No timing asserted; the tiny shape.)"""
+    out = tmp_path / "r.json"
+    assert bench.main(["--real-data", "--shape", "tiny", "--threads", "1", "--steps", "1", "--rounds", "2",
+                       "--json", str(out), "--runs-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| spiel-ag packed |" in printed and "| spiel-ag --no-packing |" in printed and "goals:" in printed
+    res = json.loads(out.read_text())
+    assert res["examples"] == 400 and res["batch"] == 8 and res["grad_accum"] == 4 and res["seq_len"] == 1024
+    lengths = res["lengths"]
+    assert abs(lengths["median"] - 53) <= 2 and abs(lengths["p95"] - 174) <= 5 and abs(lengths["p99"] - 989) <= 20
+    assert list(res["methods"]) == ["spiel-ag"] and res["trl"] is None
+    r = res["methods"]["spiel-ag"]
+    packed, unpacked = r["packed"], r["unpacked"]
+    assert len(packed["steps"]) == len(unpacked["steps"]) == 2 + 2
+    assert [s["tokens"] for s in packed["steps"]] == [s["tokens"] for s in unpacked["steps"]]
+    assert packed["steps"][2]["tokens"] == packed["steps"][3]["tokens"]  # every round replays the same step
+    assert r["max_rel_loss_diff"] < 1e-4
+    assert all(abs(p["loss"] - u["loss"]) <= r["max_rel_loss_diff"] * u["loss"] + 1e-12
+               for p, u in zip(packed["steps"], unpacked["steps"]))
+    assert packed["padding"] < 0.5 * unpacked["padding"] and unpacked["padding"] > 0.5
+    assert len(packed["round_tokens_per_s"]) == 2 and packed["tokens_per_s"] == max(packed["round_tokens_per_s"]) > 0
+    assert r["speedup"] == packed["tokens_per_s"] / unpacked["tokens_per_s"] and set(r["goals"]) == {
+        "padding_at_most_5pct", "speed_at_least_2x"}

@@ -230,8 +230,8 @@ def test_the_reselection_line_says_why_the_rest_stayed(tiny, task, tmp_path, cap
     assert "scheduled" not in line
     record = next(r for r in log(tmp_path / "r") if r.get("event") == "reselect")
     if record["due"] > record["changed"]:
-        assert f"the other {record['due'] - record['changed']:,} of the {record['due']:,} due stayed (chosen again" \
-               in line, line
+        assert f"; {record['due']:,} were due (the schedule's rate at this step: 100.0%), " \
+               f"{record['due'] - record['changed']:,} of them stayed (chosen again" in line, line
 
 
 def test_a_seq_len_past_the_model_is_clamped_before_the_data_loads(tiny, task, tmp_path, capsys):
@@ -275,11 +275,11 @@ def test_random_regrowth_survives_a_kill_and_matches_across_two_processes(tiny, 
                      str(runner), *common, "--grad-accum", "1", "--out", str(tmp_path / "two")], cwd=ROOT, env=env)
     assert p.returncode == 0, ranks_said(p)
     one, two = tensors(tmp_path / "one")[0], tensors(tmp_path / "two")[0]
-    for k in one:
+    for k in one:  # (packed, two processes split a step's rows among them: other sums, other rounding)
         if k.endswith(".indices"):
             assert torch.equal(one[k], two[k]), k
         else:
-            torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
 
 
 def test_a_peft_q_v_adapter_gives_peft_logits_here_and_goes_back(tiny, tmp_path):

@@ -17,6 +17,7 @@ from generate import generate
 from llama import ModelArgs, load_model, read_args
 
 ALL = ["llama2", *FAMILIES]
+LONG = ["--seq-len", "160"]  # the families' own chat templates (and their tiny BPE) take more tokens than Tulu
 
 
 def folder_of(name, tiny, family):
@@ -206,7 +207,7 @@ def test_qwen_trains_on_an_int8_base_then_merges_with_its_config_and_tokenizer(t
     transformers with our logits."""
     import merge
     path = family("qwen2.5")
-    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "3", "--quantize", "int8",
+    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "3", "--quantize", "int8", *LONG,
                      "--dtype", "bfloat16") == 0
     delta = str(tmp_path / "run" / "delta.safetensors")
     merge.main(["--ckpt", path, "--delta", delta, "--out", str(tmp_path / "merged")])
@@ -228,7 +229,7 @@ def test_qwen_trains_on_an_int8_base_then_merges_with_its_config_and_tokenizer(t
 def test_families_train_with_each_method_and_sample(name, method, tiny, task, family, tmp_path, capsys):
     import generate as gen
     path = family(name)
-    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "2", method=method) == 0
+    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "2", *LONG, method=method) == 0
     out = capsys.readouterr().out
     hint = out[out.index("sample with: python generate.py ") + len("sample with: python generate.py "):].split()
     ft = tmp_path / "run" / ("model" if method == "full" else "lora.safetensors" if method == "lora" else
@@ -240,3 +241,49 @@ def test_families_train_with_each_method_and_sample(name, method, tiny, task, fa
         cfg = json.loads((ft / "config.json").read_text())
         assert cfg["tie_word_embeddings"] and cfg["rope_scaling"]["factor"] == 32.0
         assert (ft / "tokenizer.json").exists() and (ft / "generation_config.json").exists()
+
+
+def test_adapters_travel_for_the_families(tiny, task, family, tmp_path):
+    """a LoRA trained on Qwen2.5 (q/k/v biases, GQA) goes to a PEFT folder that PEFT serves on transformers' Qwen2
+    with our logits; a SpIEL delta on Llama 3.1 goes to the authors' SFT folder and back unchanged."""
+    import convert
+    import finetune
+    qwen, llama3 = family("qwen2.5-7b"), family("llama3.1")
+    assert train_run(tiny, task, tmp_path / "lora", "--ckpt", qwen, "--max-steps", "2", *LONG, method="lora") == 0
+    assert train_run(tiny, task, tmp_path / "delta", "--ckpt", llama3, "--max-steps", "2", *LONG) == 0
+    delta = str(tmp_path / "delta" / "delta.safetensors")
+    convert.main([delta, "--to", "sft", str(tmp_path / "sft"), "--ckpt", llama3])
+    convert.main([str(tmp_path / "sft"), "--to", "spiel", str(tmp_path / "back.safetensors"), "--ckpt", llama3])
+    a, b = finetune.read(delta), finetune.read(str(tmp_path / "back.safetensors"))
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    lora = str(tmp_path / "lora" / "lora.safetensors")
+    convert.main([lora, "--to", "peft", str(tmp_path / "peft"), "--ckpt", qwen])
+    peft = pytest.importorskip("peft")
+    ref = peft.PeftModel.from_pretrained(reference(qwen), str(tmp_path / "peft")).eval()
+    ours = load_model(qwen, dtype=torch.float32)
+    x = ids(4, 24)
+    with torch.no_grad():
+        before = ours(x)[0]
+        finetune.load(ours, lora, finetune.base_of(ours, qwen))
+        assert (ours(x)[0] - ref(input_ids=x).logits).abs().max() < 1e-4 < (ours(x)[0] - before).abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_method_on_every_family(name, tiny, task, family, tmp_path):
+    """SpIEL-AG, SpIEL-MA (on an NF4 base: quantized biases), LoRA and full fine-tuning train on each family, and
+    each fine-tune applies (generate) and merges (merge.py) on that base."""
+    import generate as gen
+    import merge
+    path = family(name)
+    for method, extra in (("spiel-ag", []), ("spiel-ma", ["--quantize", "nf4"]), ("lora", []), ("full", [])):
+        out = tmp_path / method
+        assert train_run(tiny, task, out, "--ckpt", path, "--max-steps", "3", *LONG, *extra, method=method) == 0, method
+        if method == "full":
+            assert load_model(str(out / "model")).args == load_model(path).args
+            continue
+        ft = str(out / ("lora.safetensors" if method == "lora" else "delta.safetensors"))
+        gen.main(["--ckpt", path, "--delta", ft, "--prompt", "the cat", "--max-new-tokens", "4"])
+        merge.main(["--ckpt", path, "--delta", ft, "--out", str(tmp_path / f"merged-{method}")])
+        assert json.loads((tmp_path / f"merged-{method}" / "config.json").read_text())["model_type"] == \
+            json.loads(open(os.path.join(path, "config.json")).read())["model_type"]

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import conftest
+import files
 import train
 from conftest import communicate, popen, run_watched, wait_until
 from files import CheckpointError
@@ -240,6 +241,7 @@ def test_the_sample_hint_pasted_into_bash_gives_generate_the_prompt_that_was_sco
                                                                                     capsys, monkeypatch):
     """the hint at the end of a run, pasted into bash, makes generate.py start from exactly the prompt ids the
     run scored: the first validation example's prompt, with its system prompt (--system), shell-quoted."""
+    import chat
     import data
     import generate
     from tokenizer import SentencePiece as Tokenizer
@@ -257,7 +259,8 @@ def test_the_sample_hint_pasted_into_bash_gives_generate_the_prompt_that_was_sco
     generate.main(argv[1:])
     system, turns = data.to_turns(record)
     assert ("--system" in argv) == (system is not None)
-    assert seen == [data.prompt_ids(Tokenizer(tiny.tokenizer), turns[0][0], system)]
+    tok = Tokenizer(tiny.tokenizer)
+    assert seen == [data.prompt_ids(tok, chat.Tulu(tok), turns[0][0], system)]
 
 
 def test_a_refused_flag_names_the_value_the_run_used(tmp_path, capsys):
@@ -289,9 +292,10 @@ def test_resuming_a_finished_run_says_so_before_loading_anything(tiny, task, tra
     def boom(*a, **k):
         raise AssertionError("loaded")
 
-    for name in ("load_base", "load_data", "load_model"):
+    for name in ("load_base", "load_model"):
         monkeypatch.setattr(train, name, boom)
     monkeypatch.setattr(train.tokenizer, "load", boom)
+    monkeypatch.setattr(train.data, "load_run", boom)
     for out, extra, step in (("steps", [], 8), ("steps", ["--max-steps", "2"], 8), ("epochs", [], 2)):
         assert train.main(["--out", str(tmp_path / out), "--resume", *extra]) == 0
         assert capsys.readouterr().out.strip().endswith(
@@ -398,8 +402,9 @@ def test_a_lock_left_by_a_killed_run_does_not_block_resume(tiny, task, tmp_path)
     assert max(steps(out)) == 8 and not (out / "lock").exists()
 
 
-def failing_on_call(real, n, path_arg=1):
-    """real(...), except that call number n writes half a file and fails as a full disk does"""
+def failing_on_call(real, n, path_arg=1, error=None):
+    """real(...), except that call number n writes half a file and fails as a full disk does (`error`: in the
+    writer's own words; by default an OSError)"""
     calls = []
 
     def fake(*a, **k):
@@ -408,22 +413,29 @@ def failing_on_call(real, n, path_arg=1):
             return real(*a, **k)
         with open(a[path_arg], "wb") as f:
             f.write(b"half a file")
-        raise OSError(28, "No space left on device")
+        raise error or OSError(28, "No space left on device")
     return fake
 
 
 @pytest.mark.parametrize("what", ["state.pt", "delta.safetensors"])
 def test_a_save_that_fails_mid_write_keeps_the_last_checkpoint_resumable(tiny, task, trained, tmp_path, monkeypatch,
                                                                          what):
-    """a full disk at the 2nd checkpoint (step 4): one line naming the file and what to do; the checkpoint of step
-    2 stays whole, and the resumed run ends where an uninterrupted one (the shared one) ends."""
+    """a full disk at the 2nd checkpoint (step 4), in the words torch.save and safetensors use for it: one line
+    naming the file and what to do; the checkpoint of step 2 stays whole, and the resumed run ends where an
+    uninterrupted one (the shared one) ends."""
+    import safetensors
     import safetensors.torch
     out = tmp_path / "r"
     argv = train_argv(tiny, task, out, "--max-steps", "8", "--save-every", "2")
-    if what == "state.pt":  # the 2nd checkpoint (step 4) fails
-        monkeypatch.setattr(torch, "save", failing_on_call(torch.save, 2))
+    if what == "state.pt":  # the 2nd checkpoint (step 4) fails; a full disk has no byte free
+        torch_words = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 528576 vs 528516")
+        monkeypatch.setattr(torch, "save", failing_on_call(torch.save, 2, error=torch_words))
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage._replace(free=0))
     else:
-        monkeypatch.setattr(safetensors.torch, "save_file", failing_on_call(safetensors.torch.save_file, 2))
+        words = safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(safetensors.torch, "save_file", failing_on_call(safetensors.torch.save_file, 2,
+                                                                            error=words))
     code, message = run_cli(*argv)
     monkeypatch.undo()
     assert code == f"error: {out / what}: not written (No space left on device); the checkpoint of step 2 is " \

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chat
 import config
 import data
 import finetune
@@ -95,7 +96,7 @@ def test_only_answer_tokens_and_eos_are_labels(tiny):
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "copy the cat"},
         {"role": "assistant", "content": "the cat"}, {"role": "user", "content": "copy a dog"},
         {"role": "assistant", "content": "a dog"}]})
-    inputs, targets = data.encode_example(tok, system, turns, seq_len=200)
+    inputs, targets = data.encode_example(tok, chat.Tulu(tok), system, turns, seq_len=200)
     labels = targets[targets != IGNORE_INDEX].tolist()
     # the labels are exactly each answer's tokens followed by EOS, in order
     want = tok.encode("the cat", bos=False) + [tok.eos_id] + tok.encode("a dog", bos=False) + [tok.eos_id]
@@ -105,7 +106,7 @@ def test_only_answer_tokens_and_eos_are_labels(tiny):
     assert tok.decode(inputs[:first + 1].tolist()).endswith("<|assistant|>\n") or \
         tok.decode(inputs[:first + 1].tolist()).rstrip().endswith("<|assistant|>")
     # truncation that cuts every answer away leaves no label (such examples are dropped by load_examples)
-    _, t = data.encode_example(tok, system, turns, seq_len=5)
+    _, t = data.encode_example(tok, chat.Tulu(tok), system, turns, seq_len=5)
     assert (t == IGNORE_INDEX).all()
 
 
@@ -291,7 +292,8 @@ def test_ckpt_alone_runs_the_default_task_to_its_exact_match_line(tiny, tmp_path
     (shortened here; the user's flags win over the task's)."""
     argv = ["--ckpt", tiny.hf, "--out", str(tmp_path / "r"), "--max-steps", "2", "--exact-match", "2",
             "--device", "cpu", "--threads", "1"]
-    one_line(argv, "the default budget (as many deltas as LoRA rank 64 trains: 155,648) does not fit")
+    one_line(argv, "the default budget (--match-lora-rank 64, the paper's): a budget of 155,648 deltas does not fit "
+                   "98,304 targeted weights; choose another budget (e.g. --density 0.05)")
     capsys.readouterr()
     # (LLaMA 2 has room for the paper's budget; this tiny model has not)
     assert train.main([*argv, "--density", "0.05"]) == 0

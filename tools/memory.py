@@ -51,6 +51,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 import config  # noqa: E402
 import files  # noqa: E402
+import hub  # noqa: E402
 import llama  # noqa: E402
 import lora  # noqa: E402
 import spiel  # noqa: E402
@@ -511,30 +512,30 @@ def layer_caches(model) -> int:
 
 def main(argv=None):
     defaults = {k: p.default for k, p in inspect.signature(estimate).parameters.items()}  # one source of defaults
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = config.Parser(prog="tools/memory.py", description=__doc__)
     a = ap.add_argument
     a("--preset", default="7B", choices=list(PRESETS), help="model shapes (ignored with --ckpt)")
     a("--ckpt", help="read the shapes from this checkpoint folder instead of a preset")
     a("--method", default=defaults["method"], choices=METHODS)
     a("--quantize", choices=["none", "int8", "nf4"], help="how the frozen base is stored (default: none; "
       "--measure: int8)")
-    a("--seq-len", type=int, default=defaults["seq_len"])
-    a("--batch-size", type=int, default=defaults["batch_size"], help="sequences per micro-batch")
+    a("--seq-len", type=config.COUNT, default=defaults["seq_len"])
+    a("--batch-size", type=config.COUNT, default=defaults["batch_size"], help="sequences per micro-batch")
     a("--grad-checkpoint", action="store_true", help="recompute each block in backward (as train.py's flag)")
-    a("--density", type=float, default=defaults["density"], help="SpIEL budget as a fraction of the targeted "
+    a("--density", type=config.FRACTION, default=defaults["density"], help="SpIEL budget as a fraction of the targeted "
       "weights (default: as many deltas as LoRA of --lora-rank trains)")
-    a("--lora-rank", type=int, default=defaults["lora_rank"])
+    a("--lora-rank", type=config.COUNT, default=defaults["lora_rank"])
     a("--targets", type=config.parse_targets, default=defaults["targets"], help="as train.py's --targets")
-    a("--lora-dropout", type=float, default=defaults["lora_dropout"])
-    a("--sm3-momentum", type=float, default=defaults["sm3_momentum"])
+    a("--lora-dropout", type=config.BELOW_1, default=defaults["lora_dropout"])
+    a("--sm3-momentum", type=config.BELOW_1, default=defaults["sm3_momentum"])
     a("--table", action="store_true", help=f"print the markdown table of {'/'.join(TABLE_PRESETS)} x methods x "
       "bases and exit")
-    a("--gpus", type=int, default=1, help="per-GPU estimate for torchrun on this many GPUs")
+    a("--gpus", type=config.COUNT, default=1, help="per-GPU estimate for torchrun on this many GPUs")
     a("--fsdp", action="store_true", help="with --gpus: the base sharded by FSDP (train.py --fsdp)")
     a("--gpu-table", action="store_true", help="print the markdown table of 13B/70B x methods x GPUs and exit")
     a("--measure", action="store_true", help="GPU: measure SpIEL-AG and -MA on a random-weight model")
     a("--json", help="--measure: write the results here")
-    a("--steps", type=int, default=8, help=argparse.SUPPRESS)
+    a("--steps", type=config.COUNT, default=8, help=argparse.SUPPRESS)
     a("--device", default="cuda", choices=["cuda", "cpu"], help="where it trains: cuda (bf16 compute), or cpu (fp32 "
       "compute as train.py there, plus the process itself and the sparse gradient's caches: fullsize.py checks it)")
     args = ap.parse_args(argv)
@@ -549,8 +550,10 @@ def main(argv=None):
               f"{args.batch_size} per GPU, grad checkpointing, the paper's budget (LoRA rank 64):\n")
         print(gpu_table(args.seq_len, args.batch_size))
         return 0
-    margs = read_shapes(args.ckpt) if args.ckpt else PRESETS[args.preset]
+    margs = read_shapes(hub.resolve(args.ckpt)) if args.ckpt else PRESETS[args.preset]
     if args.measure:
+        if args.json:
+            files.check_writable(args.json, "--json", folder=False)  # (before the minutes of measuring)
         measure(margs, args.device, "int8" if args.quantize is None else quantize, args.seq_len, args.batch_size,
                 args.steps, args.lora_rank, args.density, args.json)
         return 0
@@ -568,4 +571,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (files.CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")

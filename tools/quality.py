@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
+import chat  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import files  # noqa: E402
@@ -169,7 +170,7 @@ def plain_loop(fixture, method, lr, seed, steps, out):
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     seqs = []
     for rec in map(json.loads, open(fx["data"])):
-        p = tok.encode(data.user_text(rec["instruction"]))  # BOS + the prompt, as generation sees it
+        p = tok.encode(chat.user_text(rec["instruction"]))  # BOS + the prompt, as generation sees it
         a = tok.encode(rec["output"], bos=False, eos=True)
         seqs.append((torch.tensor(p + a), torch.tensor([-100] * (len(p) - 1) + a + [-100])))
     warm, log = max(1, steps // 10), open(os.path.join(out, "log.jsonl"), "w")
@@ -215,11 +216,13 @@ def score(fixture, out, other_version=False) -> dict:
             path = without_fingerprint(path)
         finetune.load(model, path, finetune.base_of(model, fx["ckpt"]))
     tok = tokenizer.load(fx["ckpt"])
-    val, _ = data.load_examples(fx["val"], tok, 96)
-    retain, _ = data.load_examples(fx["retain"], tok, 96)
+    template = chat.Tulu(tok)  # (the fixtures' tokenizers have no template of their own)
+    val, _ = data.load_examples(fx["val"], tok, template, 96)
+    retain, _ = data.load_examples(fx["retain"], tok, template, 96)
     half = len(val) // 2
-    return {"dev": exact_match(model, tok, val[:half], half), "test": exact_match(model, tok, val[half:], half),
-            "retained": exact_match(model, tok, retain, len(retain)),
+    return {"dev": exact_match(model, template, val[:half], half),
+            "test": exact_match(model, template, val[half:], half),
+            "retained": exact_match(model, template, retain, len(retain)),
             "val_loss": train.evaluate(model, val, 32, tok.eos_id, "cpu")}
 
 
