@@ -338,7 +338,8 @@ def test_cli_breakdown_and_ckpt_shapes(tiny, capsys):
 
 
 def test_cli_family_presets_and_table(capsys, monkeypatch):
-    assert memory.main(["--preset", "Qwen2.5-7B", "--method", "spiel-ma", "--quantize", "int8", "--grad-checkpoint"]) == 0
+    argv = ["--preset", "Qwen2.5-7B", "--method", "spiel-ma", "--quantize", "int8", "--grad-checkpoint"]
+    assert memory.main(argv) == 0
     assert capsys.readouterr().out.startswith("Qwen2.5-7B (7.62B parameters): spiel-ma, base int8")
     assert memory.model_name("7B") == "LLaMA 2 7B" and memory.model_name("Llama-3.1-8B") == "Llama-3.1-8B"
     # the README's table: a row per preset and method (each cell's estimate is checked above; stubbed here)

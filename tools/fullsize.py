@@ -103,7 +103,8 @@ def write_hf(folder: str, args: ModelArgs, seed: int = 0):
 
 # a family's special tokens in its tokenizer.json: its BOS (Qwen2 has none), its EOS (an instruct model's end of
 # turn) and others it has
-SPECIAL = {"llama": ("<|begin_of_text|>", "<|eot_id|>", ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>")),
+SPECIAL = {"llama": ("<|begin_of_text|>", "<|eot_id|>",
+                     ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>")),
            "qwen2": (None, "<|im_end|>", ("<|endoftext|>", "<|im_start|>"))}
 
 
@@ -121,7 +122,8 @@ def write_tokenizer(folder: str, model_type: str, vocab_size: int = 512) -> tupl
                                                       special_tokens=[t for t in (bos, eos, *other) if t],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if bos:  # (the tokenizer puts it before every text: tokenizer.TokenizerJSON reads it from there)
-        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))])
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                          special_tokens=[(bos, tk.token_to_id(bos))])
     tk.save(os.path.join(folder, "tokenizer.json"))
     files.write_json(os.path.join(folder, "tokenizer_config.json"), {"bos_token": bos, "eos_token": eos})
     return None if bos is None else tk.token_to_id(bos), tk.token_to_id(eos)
@@ -208,7 +210,8 @@ def main(argv=None):
             est = memory.estimate(shape, method, base, 64, 1, True, a.density, dtype=torch.float32, device="cpu")
             report["runs"][f"{method}, {base}"] = {
                 "peak_gb": max(first["peak_gb"], resumed["peak_gb"]), "estimate_gb": est["total"] / 1e9,
-                "estimate": est, "first_peak_gb": first["peak_gb"], "resumed_peak_gb": resumed["peak_gb"], **timings(out, first["output"], (1, 2)),
+                "estimate": est, "first_peak_gb": first["peak_gb"], "resumed_peak_gb": resumed["peak_gb"],
+                **timings(out, first["output"], (1, 2)),
                 "resumed": timings(out, resumed["output"], (3,)), "wall_s": first["seconds"] + resumed["seconds"]}
     delta = os.path.join(a.dir, "runs", f"{a.methods[-1]}-{a.bases[0]}", "delta.safetensors")
     gen = run("generate.py", ["--ckpt", ckpt, "--delta", delta, "--quantize", a.bases[0], "--prompt",

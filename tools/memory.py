@@ -72,11 +72,11 @@ TABLE_PRESETS = ("7B", "Llama-3.1-8B", "Qwen2.5-7B", "13B")  # the README's memo
 # spiel.py build it: bf16 clone; int8: its fp32 copy and the scaled fp32 product; nf4: the unpacked codes
 # (uint8), their int64 copy for the lookup and the fp32 lookup
 DEQUANT_BYTES = {None: None, "int8": 8, "nf4": 13}  # None: the compute dtype's size
-# SpIEL-AG's window picking a matrix's candidates (spiel.Window.choose, in that matrix's backward, the window's first
-# micro-batch), per weight: the merged weight (kept for dx), the dense gradient and its |.|, in the compute dtype,
-# and top_k's bool mask (1 B); per delta of the matrix: top_k's work (the positions above its cut and their values,
-# the k chosen, sorted). Measured on the CPU, fp32, a (14336, 4096) int8 matrix with 1M to 11M deltas: 12.7 B per
-# weight + 51 B per delta above what the matrix keeps
+# SpIEL-AG's window picking a matrix's candidates (spiel.Window.choose, in that matrix's backward, the window's
+# first micro-batch), per weight: the merged weight (kept for dx), the dense gradient and its |.|, in the compute
+# dtype, and top_k's bool mask (1 B); per delta of the matrix: top_k's work (the positions above its cut and their
+# values, the k chosen, sorted). Measured on the CPU, fp32, a (14336, 4096) int8 matrix with 1M to 11M deltas:
+# 12.7 B per weight + 51 B per delta above what the matrix keeps (13 and 52 here)
 CHOOSE_BYTES = 52  # per delta
 # temporaries of one optimizer step on its largest tensor (spiel.AdamW: on one foreach part), per element:
 # spiel.AdamW (SpIEL-AG: fp32 grad copy, m_hat, v_hat, the update and its pieces) and SM3 on a sparse delta
@@ -308,7 +308,7 @@ NOTES = {
     "runtime": "CPU: the process before any model (interpreter, torch, its libraries), measured here",
     "sparse patterns": "CPU, below 8% density: the sampled gradient's cached patterns, 4 B per delta (x2 in a window)",
     "activations": "saved for backward: block inputs (checkpointing) or every block's tensors",
-    "logits": "fp32 log-softmax and two gradients of its size (tokens x vocab)",
+    "logits": "fp32 log-softmax and two gradients of its size (a loss chunk's tokens x vocab)",
     "block backward": "one block recomputed + activation gradients in flight",
     "weight transient": "the largest dense (out, in) temporary: dequantized/merged weight, dense grad, AG choosing",
     "optimizer step": "temporaries of the step on the largest tensor or foreach part (after backward)",
