@@ -268,6 +268,7 @@ def good_inputs(tiny, task, trained, other_base, folder) -> dict:
 FAST = ("--out under a regular file (the demo)", "--to sft with the --ckpt of another base (same shapes)")
 
 
+@pytest.mark.slow  # (scripts in a shell, or a tool's own run: the slow tier)
 def test_the_users_commands_end_in_one_line_in_a_shell(tiny, task, trained, other_base, tmp_path):
     """`touch f; python train.py --max-steps 2 --out f/run`, and convert.py with another base: as a shell runs
     them (side by side), one line, no traceback, a non-zero exit, nothing left behind."""

@@ -82,6 +82,7 @@ def short_schedule(monkeypatch):
     monkeypatch.setattr(config, "get_parser", shorter)
 
 
+@pytest.mark.slow  # (scripts in a shell, or a tool's own run: the slow tier)
 def test_profile_prints_each_methods_ops_per_step(tmp_path, capsys, short_schedule):
     """--profile: one reselection cycle of each method under torch.profiler, their own CPU time per op. (Here the
     cycle is shortened, reselection included: parsing the profiler's events costs about 0.25 s a step, 10 s for the

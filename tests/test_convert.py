@@ -310,6 +310,7 @@ def one_line_refusal(main, argv, needle):
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.slow  # (scripts in a shell, or a tool's own run: the slow tier)
 def test_the_clis_say_it_in_one_line_and_write_nothing(tiny, files, tmp_path):
     """one real `python merge.py` and `python convert.py` process each (generate.py's: test_llama.py): the __main__
     path prints one line, "error: " first, and exits non-zero; the other refusals run in this process."""

@@ -121,6 +121,7 @@ def test_estimate_matches_real_tensors_after_a_step(tiny, family, ckpt, method, 
         assert est["base weights"] < dense["base weights"] / (3.5 if quantize == "int8" else 6)
 
 
+@pytest.mark.slow  # (scripts in a shell, or a tool's own run: the slow tier)
 def test_7b_sanity_bounds():
     """the 7B numbers of tools/memory.py's docstring: LLaMA-2-7B at LoRA-rank-64's budget."""
     k = 159_907_840

@@ -504,6 +504,7 @@ def test_resume_says_plainly_when_max_steps_shortens_or_extends_the_run(tiny, ta
 # what a long run shows: progress while loading, an honest memory line, rates below one per second
 
 
+@pytest.mark.slow  # (train.py in a subprocess, watched from outside: the slow tier)
 def test_progress_lines_appear_in_piped_output_while_loading(tiny, task, tmp_path):
     """outside a terminal, loading reports plain lines (here every 0 s instead of 10, the model being tiny)."""
     code = "import sys, files, train\nfiles.PROGRESS_SECONDS = 0\ntrain.cli(sys.argv[1:])"
@@ -515,6 +516,7 @@ def test_progress_lines_appear_in_piped_output_while_loading(tiny, task, tmp_pat
     assert "\r" not in p.stdout  # no bar redraws in a log
 
 
+@pytest.mark.slow  # (train.py in a subprocess, watched from outside: the slow tier)
 def test_the_memory_line_leaves_out_the_page_cache_of_an_mmaped_checkpoint(tmp_path):
     """reading a 400 MB file through mmap (as loading a checkpoint does) raises the usual peak RSS by its size;
     PeakMemory, what train.py's closing line reports on the CPU, stays where the process's own memory is."""

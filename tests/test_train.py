@@ -184,6 +184,7 @@ def test_a_delta_for_another_model_is_refused(tiny, trained, other_base, tmp_pat
     assert capsys.readouterr().out.startswith("copy the cat\n")
 
 
+@pytest.mark.slow  # (scripts in a shell, or a tool's own run: the slow tier)
 def test_the_scripts_end_bad_input_with_one_line_in_a_shell(tiny, task, trained, other_base, tmp_path):
     """the scripts as a shell runs them (their __main__ paths; the processes run side by side): one line on
     stderr, no traceback, a non-zero exit code. train.py's usage error is exactly argparse's line; train.py and
