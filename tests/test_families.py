@@ -201,28 +201,47 @@ def test_hub_style_config_fields_read_as_transformers_reads_them(tiny, tmp_path)
 # downstream: train, sample, merge, convert on the families
 
 
-def test_qwen_trains_on_an_int8_base_then_merges_with_its_config_and_tokenizer(tiny, task, family, tmp_path):
-    """q/k/v biases on a quantized base, tied embeddings, no BOS, tokenizer.json: SpIEL-AG trains; merge.py writes
-    the source config (model_type qwen2, tie) and copies every tokenizer file; the merged model loads here, and in
-    transformers with our logits."""
+@pytest.mark.parametrize("name,extra,config", [
+    ("qwen2.5", ["--quantize", "int8", "--dtype", "bfloat16"], ("qwen2", True, 1e6)),
+    ("llama3.1", [], ("llama", False, 500000.0))])
+def test_train_generate_merge_then_transformers_gives_our_logits(name, extra, config, tiny, task, family, tmp_path,
+                                                                  capsys):
+    """Qwen2.5 (q/k/v biases on an int8 base, tied embeddings, no BOS) and Llama 3.1 (llama3 rope scaling, GQA,
+    tokenizer.json): SpIEL-AG trains; generate.py samples with the delta; merge.py writes the source config and
+    copies every tokenizer file; transformers loads the merged folder and gives the logits of our base with the
+    delta applied, and generate.py's greedy tokens."""
+    import finetune
+    import generate as gen
     import merge
-    path = family("qwen2.5")
-    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "3", "--quantize", "int8", *LONG,
-                     "--dtype", "bfloat16") == 0
+    path = family(name)
+    assert train_run(tiny, task, tmp_path / "run", "--ckpt", path, "--max-steps", "3", *LONG, *extra) == 0
     delta = str(tmp_path / "run" / "delta.safetensors")
+    capsys.readouterr()
+    gen.main(["--ckpt", path, "--delta", delta, "--prompt", "copy the cat", "--temperature", "0",
+              "--max-new-tokens", "6"])
+    sampled = capsys.readouterr().out
     merge.main(["--ckpt", path, "--delta", delta, "--out", str(tmp_path / "merged")])
+    capsys.readouterr()
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert (cfg["model_type"], cfg["tie_word_embeddings"], cfg["rope_theta"]) == ("qwen2", True, 1e6)
+    assert (cfg["model_type"], cfg["tie_word_embeddings"], read_args(str(tmp_path / "merged"), "hf").rope_theta) == config
     assert len(cfg["spiel_merged"]) == 1
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (tmp_path / "merged" / name).read_bytes() == open(os.path.join(path, name), "rb").read()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if os.path.exists(os.path.join(path, name)):
+            assert (tmp_path / "merged" / name).read_bytes() == open(os.path.join(path, name), "rb").read()
     merged = load_model(str(tmp_path / "merged"), dtype=torch.float32)
-    base = load_model(path, dtype=torch.float32)
+    tuned = load_model(path, dtype=torch.float32)
+    finetune.load(tuned, delta, finetune.base_of(tuned, path))
     x = ids(3, 20)
     with torch.no_grad():
-        assert not torch.allclose(merged(x)[0], base(x)[0])
+        assert not torch.allclose(merged(x)[0], load_model(path, dtype=torch.float32)(x)[0])
+        if "--quantize" not in extra:  # merged onto the full-precision base: our delta applied gives the same
+            assert (merged(x)[0] - tuned(x)[0]).abs().max() < 1e-4
         pytest.importorskip("transformers")
-        assert (merged(x)[0] - reference(str(tmp_path / "merged"))(x).logits).abs().max() < 1e-4
+        ref = reference(str(tmp_path / "merged"))
+        assert (merged(x)[0] - ref(x).logits).abs().max() < 1e-4
+    gen.main(["--ckpt", str(tmp_path / "merged"), "--prompt", "copy the cat", "--temperature", "0",
+              "--max-new-tokens", "6"])
+    assert capsys.readouterr().out == sampled  # the merged model samples what the base with its delta sampled
 
 
 @pytest.mark.parametrize("name,method", [("llama3.1", "lora"), ("mistral", "spiel-ma"), ("llama3.2", "full")])
