@@ -85,6 +85,9 @@ def read_records(path: str) -> list:
 def table_records(path: str, reader: str) -> list:
     """the rows of a parquet file (pyarrow) or a datasets save_to_disk folder (datasets; a DatasetDict: its
     "train" split) as records numbered from 1; pyarrow and datasets are optional: one line says what to install."""
+    if reader == "datasets" and not any(os.path.isfile(os.path.join(path, f))
+                                        for f in ("dataset_info.json", "dataset_dict.json")):
+        raise DataError(f"{path}: a folder, and not a datasets save_to_disk folder (no dataset_info.json)")
     try:
         if reader == "pyarrow":
             import pyarrow.parquet as pq
@@ -95,9 +98,6 @@ def table_records(path: str, reader: str) -> list:
         raise DataError(f"{path}: reading {'parquet' if reader == 'pyarrow' else 'a datasets folder'} needs "
                         f"{reader}: pip install {reader}") from None
     if reader == "datasets":
-        if not os.path.isfile(os.path.join(path, "dataset_info.json")) and \
-                not os.path.isfile(os.path.join(path, "dataset_dict.json")):
-            raise DataError(f"{path}: a folder, and not a datasets save_to_disk folder (no dataset_info.json)")
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
