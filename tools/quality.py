@@ -74,7 +74,7 @@ QUALITY = {  # name -> (train.py flags, or "plain" for the plain loop; the lr gr
 ABLATION = {"spiel-ag+clip1": ("spiel-ag", ["--grad-clip", "1"]),
             "spiel-ag+wd30": ("spiel-ag", ["--weight-decay", "30"]),
             "spiel-ma+clip1": ("spiel-ma", ["--grad-clip", "1"]), "lora+clip1": ("lora", ["--grad-clip", "1"])}
-BEST_300 = {"spiel-ag": {"demo": (3e-3,), "transfer": (1e-2,)}, "spiel-ma": {"demo": (0.1,), "transfer": (0.1,)},
+BEST_300 = {"spiel-ag": {"demo": (3e-3,), "transfer": (1e-2,)}, "spiel-ma": {"demo": (3e-2,), "transfer": (0.1,)},
             "lora": {"demo": (3e-3,), "transfer": (1e-2,)}}
 QUALITY.update({name: (QUALITY[base][0] + extra, BEST_300[base]) for name, (base, extra) in ABLATION.items()})
 
