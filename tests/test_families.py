@@ -223,7 +223,8 @@ def test_train_generate_merge_then_transformers_gives_our_logits(name, extra, co
     merge.main(["--ckpt", path, "--delta", delta, "--out", str(tmp_path / "merged")])
     capsys.readouterr()
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert (cfg["model_type"], cfg["tie_word_embeddings"], read_args(str(tmp_path / "merged"), "hf").rope_theta) == config
+    theta = read_args(str(tmp_path / "merged"), "hf").rope_theta
+    assert (cfg["model_type"], cfg["tie_word_embeddings"], theta) == config
     assert len(cfg["spiel_merged"]) == 1
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if os.path.exists(os.path.join(path, name)):
